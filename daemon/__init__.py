@@ -1,0 +1,3 @@
+"""gemini-batchd: a spool-directory daemon for the Gemini Batch API."""
+
+__version__ = "0.1.0"
