@@ -1,0 +1,137 @@
+"""Crash-safe file writes: a dot-file beside the target, fsync, then link or rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+FILE_MODE = 0o640
+"""Files the daemon writes are never world-readable; the umask can only narrow this."""
+
+STALE_TEMP_SECONDS = 3600
+"""A temp file from another host (shared folder) is assumed abandoned after this long."""
+
+_MULTI_SUFFIXES = (".jsonl.job.json", ".error.json", ".jsonl")
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def temp_name(target: Path) -> Path:
+    """A dot-file in the target's folder that names its writer, so leftovers can be cleaned."""
+    return target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+
+
+def write_file(target: Path, chunks: Iterable[bytes], *, replace: bool = True) -> None:
+    """Write `chunks` so that `target` appears complete or not at all.
+
+    `replace=False` never overwrites: an existing `target` raises FileExistsError.
+    """
+    tmp = temp_name(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    """Atomically replace `target` with `data` (used for sidecars)."""
+    write_file(target, [data])
+
+
+def free_name(target: Path) -> Path:
+    """`target`, or the first `target-N` name not taken yet."""
+    return next(p for p in unique_names(target) if not os.path.lexists(p))
+
+
+def move_new(source: Path, target: Path) -> Path:
+    """Move `source` to `target` or a free `target-N` name, never replacing a file there."""
+    for candidate in unique_names(target):
+        try:
+            os.link(source, candidate, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP):
+                raise
+            if candidate.exists() or candidate.is_symlink():
+                continue
+            os.rename(source, candidate)  # filesystems without hard links: small race accepted
+            return candidate
+        os.unlink(source)
+        fsync_dir(target.parent)
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def unique_names(target: Path) -> Iterator[Path]:
+    """`x.jsonl`, `x-2.jsonl`, `x-3.jsonl`, ...: the suffix goes before the extension."""
+    yield target
+    name = target.name
+    suffix = next(
+        (s for s in _MULTI_SUFFIXES if name.endswith(s) and len(name) > len(s)), target.suffix
+    )
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    n = 2
+    while True:
+        yield target.with_name(f"{stem}-{n}{suffix}")
+        n += 1
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files a crashed writer left behind (ours by pid, other hosts' by age)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp"):
+        parts = path.name.rsplit(".", 4)
+        if len(parts) != 5:
+            continue
+        host, pid = parts[1], parts[2]
+        if host == _HOST:
+            stale = not pid.isdigit() or not _alive(int(pid))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS
+            except FileNotFoundError:
+                continue
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

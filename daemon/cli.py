@@ -1,0 +1,451 @@
+"""The `gemini-batchd` command: run, status, validate, submit, cancel, simulator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, atomic, jobrecord, logs
+from .backend import BackendError, GeminiBackend
+from .config import Config, ConfigError, default_config_path, load_config, resolve_api_key
+from .inputs import Defaults, scan_file
+from .jobrecord import FileState, JobRecord, SidecarError
+from .watcher import CANCEL_SUFFIX, is_candidate
+
+EXIT_USAGE = 2
+"""Bad configuration, missing API key, unknown target: the command could not start its work."""
+
+SIMULATED_API_KEY = "simulated-key"
+"""What `run --simulate` sends; the simulator accepts any key."""
+
+RECENT_SECONDS = 24 * 3600
+"""`status` lists files finished within this many seconds."""
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CommandError, ConfigError) as exc:
+        print(f"gemini-batchd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemini-batchd",
+        description="Turn JSONL prompt files dropped into an inbox into Gemini Batch API jobs, "
+        "and their results into an outbox.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "configuration file (default: $GEMINI_BATCHD_CONFIG, else ./config.yaml)"
+
+    run = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground",
+        description="Watch the inbox and process files until SIGTERM/SIGINT. SIGHUP reloads "
+        "the configuration.",
+    )
+    run.add_argument("-c", "--config", help=config_help)
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="take what is in the inbox now (and resume work in flight), wait until every file "
+        "has finished, exit 0 if all got results, 1 if any got an error report",
+    )
+    run.add_argument(
+        "--simulate",
+        action="store_true",
+        help="start the built-in Gemini Batch API simulator on a loopback port and use it "
+        "instead of Google (no API key needed)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status",
+        help="show queued, in-flight and recently finished files",
+        description="One row per file known to the daemon, read from its sidecars.",
+    )
+    status.add_argument("-c", "--config", help=config_help)
+    status.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    status.set_defaults(func=cmd_status)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check input files without submitting anything",
+        description="Parse each file as the daemon would; exit 1 if any is invalid.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("-c", "--config", help=config_help)
+    validate.set_defaults(func=cmd_validate)
+
+    submit = sub.add_parser(
+        "submit",
+        help="copy files into the inbox atomically",
+        description="Copy each file to a temporary dot-name in the inbox, then rename it "
+        "into place, so the daemon never sees a half-written file.",
+    )
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument("-c", "--config", help=config_help)
+    submit.set_defaults(func=cmd_submit)
+
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel the batch job of a file or a job name",
+        description="TARGET is an input file name (NAME.jsonl) or a job name (batches/...). "
+        "The file then gets an error report with job_state JOB_STATE_CANCELLED.",
+    )
+    cancel.add_argument("target", metavar="TARGET")
+    cancel.add_argument("-c", "--config", help=config_help)
+    cancel.set_defaults(func=cmd_cancel)
+
+    simulator = sub.add_parser(
+        "simulator",
+        help="run the Gemini Batch API simulator alone",
+        description="Serve the simulator; its base URL is the first line of stdout.",
+    )
+    simulator.add_argument("--host", default="127.0.0.1")
+    simulator.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    simulator.add_argument("--pending-seconds", type=float, default=1.0)
+    simulator.add_argument("--running-seconds", type=float, default=2.0)
+    simulator.set_defaults(func=cmd_simulator)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, Path]:
+    path = default_config_path(args.config)
+    explicit = bool(args.config or os.environ.get("GEMINI_BATCHD_CONFIG"))
+    return load_config(path, must_exist=explicit), path
+
+
+def make_backend(config: Config, api_key: str, base_url: str | None = None) -> GeminiBackend:
+    return GeminiBackend(
+        api_key,
+        base_url=base_url or config.api.base_url,
+        api_version=config.api.api_version,
+        timeout_seconds=config.api.timeout_seconds,
+        retries=config.api.retries,
+    )
+
+
+# ---- run ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import Service
+
+    config, path = _config(args)
+    logs.configure(config.log_level)
+    log = logs.get()
+    simulator = None
+    base_url = None
+    if args.simulate:
+        from .simulator import Simulator
+
+        simulator = Simulator(pending_seconds=0.5, running_seconds=1.0).start()
+        base_url = simulator.base_url
+        api_key = SIMULATED_API_KEY
+        config = _fast_polls(config)
+        log.info("simulator started; no request leaves this machine", base_url=base_url)
+    else:
+        api_key = resolve_api_key(config) or ""
+        if not api_key:
+            raise CommandError(
+                "no API key: set api.key_file, $GEMINI_API_KEY or $GOOGLE_API_KEY, or pass one with systemd "
+                "LoadCredential=gemini_api_key:...; or use --simulate"
+            )
+    logs.add_secret(api_key)
+    config.system_instruction()  # a missing system_prompt_file is a start-up error
+
+    def reload() -> Config:
+        new = load_config(path, must_exist=True)
+        logs.configure(new.log_level)
+        return _fast_polls(new) if simulator else new
+
+    service = Service(
+        config,
+        make_backend(config, api_key, base_url),
+        once=args.once,
+        reload_config=reload,
+        make_backend=lambda c: make_backend(c, api_key, base_url),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+    try:
+        return service.run()
+    finally:
+        if simulator is not None:
+            simulator.stop()
+
+
+def _fast_polls(config: Config) -> Config:
+    """The simulator finishes jobs in about a second: poll it at that pace."""
+    poll = config.poll.model_copy(
+        update={
+            "initial_seconds": min(config.poll.initial_seconds, 0.25),
+            "max_seconds": min(config.poll.max_seconds, 2.0),
+        }
+    )
+    return config.model_copy(update={"poll": poll})
+
+
+# ---- status ------------------------------------------------------------------------
+
+
+def _known_files(config: Config) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    now = time.time()
+    for name in sorted(os.listdir(config.inbox)) if config.inbox.is_dir() else []:
+        if is_candidate(Path(name)):
+            rows.append({"input": name, "state": "inbox", "job_name": None, "job_state": None})
+    for folder, recent in (
+        (config.processing_dir, False),
+        (config.done_dir, True),
+        (config.failed_dir, True),
+    ):
+        if not folder.is_dir():
+            continue
+        for sidecar in sorted(folder.glob("*" + jobrecord.SIDECAR_SUFFIX)):
+            try:
+                if recent and now - sidecar.stat().st_mtime > RECENT_SECONDS:
+                    continue
+                record = jobrecord.load(sidecar)
+            except (OSError, SidecarError):
+                continue
+            row = json.loads(record.to_json())
+            row["sidecar"] = str(sidecar)
+            rows.append(row)
+        if not recent:
+            claimed = {r["input"] for r in rows}
+            for path in sorted(folder.iterdir()):
+                if is_candidate(path) and path.name not in claimed:
+                    rows.append(
+                        {
+                            "input": path.name,
+                            "state": FileState.CLAIMED.value,
+                            "job_name": None,
+                            "job_state": None,
+                        }
+                    )
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    rows = _known_files(config)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no files (inbox: {config.inbox})")
+        return 0
+    header = ("FILE", "STATE", "JOB", "JOB STATE", "AGE", "POLLS", "NEXT POLL", "PROGRESS")
+    table = [header] + [_status_row(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _status_row(row: dict[str, Any]) -> tuple[str, ...]:
+    job_state = (row.get("job_state") or "").removeprefix("JOB_STATE_")
+    return (
+        row["input"],
+        row["state"],
+        row.get("job_name") or "-",
+        job_state or "-",
+        _age(row.get("created_at")),
+        str(row.get("polls", "-")),
+        _until(row.get("next_poll_at")) if row["state"] == FileState.RUNNING.value else "-",
+        _progress(row.get("progress"), row.get("requests")),
+    )
+
+
+def _age(stamp: str | None) -> str:
+    if not stamp:
+        return "-"
+    return _duration((jobrecord.utcnow() - jobrecord.parse_isotime(stamp)).total_seconds())
+
+
+def _until(stamp: str | None) -> str:
+    if not stamp:
+        return "-"
+    seconds = (jobrecord.parse_isotime(stamp) - jobrecord.utcnow()).total_seconds()
+    return "due" if seconds <= 0 else "in " + _duration(seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _progress(progress: dict[str, int] | None, requests: int | None) -> str:
+    """A 10-cell bar from the job's request counts, where the API reports them."""
+    if not progress or not requests:
+        return "-"
+    finished = progress.get("succeeded", 0) + progress.get("failed", 0)
+    cells = min(10, round(10 * finished / requests))
+    return "[" + "#" * cells + "." * (10 - cells) + f"] {finished}/{requests}"
+
+
+# ---- validate / submit / cancel ----------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    defaults = Defaults.from_config(config)
+    invalid = 0
+    for name in args.files:
+        path = Path(name)
+        problem = _not_a_regular_file(path)
+        if problem:
+            print(f"{name}: invalid: {problem}")
+            invalid += 1
+            continue
+        size = path.stat().st_size
+        if size > config.limits.max_file_bytes:
+            print(
+                f"{name}: invalid: {size} bytes, over limits.max_file_bytes ({config.limits.max_file_bytes})"
+            )
+            invalid += 1
+            continue
+        scan = scan_file(path, defaults)
+        mode = "File API" if scan.payload_bytes > config.limits.inline_max_bytes else "inline"
+        if scan.error_count or not scan.requests:
+            invalid += 1
+            print(
+                f"{name}: invalid: {scan.requests} valid request(s), {scan.error_count} bad line(s), {scan.size} bytes"
+            )
+            for error in scan.errors:
+                print(f"{name}:{error.line}: {error.message}")
+            if scan.error_count > len(scan.errors):
+                print(f"{name}: ... and {scan.error_count - len(scan.errors)} more bad line(s)")
+            if not scan.requests and not scan.error_count:
+                print(f"{name}: holds no requests (empty or only blank lines)")
+        else:
+            print(f"{name}: ok: {scan.requests} request(s), {scan.size} bytes, {mode}")
+    return 1 if invalid else 0
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    if path.is_symlink():
+        return "a symbolic link (the daemon never follows links)"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    config.inbox.mkdir(parents=True, exist_ok=True)
+    for name in args.files:
+        source = Path(name)
+        problem = _not_a_regular_file(source)
+        if problem:
+            raise CommandError(f"{name}: {problem}")
+        if not is_candidate(source):
+            raise CommandError(
+                f"{name}: the daemon only takes *.jsonl files whose name does not start with '.'"
+            )
+    for name in args.files:
+        source = Path(name)
+        target = config.inbox / source.name
+        tmp = config.inbox / f".{source.name}.submit-{os.getpid()}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            final = atomic.move_new(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(final)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    target: str = args.target
+    record, sidecar = _find_record(config, target)
+    job_name = record.job_name if record else target if target.startswith("batches/") else None
+    if record is None and job_name is None:
+        raise CommandError(
+            f"{target}: no file of that name is queued or in flight, and it is not a job name"
+        )
+    if job_name:
+        api_key = resolve_api_key(config)
+        if not api_key:
+            raise CommandError("no API key to cancel the job with (see api.key_file)")
+        try:
+            make_backend(config, api_key).cancel_job(job_name)
+        except BackendError as exc:
+            raise CommandError(logs.redact(str(exc), [api_key])) from None
+        print(f"cancelled {job_name}")
+    if record is not None and sidecar is not None:
+        # Tell the daemon: it polls the job at once (or fails a file that has no job yet).
+        atomic.write_bytes(sidecar.with_name(record.input + CANCEL_SUFFIX), b"")
+        if not job_name:
+            print(f"{record.input}: no job yet; the daemon will fail it as cancelled")
+    return 0
+
+
+def _find_record(config: Config, target: str) -> tuple[JobRecord | None, Path | None]:
+    name = Path(target).name
+    for sidecar in (
+        config.processing_dir.glob("*" + jobrecord.SIDECAR_SUFFIX)
+        if config.processing_dir.is_dir()
+        else []
+    ):
+        try:
+            record = jobrecord.load(sidecar)
+        except (OSError, SidecarError):
+            continue
+        if target in (record.job_name, record.input) or name == record.input:
+            return record, sidecar
+    return None, None
+
+
+# ---- simulator ---------------------------------------------------------------------
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from .simulator import Simulator
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with Simulator(
+        host=args.host,
+        port=args.port,
+        pending_seconds=args.pending_seconds,
+        running_seconds=args.running_seconds,
+    ) as sim:
+        print(sim.base_url, flush=True)
+        stop.wait()
+    return 0

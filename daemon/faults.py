@@ -1,0 +1,38 @@
+"""Crash points for the crash tests: the daemon kills itself with SIGKILL at a named point.
+
+Set `GEMINI_BATCHD_CRASH_AT=<point>` (comma-separated for several; `point@N` for the N-th
+time it is reached). Unset in production, where each check is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+CRASH_ENV = "GEMINI_BATCHD_CRASH_AT"
+POINTS = (
+    "after_claim",  # input moved into processing/, sidecar not yet written
+    "before_create",  # sidecar says SUBMITTING, create not yet sent
+    "after_create",  # the job exists, the sidecar does not know its name yet
+    "while_polling",  # a poll has returned, its result not yet saved
+    "while_fetching",  # the job finished; results not yet written
+    "mid_write",  # half the results records written to the temp file
+    "after_write",  # outbox file published; input not yet archived
+)
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if the environment asks for a crash at `name`."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        count = _counts[name]
+    for spec in wanted.split(","):
+        point, _, nth = spec.partition("@")
+        if point == name and count == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

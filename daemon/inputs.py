@@ -1,0 +1,313 @@
+"""Input parsing: one JSONL prompt file -> `Request`s in the REST shape of a GenerateContentRequest.
+
+The file is streamed line by line, so memory does not grow with its size; only the set of
+keys seen so far is kept, to reject duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.genai import types
+
+from .config import Config
+
+MAX_REPORTED_ERRORS = 100
+"""Bad lines listed one by one in a report; the rest are only counted."""
+
+_BOM = b"\xef\xbb\xbf"
+_PROMPT_FIELDS = {"key", "prompt", "system_prompt", "config", "filter_json"}
+_NATIVE_FIELDS = {"key", "request", "filter_json"}
+# Fields the SDK lifts out of a request's config to the request itself, by REST name.
+LIFTED_FIELDS = {
+    "systemInstruction": "system_instruction",
+    "tools": "tools",
+    "toolConfig": "tool_config",
+    "safetySettings": "safety_settings",
+    "cachedContent": "cached_content",
+}
+# generationConfig fields the SDK can carry in an inline request, camelCase.
+_GENERATION_FIELDS = {
+    f.alias or name
+    for name, f in types.GenerationConfig.model_fields.items()
+    if name in types.GenerateContentConfig.model_fields
+}
+
+
+def camel(name: str) -> str:
+    """`response_mime_type` -> `responseMimeType`; camelCase names pass unchanged."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """What a line gets when it does not say otherwise: the configuration's generation settings."""
+
+    system_prompt: str | None = None
+    temperature: float = 0.2
+    thinking_budget: int = 24576
+    filter_json: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> Defaults:
+        return cls(
+            system_prompt=config.system_instruction(),
+            temperature=config.temperature,
+            thinking_budget=config.thinking_budget,
+            filter_json=config.filter_json,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One prompt line, ready to send: its key, physical line number and REST request body."""
+
+    key: str
+    line: int
+    body: dict[str, Any]
+    filter_json: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    line: int
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "message": self.message}
+
+
+@dataclass
+class Scan:
+    """What a full read of an input file found."""
+
+    path: Path
+    size: int = 0
+    sha256: str = ""
+    requests: int = 0
+    payload_bytes: int = 0
+    errors: list[LineError] = field(default_factory=list)
+    error_count: int = 0
+
+    def summary(self) -> str:
+        if self.error_count:
+            more = self.error_count - len(self.errors)
+            lines = "; ".join(f"line {e.line}: {e.message}" for e in self.errors[:5])
+            tail = f" (and {more + len(self.errors) - 5} more)" if self.error_count > 5 else ""
+            return f"{self.error_count} invalid line(s): {lines}{tail}"
+        return f"{self.requests} request(s)"
+
+
+class _BadLine(Exception):
+    pass
+
+
+def read_requests(
+    path: Path, defaults: Defaults, scan: Scan | None = None
+) -> Iterator[Request | LineError]:
+    """Yield each non-blank line of `path` as a `Request` or a `LineError`, in file order.
+
+    When `scan` is given it is filled in as the file is read (size, hash, counts, errors).
+    """
+    scan = scan if scan is not None else Scan(path)
+    digest = hashlib.sha256()
+    keys: dict[str, int] = {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            scan.size += len(raw)
+            item = _parse_raw(raw, number, defaults, keys)
+            if item is None:
+                continue
+            if isinstance(item, LineError):
+                scan.error_count += 1
+                if len(scan.errors) < MAX_REPORTED_ERRORS:
+                    scan.errors.append(item)
+            else:
+                scan.requests += 1
+                # Rough size of this request in the inline create call.
+                scan.payload_bytes += len(raw) + len(item.key) + 64 + _extra_bytes(defaults, item)
+            yield item
+    scan.sha256 = digest.hexdigest()
+
+
+def scan_file(path: Path, defaults: Defaults) -> Scan:
+    """Read the whole file once, keeping only counts, the hash and the first errors."""
+    scan = Scan(path)
+    for _ in read_requests(path, defaults, scan):
+        pass
+    return scan
+
+
+def _extra_bytes(defaults: Defaults, request: Request) -> int:
+    system = request.body.get("systemInstruction")
+    if system is None or defaults.system_prompt is None:
+        return 0
+    return len(defaults.system_prompt.encode())
+
+
+def _parse_raw(
+    raw: bytes, number: int, defaults: Defaults, keys: dict[str, int]
+) -> Request | LineError | None:
+    if number == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return LineError(
+            number, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        )
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LineError(number, f"not valid JSON: {exc.msg} at column {exc.colno}")
+    try:
+        request = _to_request(value, number, defaults)
+    except _BadLine as exc:
+        return LineError(number, str(exc))
+    first = keys.setdefault(request.key, number)
+    if first != number:
+        return LineError(number, f"duplicate key {request.key!r} (first used on line {first})")
+    return request
+
+
+def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
+    if isinstance(value, str | list):
+        return _prompt_request(
+            str(number),
+            number,
+            _prompt_text(value, "the line"),
+            None,
+            {},
+            defaults.filter_json,
+            defaults,
+        )
+    if not isinstance(value, dict):
+        raise _BadLine(f"expected a string, an array of strings or an object, got {_kind(value)}")
+    key = _key(value.get("key"), number)
+    filter_json = value.get("filter_json", defaults.filter_json)
+    if not isinstance(filter_json, bool):
+        raise _BadLine(f"'filter_json' must be true or false, got {_kind(filter_json)}")
+    if "request" in value:
+        _no_unknown(value, _NATIVE_FIELDS, "a native request line")
+        body = value["request"]
+        if not isinstance(body, dict):
+            raise _BadLine(f"'request' must be an object, got {_kind(body)}")
+        body = {camel(k): v for k, v in body.items()}
+        contents = body.get("contents")
+        if not isinstance(contents, list) or not contents:
+            raise _BadLine("'request.contents' must be a non-empty array")
+        return Request(key, number, body, filter_json)
+    if "prompt" not in value:
+        raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
+    _no_unknown(value, _PROMPT_FIELDS, "a prompt line")
+    system = value.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise _BadLine(f"'system_prompt' must be a string, got {_kind(system)}")
+    overrides = value.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise _BadLine(f"'config' must be an object, got {_kind(overrides)}")
+    return _prompt_request(
+        key,
+        number,
+        _prompt_text(value["prompt"], "'prompt'"),
+        system,
+        overrides,
+        filter_json,
+        defaults,
+    )
+
+
+def prompt_request(key: str, line: int, prompts: str | list[str], defaults: Defaults) -> Request:
+    """A request for one prompt or prompt sequence with the default settings (the library API's path)."""
+    try:
+        text = _prompt_text(prompts, "the prompt")
+    except _BadLine as exc:
+        raise ValueError(str(exc)) from None
+    return _prompt_request(key, line, text, None, {}, defaults.filter_json, defaults)
+
+
+def _prompt_request(
+    key: str,
+    number: int,
+    prompt: str,
+    system: str | None,
+    overrides: dict[str, Any],
+    filter_json: bool,
+    defaults: Defaults,
+) -> Request:
+    generation: dict[str, Any] = {
+        "temperature": defaults.temperature,
+        "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
+    }
+    for name, setting in overrides.items():
+        field_name = camel(name)
+        if field_name not in _GENERATION_FIELDS:
+            raise _BadLine(f"'config' has unknown generation setting {name!r}")
+        if field_name == "thinkingConfig" and isinstance(setting, dict):
+            setting = {**generation["thinkingConfig"], **{camel(k): v for k, v in setting.items()}}
+        generation[field_name] = setting
+    body: dict[str, Any] = {
+        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
+        "generationConfig": generation,
+    }
+    system = system if system is not None else defaults.system_prompt
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    return Request(key, number, body, filter_json)
+
+
+def _prompt_text(value: Any, what: str) -> str:
+    """A prompt string, or a sequence of strings joined with newlines into one turn."""
+    if isinstance(value, list):
+        if not value:
+            raise _BadLine(f"{what} is an empty array; it needs at least one string")
+        bad = next((v for v in value if not isinstance(v, str)), None)
+        if bad is not None:
+            raise _BadLine(f"{what} must hold only strings, found {_kind(bad)}")
+        value = "\n".join(value)
+    if not isinstance(value, str):
+        raise _BadLine(f"{what} must be a string or an array of strings, got {_kind(value)}")
+    if not value.strip():
+        raise _BadLine(f"{what} is empty")
+    return value
+
+
+def _key(value: Any, number: int) -> str:
+    if value is None:
+        return str(number)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _BadLine(f"'key' must be a string, got {_kind(value)}")
+    key = str(value)
+    if not key:
+        raise _BadLine("'key' is empty")
+    return key
+
+
+def _no_unknown(value: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise _BadLine(
+            f"unknown field(s) {', '.join(map(repr, unknown))} in {what}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,132 @@
+"""Logging: structlog for our events and the stdlib `logging` of libraries, one pipeline.
+
+Output is readable console lines on a terminal, JSON lines elsewhere, and JSON lines with a
+`<N>` priority prefix when stderr is the systemd journal. Secrets are redacted everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+_secrets: list[str] = []
+
+
+def add_secret(value: str | None) -> None:
+    """Never print `value` (an API key): it is replaced by `[redacted]` in every log line."""
+    if value and value not in _secrets:
+        _secrets.append(value)
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    for secret in _secrets if secrets is None else secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    if isinstance(value, int | float | bool | type(None)):
+        return value
+    return redact(str(value))
+
+
+def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _secrets:
+        for key, value in event.items():
+            event[key] = _redacted(value)
+    return event
+
+
+class _DropShutdownNoise(logging.Filter):
+    """watchdog logs an error when its inotify thread is stopped mid-read; that is normal at exit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+def stderr_is_journal(
+    environ: Mapping[str, str] | None = None, stream: TextIO | None = None
+) -> bool:
+    """True when systemd connected stderr to the journal ($JOURNAL_STREAM is `device:inode` of it)."""
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+class _JournalPrefix(logging.Formatter):
+    """Prefix each line with `<priority>` so journald records the right level."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _PRIORITY.get(record.levelname.lower(), 6)
+        return f"<{level}>" + self._inner.format(record)
+
+
+def configure(
+    level: str = "info", stream: TextIO | None = None, environ: Mapping[str, str] | None = None
+) -> None:
+    """Set up structlog and stdlib logging to write to `stream` (stderr by default)."""
+    stream = stream or sys.stderr
+    console = hasattr(stream, "isatty") and stream.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_event,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    formatter: logging.Formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    if not console and stderr_is_journal(environ, stream):
+        formatter = _JournalPrefix(formatter)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    root.setLevel(numeric)
+    # Libraries are chatty at INFO (every HTTP request); keep them at warning unless debugging.
+    for noisy in ("httpx", "httpx2", "google_genai", "watchdog", "tenacity"):
+        logging.getLogger(noisy).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+    logging.getLogger("watchdog.observers.inotify").addFilter(_DropShutdownNoise())
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str = "gemini-batchd") -> Any:
+    return structlog.get_logger(name)
