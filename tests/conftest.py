@@ -6,3 +6,25 @@ from pathlib import Path
 ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from daemon.simulator import Simulator  # noqa: E402
+from tests.harness import Spool  # noqa: E402
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    """A simulator whose jobs finish a fraction of a second after creation."""
+    with Simulator(pending_seconds=0.1, running_seconds=0.2, seed=7) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def spool(tmp_path: Path, sim: Simulator) -> Iterator[Spool]:
+    """A daemon folder wired to `sim`; processes started on it are stopped after the test."""
+    s = Spool(tmp_path, sim)
+    yield s
+    s.stop_all()
