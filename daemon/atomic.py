@@ -18,6 +18,10 @@ STALE_TEMP_SECONDS = 3600
 
 _MULTI_SUFFIXES = (".jsonl.job.json", ".error.json", ".jsonl")
 _HOST = socket.gethostname().replace(".", "_")
+_STARTED_NS = time.monotonic_ns()
+_STARTED = time.time()
+"""When this process started (near enough): a temp file with our pid from before then is a
+predecessor's, whose pid we were given again (containers restart the daemon as pid 1)."""
 
 
 def temp_name(target: Path) -> Path:
@@ -64,6 +68,8 @@ def move_new(source: Path, target: Path) -> Path:
         try:
             os.link(source, candidate, follow_symlinks=False)
         except FileExistsError:
+            if _same_entry(source, candidate):  # linked before a crash, not yet unlinked
+                break
             continue
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP):
@@ -72,10 +78,17 @@ def move_new(source: Path, target: Path) -> Path:
                 continue
             os.rename(source, candidate)  # filesystems without hard links: small race accepted
             return candidate
-        os.unlink(source)
-        fsync_dir(target.parent)
-        return candidate
-    raise AssertionError("unreachable")
+        break
+    os.unlink(source)
+    fsync_dir(target.parent)
+    return candidate
+
+
+def _same_entry(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
 
 
 def unique_names(target: Path) -> Iterator[Path]:
@@ -113,6 +126,8 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         host, pid = parts[1], parts[2]
         if host == _HOST:
             stale = not pid.isdigit() or not _alive(int(pid))
+            if not stale and int(pid) == os.getpid():
+                stale = _before_this_process(path, parts[3])
         else:
             try:
                 stale = time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS
@@ -123,6 +138,15 @@ def remove_stale_temps(folder: Path) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def _before_this_process(path: Path, stamp: str) -> bool:
+    if stamp.isdigit() and int(stamp) < _STARTED_NS:  # same boot: monotonic clocks compare
+        return True
+    try:
+        return path.stat().st_mtime < _STARTED - 1  # an earlier boot
+    except FileNotFoundError:
+        return False
 
 
 def _alive(pid: int) -> bool:

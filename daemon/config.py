@@ -22,11 +22,13 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true`, `"5"` or `1` are not silently taken for a number, a string or a bool;
+    # finite: `.inf` / `.nan` are bad values, not "no limit".
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ApiSettings(_Section):
-    key_file: Path | None = None
+    key_file: Path | None = Field(default=None, strict=False)
     base_url: str | None = None
     api_version: str | None = None
     timeout_seconds: float = Field(default=120, gt=0)
@@ -42,7 +44,10 @@ class PollSettings(_Section):
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> PollSettings:
         if self.max_seconds < self.initial_seconds:
-            raise ValueError("max_seconds must be >= initial_seconds")
+            raise ValueError(  # names its keys in full: see _describe
+                f"'poll.max_seconds': must be >= poll.initial_seconds ({self.initial_seconds:g})"
+                f" (got {self.max_seconds:g})"
+            )
         return self
 
 
@@ -55,11 +60,11 @@ class Limits(_Section):
 class Config(_Section):
     """Every key of the contract, with its default; paths are absolute once loaded."""
 
-    inbox: Path = Path("inbox")
-    outbox: Path = Path("outbox")
+    inbox: Path = Field(default=Path("inbox"), strict=False)
+    outbox: Path = Field(default=Path("outbox"), strict=False)
     model: str = Field(default="gemini-2.5-flash", min_length=1)
     system_prompt: str | None = None
-    system_prompt_file: Path | None = None
+    system_prompt_file: Path | None = Field(default=None, strict=False)
     temperature: float = Field(default=0.2, ge=0, le=2)
     thinking_budget: int = Field(default=24576, ge=-1)
     filter_json: bool = False
@@ -77,7 +82,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Config:
         if self.system_prompt is not None and self.system_prompt_file is not None:
-            raise ValueError("set system_prompt or system_prompt_file, not both")
+            raise ValueError("'system_prompt' and 'system_prompt_file' are both set; set only one")
         return self
 
     def system_instruction(self) -> str | None:
@@ -118,7 +123,7 @@ def load_config(path: Path, *, must_exist: bool = True) -> Config:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -142,6 +147,14 @@ def load_config(path: Path, *, must_exist: bool = True) -> Config:
     )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def _describe(exc: ValidationError) -> str:
     """One line per problem, each naming the dotted key."""
     parts = []
@@ -149,6 +162,8 @@ def _describe(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            parts.append(str(err["ctx"]["error"]))  # our validators name their keys themselves
         else:
             value = (
                 f" (got {err['input']!r})"
@@ -169,15 +184,17 @@ def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) ->
             return env[name].strip()
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).exists():
-        return _read_key(Path(creds) / CREDENTIAL_NAME)
+        return _read_key(Path(creds) / CREDENTIAL_NAME, "$CREDENTIALS_DIRECTORY")
     return None
 
 
-def _read_key(path: Path) -> str:
+def _read_key(path: Path, what: str = "api.key_file") -> str:
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"api.key_file: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text") from None
     if not key:
-        raise ConfigError(f"api.key_file: {path} is empty")
+        raise ConfigError(f"{what}: {path} is empty")
     return key

@@ -1,26 +1,30 @@
 """Input parsing: one JSONL prompt file -> `Request`s in the REST shape of a GenerateContentRequest.
 
-The file is streamed line by line, so memory does not grow with its size; only the set of
-keys seen so far is kept, to reject duplicates.
+The file is streamed line by line, so memory does not grow with its size; the keys seen so
+far (to reject duplicates) move from memory to a temporary file on disk when there are many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.genai import types
+from pydantic import TypeAdapter, ValidationError
 
 from .config import Config
+from .keymap import KeyMap
 
 MAX_REPORTED_ERRORS = 100
 """Bad lines listed one by one in a report; the rest are only counted."""
 
 _BOM = b"\xef\xbb\xbf"
+_ASCII = bytes(range(128))
 _PROMPT_FIELDS = {"key", "prompt", "system_prompt", "config", "filter_json"}
 _NATIVE_FIELDS = {"key", "request", "filter_json"}
 # Fields the SDK lifts out of a request's config to the request itself, by REST name.
@@ -37,6 +41,9 @@ _GENERATION_FIELDS = {
     for name, f in types.GenerationConfig.model_fields.items()
     if name in types.GenerateContentConfig.model_fields
 }
+
+
+_CONTENTS = TypeAdapter(list[types.Content])
 
 
 def camel(name: str) -> str:
@@ -117,8 +124,9 @@ def read_requests(
     """
     scan = scan if scan is not None else Scan(path)
     digest = hashlib.sha256()
-    keys: dict[str, int] = {}
-    with path.open("rb") as handle:
+    keys = KeyMap()
+    overhead = 160 + (len(json.dumps(defaults.system_prompt)) if defaults.system_prompt else 0)
+    with path.open("rb") as handle, contextlib.closing(keys):
         for number, raw in enumerate(handle, start=1):
             digest.update(raw)
             scan.size += len(raw)
@@ -131,8 +139,11 @@ def read_requests(
                     scan.errors.append(item)
             else:
                 scan.requests += 1
-                # Rough size of this request in the inline create call.
-                scan.payload_bytes += len(raw) + len(item.key) + 64 + _extra_bytes(defaults, item)
+                # Size of this request in the inline create call. The SDK sends JSON with
+                # non-ASCII characters escaped (at most 2 more bytes per non-ASCII byte:
+                # `é` -> `\u00e9`), and adds the default settings to each request.
+                wide = 0 if raw.isascii() else len(raw.translate(None, _ASCII))
+                scan.payload_bytes += len(raw) + 2 * wide + len(item.key) + overhead
             yield item
     scan.sha256 = digest.hexdigest()
 
@@ -145,15 +156,8 @@ def scan_file(path: Path, defaults: Defaults) -> Scan:
     return scan
 
 
-def _extra_bytes(defaults: Defaults, request: Request) -> int:
-    system = request.body.get("systemInstruction")
-    if system is None or defaults.system_prompt is None:
-        return 0
-    return len(defaults.system_prompt.encode())
-
-
 def _parse_raw(
-    raw: bytes, number: int, defaults: Defaults, keys: dict[str, int]
+    raw: bytes, number: int, defaults: Defaults, keys: KeyMap
 ) -> Request | LineError | None:
     if number == 1 and raw.startswith(_BOM):
         raw = raw[len(_BOM) :]
@@ -166,9 +170,20 @@ def _parse_raw(
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         return LineError(number, f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return LineError(number, "not valid JSON: nested too deeply")
+    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
+        return LineError(number, f"not valid JSON: {exc}")
+    if b"\\ud" in raw or b"\\uD" in raw:  # an escaped lone surrogate cannot be sent as UTF-8
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return LineError(
+                number, "holds an unpaired surrogate escape (\\udXXX): not valid Unicode"
+            )
     try:
         request = _to_request(value, number, defaults)
     except _BadLine as exc:
@@ -177,6 +192,13 @@ def _parse_raw(
     if first != number:
         return LineError(number, f"duplicate key {request.key!r} (first used on line {first})")
     return request
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
@@ -205,6 +227,11 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         contents = body.get("contents")
         if not isinstance(contents, list) or not contents:
             raise _BadLine("'request.contents' must be a non-empty array")
+        if not _plain_text_contents(contents):
+            _check(_CONTENTS.validate_python, contents, "'request.contents'")
+        config = dict(body.get("generationConfig") or {})
+        config.update({v: body[k] for k, v in LIFTED_FIELDS.items() if k in body})
+        _check(types.GenerateContentConfig.model_validate, config, "'request'")
         return Request(key, number, body, filter_json)
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
@@ -212,7 +239,8 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
     system = value.get("system_prompt")
     if system is not None and not isinstance(system, str):
         raise _BadLine(f"'system_prompt' must be a string, got {_kind(system)}")
-    overrides = value.get("config") or {}
+    overrides = value.get("config")
+    overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
         raise _BadLine(f"'config' must be an object, got {_kind(overrides)}")
     return _prompt_request(
@@ -255,6 +283,8 @@ def _prompt_request(
         if field_name == "thinkingConfig" and isinstance(setting, dict):
             setting = {**generation["thinkingConfig"], **{camel(k): v for k, v in setting.items()}}
         generation[field_name] = setting
+    if overrides:
+        _check(types.GenerateContentConfig.model_validate, generation, "'config'")
     body: dict[str, Any] = {
         "contents": [{"role": "user", "parts": [{"text": prompt}]}],
         "generationConfig": generation,
@@ -270,9 +300,9 @@ def _prompt_text(value: Any, what: str) -> str:
     if isinstance(value, list):
         if not value:
             raise _BadLine(f"{what} is an empty array; it needs at least one string")
-        bad = next((v for v in value if not isinstance(v, str)), None)
-        if bad is not None:
-            raise _BadLine(f"{what} must hold only strings, found {_kind(bad)}")
+        bad = [v for v in value if not isinstance(v, str)][:1]  # a null element is bad too
+        if bad:
+            raise _BadLine(f"{what} must hold only strings, found {_kind(bad[0])}")
         value = "\n".join(value)
     if not isinstance(value, str):
         raise _BadLine(f"{what} must be a string or an array of strings, got {_kind(value)}")
@@ -290,6 +320,51 @@ def _key(value: Any, number: int) -> str:
     if not key:
         raise _BadLine("'key' is empty")
     return key
+
+
+def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:
+    """Reject a value the SDK would refuse at create time (failing the whole file), naming the field.
+
+    Verdicts are remembered by value: files repeat the same few configs, and pydantic is slow.
+    """
+    memo = what + json.dumps(value, sort_keys=True, default=repr)
+    if memo in _VERDICTS:
+        message = _VERDICTS[memo]
+    else:
+        message = None
+        try:
+            validate(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            message = f"{what}{f' field {where!r}' if where else ''}: {err['msg']}"
+        if len(memo) <= _VERDICT_MAX_CHARS:
+            if len(_VERDICTS) >= _VERDICTS_KEPT:
+                _VERDICTS.clear()
+            _VERDICTS[memo] = message
+    if message is not None:
+        raise _BadLine(message)
+
+
+_VERDICTS: dict[str, str | None] = {}
+_VERDICTS_KEPT = 256
+_VERDICT_MAX_CHARS = 4096
+
+
+def _plain_text_contents(contents: list[Any]) -> bool:
+    """Contents of only roles and text parts: valid as they are, no need to ask pydantic."""
+    for content in contents:
+        if not isinstance(content, dict) or not content.keys() <= {"role", "parts"}:
+            return False
+        parts = content.get("parts")
+        if not isinstance(content.get("role", ""), str) or not isinstance(parts, list):
+            return False
+        for part in parts:
+            if not isinstance(part, dict) or part.keys() != {"text"}:
+                return False
+            if not isinstance(part["text"], str):
+                return False
+    return True
 
 
 def _no_unknown(value: dict[str, Any], allowed: set[str], what: str) -> None:

@@ -132,6 +132,8 @@ class JobRecord:
     def from_json(cls, raw: bytes, source: Path) -> JobRecord:
         try:
             data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             known = {f.name for f in fields(cls)}
             record = cls(**{k: v for k, v in data.items() if k in known})
             record.state = FileState(record.state)

@@ -93,7 +93,10 @@ class GeminiLLM:
             filter_json or self.filter_json,
         )
         requests = [
-            prompt_request(str(i), i, list(prompts), defaults)
+            # A bare string is one prompt, not a sequence of one-character prompts.
+            prompt_request(
+                str(i), i, prompts if isinstance(prompts, str) else list(prompts), defaults
+            )
             for i, prompts in enumerate(batch_payload, 1)
         ]
         job = self._backend.create_job(
@@ -185,6 +188,8 @@ def _prompt_or_file(value: str | Path | None) -> str | None:
     """A path to a file holding the prompt, or the prompt text itself."""
     if value is None:
         return None
+    if isinstance(value, Path):  # clearly meant as a file: a missing one is an error
+        return value.read_text(encoding="utf-8")
     path = Path(value)
     try:
         if len(str(value)) < 4096 and path.is_file():

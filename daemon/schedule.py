@@ -40,8 +40,11 @@ class Backoff:
         )
 
     def delay(self, attempt: int) -> float:
-        # Cap the exponent so huge attempt counts cannot overflow a float.
-        base = min(self.maximum, self.initial * self.multiplier ** min(attempt, 200))
+        # Huge attempt counts (or a big multiplier) must not overflow a float: that is the cap.
+        try:
+            base = min(self.maximum, self.initial * self.multiplier ** max(0, min(attempt, 200)))
+        except OverflowError:
+            base = self.maximum
         if self.jitter:
             base *= 1 + self.rng.uniform(-self.jitter, self.jitter)
         return min(self.maximum, max(0.0, base))

@@ -6,6 +6,7 @@ inbox and an outbox, and helpers to drop files, start and kill the daemon, and r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,10 +139,8 @@ class Spool:
     def log_events(self) -> list[dict[str, Any]]:
         events = []
         for line in self.logs().splitlines():
-            try:
+            with contextlib.suppress(ValueError):
                 events.append(json.loads(line))
-            except ValueError:
-                pass
         return events
 
     # ---- files ----------------------------------------------------------------------

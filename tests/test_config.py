@@ -1,0 +1,354 @@
+"""daemon.config: defaults, path resolution, one-line errors naming the key, API key lookup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.config import (
+    CONFIG_ENV,
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+    resolve_api_key,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONTRACT_DEFAULTS = {
+    "model": "gemini-2.5-flash",
+    "system_prompt": None,
+    "system_prompt_file": None,
+    "temperature": 0.2,
+    "thinking_budget": 24576,
+    "filter_json": False,
+    "include_response": False,
+    "on_invalid_line": "reject_file",
+    "archive": "keep",
+    "log_level": "info",
+    "inbox_settle_seconds": 2,
+    "inbox_rescan_seconds": 30,
+}
+CONTRACT_API = {
+    "key_file": None,
+    "base_url": None,
+    "api_version": None,
+    "timeout_seconds": 120,
+    "retries": 5,
+}
+CONTRACT_POLL = {"initial_seconds": 10, "max_seconds": 600, "multiplier": 2.0, "jitter": 0.1}
+CONTRACT_LIMITS = {
+    "max_active_jobs": 100,
+    "inline_max_bytes": 19_000_000,
+    "max_file_bytes": 2_000_000_000,
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def assert_contract_defaults(config: Config, folder: Path) -> None:
+    for key, value in CONTRACT_DEFAULTS.items():
+        assert getattr(config, key) == value, key
+    for key, value in CONTRACT_API.items():
+        assert getattr(config.api, key) == value, f"api.{key}"
+    for key, value in CONTRACT_POLL.items():
+        assert getattr(config.poll, key) == value, f"poll.{key}"
+    for key, value in CONTRACT_LIMITS.items():
+        assert getattr(config.limits, key) == value, f"limits.{key}"
+    assert config.inbox == folder / "inbox"
+    assert config.outbox == folder / "outbox"
+
+
+def test_model_defaults_equal_the_contract() -> None:
+    config = Config()
+    assert_contract_defaults(config, Path())
+    assert config.inbox == Path("inbox")
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_yaml_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    config = load_config(write(tmp_path, text))
+    assert_contract_defaults(config, tmp_path.resolve())
+
+
+def test_missing_file_allowed_when_not_required(tmp_path: Path) -> None:
+    config = load_config(tmp_path / "absent.yaml", must_exist=False)
+    assert_contract_defaults(config, tmp_path.resolve())
+
+
+def test_missing_file_is_an_error_when_required(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_shipped_config_yaml_equals_the_defaults() -> None:
+    config = load_config(ROOT / "config.yaml")
+    assert_contract_defaults(config, ROOT)
+
+
+def test_every_contract_key_is_accepted(tmp_path: Path) -> None:
+    text = yaml.safe_dump(
+        {
+            **{k: v for k, v in CONTRACT_DEFAULTS.items() if k != "system_prompt_file"},
+            "inbox": "in",
+            "outbox": "out",
+            "api": CONTRACT_API,
+            "poll": CONTRACT_POLL,
+            "limits": CONTRACT_LIMITS,
+        }
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.inbox == tmp_path.resolve() / "in"
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "model: gemini-2.5-pro\ntemperature: 1\nfilter_json: true\n"
+            "poll:\n  initial_seconds: 0.05\n  max_seconds: 0.3\n  jitter: 0\n"
+            "api:\n  base_url: http://127.0.0.1:9\n  retries: 1\n",
+        )
+    )
+    assert config.model == "gemini-2.5-pro"
+    assert config.temperature == 1.0
+    assert config.filter_json is True
+    assert config.poll.initial_seconds == 0.05
+    assert config.poll.jitter == 0
+    assert config.api.base_url == "http://127.0.0.1:9"
+    assert config.api.retries == 1
+    assert config.poll.multiplier == 2.0  # untouched keys of a section keep their defaults
+
+
+def test_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(
+        folder,
+        "inbox: spool/in\noutbox: ../out\nsystem_prompt_file: prompt.md\n"
+        "api:\n  key_file: secrets/key\n",
+    )
+    config = load_config(path)
+    base = folder.resolve()
+    assert config.inbox == base / "spool/in"
+    assert config.outbox.resolve() == (tmp_path / "out").resolve()
+    assert config.system_prompt_file == base / "prompt.md"
+    assert config.api.key_file == base / "secrets/key"
+    assert config.processing_dir == base / "spool/in/processing"
+    assert config.done_dir == base / "spool/in/done"
+    assert config.failed_dir == base / "spool/in/failed"
+
+
+def test_relative_config_path_resolves_from_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, "inbox: x\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("config.yaml"))
+    assert config.inbox == tmp_path.resolve() / "x"
+    assert config.inbox.is_absolute()
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f"inbox: {tmp_path / 'abs'}\n"))
+    assert config.inbox == tmp_path / "abs"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("bogus: 1\n", "bogus"),
+        ("poll:\n  bogus: 1\n", "poll.bogus"),
+        ("api:\n  apikey: x\n", "api.apikey"),
+        ("limits:\n  max_jobs: 3\n", "limits.max_jobs"),
+    ],
+)
+def test_unknown_key_is_named(tmp_path: Path, text: str, key: str) -> None:
+    message = error_of(tmp_path, text)
+    assert f"unknown key '{key}'" in message
+    assert str(tmp_path) in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("poll:\n  jitter: 2\n", "poll.jitter"),
+        ("poll:\n  jitter: -0.1\n", "poll.jitter"),
+        ("poll:\n  jitter: abc\n", "poll.jitter"),
+        ("poll:\n  initial_seconds: 0\n", "poll.initial_seconds"),
+        ("poll:\n  multiplier: 0.5\n", "poll.multiplier"),
+        ("poll:\n  max_seconds: .inf\n", "poll.max_seconds"),
+        ("poll:\n  initial_seconds: 10\n  max_seconds: 5\n", "poll.max_seconds"),
+        ("poll:\n  initial_seconds: 1000\n", "poll.max_seconds"),
+        ("poll: 3\n", "poll"),
+        ("temperature: 3\n", "temperature"),
+        ("temperature: .nan\n", "temperature"),
+        ("temperature: true\n", "temperature"),
+        ("thinking_budget: -2\n", "thinking_budget"),
+        ("thinking_budget: 1.5\n", "thinking_budget"),
+        ("filter_json: 'yes'\n", "filter_json"),
+        ("include_response: 1\n", "include_response"),
+        ("on_invalid_line: skip\n", "on_invalid_line"),
+        ("archive: move\n", "archive"),
+        ("log_level: INFO\n", "log_level"),
+        ("model: ''\n", "model"),
+        ("model: 5\n", "model"),
+        ("inbox: null\n", "inbox"),
+        ("inbox: [a]\n", "inbox"),
+        ("api:\n  retries: 0\n", "api.retries"),
+        ("api:\n  retries: 1.5\n", "api.retries"),
+        ("api:\n  timeout_seconds: '5'\n", "api.timeout_seconds"),
+        ("api:\n  timeout_seconds: .inf\n", "api.timeout_seconds"),
+        ("limits:\n  max_active_jobs: 0\n", "limits.max_active_jobs"),
+        ("inbox_settle_seconds: -1\n", "inbox_settle_seconds"),
+        ("inbox_rescan_seconds: 0\n", "inbox_rescan_seconds"),
+    ],
+)
+def test_bad_value_is_a_one_line_error_naming_the_dotted_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    message = error_of(tmp_path, text)
+    assert f"'{key}'" in message
+
+
+def test_several_problems_are_all_named_on_one_line(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "poll:\n  jitter: 2\nbogus: 1\ntemperature: x\n")
+    assert "'poll.jitter'" in message
+    assert "'bogus'" in message
+    assert "'temperature'" in message
+
+
+def test_system_prompt_and_file_together_is_an_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "system_prompt: be brief\nsystem_prompt_file: p.md\n")
+    assert "system_prompt" in message
+    assert "system_prompt_file" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    assert "mapping" in error_of(tmp_path, "- a\n- b\n")
+    assert "mapping" in error_of(tmp_path, "just a string\n")
+
+
+def test_invalid_yaml_is_a_one_line_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "inbox: [\n")
+    assert "not valid YAML" in message
+    assert "line" in message
+
+
+def test_system_instruction_text_or_file(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "system_prompt: be brief\n")).system_instruction() == (
+        "be brief"
+    )
+    (tmp_path / "prompt.md").write_text("from a file\n")
+    config = load_config(write(tmp_path, "system_prompt_file: prompt.md\n"))
+    assert config.system_instruction() == "from a file\n"
+    assert load_config(write(tmp_path, "")).system_instruction() is None
+
+
+def test_unreadable_system_prompt_file_names_the_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "system_prompt_file: absent.md\n"))
+    with pytest.raises(ConfigError, match="system_prompt_file"):
+        config.system_instruction()
+
+
+def test_default_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert default_config_path() == Path("config.yaml")
+    monkeypatch.setenv(CONFIG_ENV, "/etc/gemini-batchd.yaml")
+    assert default_config_path() == Path("/etc/gemini-batchd.yaml")
+    assert default_config_path("mine.yaml") == Path("mine.yaml")
+
+
+# ---- API key -------------------------------------------------------------------------------
+
+
+def key_config(tmp_path: Path, key_file: str | None = None) -> Config:
+    text = f"api:\n  key_file: {key_file}\n" if key_file else ""
+    return load_config(write(tmp_path, text))
+
+
+def creds_dir(tmp_path: Path, key: str = "from-credentials\n") -> str:
+    folder = tmp_path / "creds"
+    folder.mkdir(exist_ok=True)
+    (folder / "gemini_api_key").write_text(key)
+    return str(folder)
+
+
+def test_key_file_wins_over_everything(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file\n")
+    env = {
+        "GOOGLE_API_KEY": "google",
+        "GEMINI_API_KEY": "gemini",
+        "CREDENTIALS_DIRECTORY": creds_dir(tmp_path),
+    }
+    assert resolve_api_key(key_config(tmp_path, "key"), env) == "from-file"
+
+
+def test_google_key_wins_over_gemini_key(tmp_path: Path) -> None:
+    env = {
+        "GOOGLE_API_KEY": "google\n",
+        "GEMINI_API_KEY": "gemini",
+        "CREDENTIALS_DIRECTORY": creds_dir(tmp_path),
+    }
+    assert resolve_api_key(key_config(tmp_path), env) == "google"
+
+
+def test_gemini_key_wins_over_credentials(tmp_path: Path) -> None:
+    env = {"GEMINI_API_KEY": "gemini", "CREDENTIALS_DIRECTORY": creds_dir(tmp_path)}
+    assert resolve_api_key(key_config(tmp_path), env) == "gemini"
+
+
+def test_empty_env_variable_is_skipped(tmp_path: Path) -> None:
+    env = {"GOOGLE_API_KEY": "", "GEMINI_API_KEY": "gemini"}
+    assert resolve_api_key(key_config(tmp_path), env) == "gemini"
+
+
+def test_credentials_directory_key_trailing_newline_stripped(tmp_path: Path) -> None:
+    env = {"CREDENTIALS_DIRECTORY": creds_dir(tmp_path, "secret-key\n")}
+    assert resolve_api_key(key_config(tmp_path), env) == "secret-key"
+
+
+def test_no_key_anywhere_is_none(tmp_path: Path) -> None:
+    assert resolve_api_key(key_config(tmp_path), {}) is None
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "no-such-folder")}
+    assert resolve_api_key(key_config(tmp_path), env) is None
+
+
+def test_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "from-environ")
+    assert resolve_api_key(key_config(tmp_path)) == "from-environ"
+
+
+def test_missing_or_empty_key_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"api\.key_file"):
+        resolve_api_key(key_config(tmp_path, "absent"), {})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        resolve_api_key(key_config(tmp_path, "empty"), {})
+
+
+def test_empty_credential_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    env = {"CREDENTIALS_DIRECTORY": creds_dir(tmp_path, "\n")}
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        resolve_api_key(key_config(tmp_path), env)
