@@ -16,6 +16,9 @@ FILE_MODE = 0o640
 STALE_TEMP_SECONDS = 3600
 """A temp file from another host (shared folder) is assumed abandoned after this long."""
 
+TEMP_PREFIX_CHARS = 48
+"""How much of the target's name a temp file's name repeats."""
+
 _MULTI_SUFFIXES = (".jsonl.job.json", ".error.json", ".jsonl")
 _HOST = socket.gethostname().replace(".", "_")
 _STARTED_NS = time.monotonic_ns()
@@ -26,7 +29,9 @@ predecessor's, whose pid we were given again (containers restart the daemon as p
 
 def temp_name(target: Path) -> Path:
     """A dot-file in the target's folder that names its writer, so leftovers can be cleaned."""
-    return target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    # Only a prefix of the target's name, so long names leave room for the rest (NAME_MAX 255).
+    prefix = target.name[:TEMP_PREFIX_CHARS]
+    return target.with_name(f".{prefix}.{_HOST}.{os.getpid()}.{time.monotonic_ns()}.tmp")
 
 
 def write_file(target: Path, chunks: Iterable[bytes], *, replace: bool = True) -> None:

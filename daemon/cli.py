@@ -12,14 +12,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, atomic, jobrecord, logs
-from .backend import BackendError, GeminiBackend
 from .config import Config, ConfigError, default_config_path, load_config, resolve_api_key
-from .inputs import Defaults, scan_file
 from .jobrecord import FileState, JobRecord, SidecarError
-from .watcher import CANCEL_SUFFIX, is_candidate
+from .watcher import CANCEL_SUFFIX, is_candidate, name_too_long
+
+if TYPE_CHECKING:  # google-genai takes a second to import: only `run` and `cancel` need it
+    from .backend import GeminiBackend
 
 EXIT_USAGE = 2
 """Bad configuration, missing API key, unknown target: the command could not start its work."""
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (CommandError, ConfigError) as exc:
         print(f"gemini-batchd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. an inbox that cannot be created: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gemini-batchd: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 0
@@ -80,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show queued, in-flight and recently finished files",
-        description="One row per file known to the daemon, read from its sidecars.",
+        description="One row per file known to the daemon, read from its sidecars: files "
+        "waiting in the inbox, queued and in-flight files (job name, job state, age, polls, "
+        "next poll, progress where the API reports it) and files finished in the last 24 hours.",
     )
     status.add_argument("-c", "--config", help=config_help)
     status.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
@@ -91,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check input files without submitting anything",
         description="Parse each file as the daemon would; exit 1 if any is invalid.",
     )
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="JSONL input files to check")
     validate.add_argument("-c", "--config", help=config_help)
     validate.set_defaults(func=cmd_validate)
 
@@ -101,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Copy each file to a temporary dot-name in the inbox, then rename it "
         "into place, so the daemon never sees a half-written file.",
     )
-    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument(
+        "files", nargs="+", metavar="FILE", help="*.jsonl files to copy into the inbox"
+    )
     submit.add_argument("-c", "--config", help=config_help)
     submit.set_defaults(func=cmd_submit)
 
@@ -111,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         description="TARGET is an input file name (NAME.jsonl) or a job name (batches/...). "
         "The file then gets an error report with job_state JOB_STATE_CANCELLED.",
     )
-    cancel.add_argument("target", metavar="TARGET")
+    cancel.add_argument(
+        "target",
+        metavar="TARGET",
+        help="an input file name (NAME.jsonl, or a path to it) or a job name (batches/...)",
+    )
     cancel.add_argument("-c", "--config", help=config_help)
     cancel.set_defaults(func=cmd_cancel)
 
@@ -120,10 +133,22 @@ def _parser() -> argparse.ArgumentParser:
         help="run the Gemini Batch API simulator alone",
         description="Serve the simulator; its base URL is the first line of stdout.",
     )
-    simulator.add_argument("--host", default="127.0.0.1")
-    simulator.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    simulator.add_argument("--pending-seconds", type=float, default=1.0)
-    simulator.add_argument("--running-seconds", type=float, default=2.0)
+    simulator.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    simulator.add_argument("--port", type=int, default=0, help="port; 0 (default) picks a free one")
+    simulator.add_argument(
+        "--pending-seconds",
+        type=float,
+        default=1.0,
+        help="how long each job stays pending (default: %(default)s)",
+    )
+    simulator.add_argument(
+        "--running-seconds",
+        type=float,
+        default=2.0,
+        help="how long each job then runs before it succeeds (default: %(default)s)",
+    )
     simulator.set_defaults(func=cmd_simulator)
     return parser
 
@@ -135,6 +160,8 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def make_backend(config: Config, api_key: str, base_url: str | None = None) -> GeminiBackend:
+    from .backend import GeminiBackend
+
     return GeminiBackend(
         api_key,
         base_url=base_url or config.api.base_url,
@@ -175,6 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def reload() -> Config:
         new = load_config(path, must_exist=True)
+        new.system_instruction()  # a refused configuration must not change the log level
         logs.configure(new.log_level)
         return _fast_polls(new) if simulator else new
 
@@ -315,12 +343,14 @@ def _progress(progress: dict[str, int] | None, requests: int | None) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .inputs import Defaults, scan_file  # imports google-genai: not needed by `status`
+
     config, _ = _config(args)
     defaults = Defaults.from_config(config)
     invalid = 0
     for name in args.files:
         path = Path(name)
-        problem = _not_a_regular_file(path)
+        problem = _not_a_regular_file(path) or name_too_long(path.name)
         if problem:
             print(f"{name}: invalid: {problem}")
             invalid += 1
@@ -370,6 +400,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         problem = _not_a_regular_file(source)
         if problem:
             raise CommandError(f"{name}: {problem}")
+        too_long = name_too_long(source.name)
+        if too_long:
+            raise CommandError(f"{name}: {too_long}")
         if not is_candidate(source):
             raise CommandError(
                 f"{name}: the daemon only takes *.jsonl files whose name does not start with '.'"
@@ -399,6 +432,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             f"{target}: no file of that name is queued or in flight, and it is not a job name"
         )
     if job_name:
+        from .backend import BackendError
+
         api_key = resolve_api_key(config)
         if not api_key:
             raise CommandError("no API key to cancel the job with (see api.key_file)")
@@ -408,9 +443,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             raise CommandError(logs.redact(str(exc), [api_key])) from None
         print(f"cancelled {job_name}")
     if record is not None and sidecar is not None:
-        # Tell the daemon: it polls the job at once (or fails a file that has no job yet).
+        # Tell the daemon: it polls the job at once (or fails a file that has no job yet, or
+        # cancels the job itself once a create call under way has returned).
         atomic.write_bytes(sidecar.with_name(record.input + CANCEL_SUFFIX), b"")
-        if not job_name:
+        if job_name:
+            pass
+        elif record.state in (FileState.UPLOADING, FileState.SUBMITTING):
+            print(f"{record.input}: its job is being created; the daemon will cancel it")
+        else:
             print(f"{record.input}: no job yet; the daemon will fail it as cancelled")
     return 0
 

@@ -26,20 +26,43 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from . import atomic, logs
 from .schedule import Clock
 
 INPUT_SUFFIX = ".jsonl"
 CANCEL_SUFFIX = ".cancel"
 """`inbox/processing/NAME.jsonl.cancel` asks the daemon to cancel NAME's job (see `cli cancel`)."""
+NAME_MAX = 255
+"""The longest file name, in bytes, on Linux filesystems."""
+NAME_MARGIN = 16
+"""Room left for `-N` suffixes and longer pids and clock readings in derived names."""
+
+log = logs.get()
 
 
 def is_candidate(path: Path) -> bool:
-    """A name the daemon takes: `*.jsonl`, not a dot-file (writers use dot-names while writing)."""
+    """A name the daemon takes: `*.jsonl`, not a dot-file (writers use dot-names while writing),
+    short enough for the files named after it (see `name_too_long`)."""
     return (
         path.name.endswith(INPUT_SUFFIX)
         and not path.name.startswith(".")
         and len(path.name) > len(INPUT_SUFFIX)
+        and not name_too_long(path.name)
     )
+
+
+def name_too_long(name: str) -> str | None:
+    """Why input `name` is too long to process, or None.
+
+    The longest name the daemon derives from an input is the temporary file of its sidecar;
+    were it over NAME_MAX, the sidecar could not be written and the file could not be tracked.
+    """
+    derived = (atomic.temp_name(Path(name + ".job.json")).name, name + ".job.json")
+    size = max(len(os.fsencode(n)) for n in derived) + NAME_MARGIN
+    if size <= NAME_MAX:
+        return None
+    limit = len(os.fsencode(name)) - (size - NAME_MAX)
+    return f"the name is {len(os.fsencode(name))} bytes long; the daemon takes names up to {limit}"
 
 
 def open_for_writing(path: Path) -> bool | None:
@@ -88,6 +111,7 @@ class InboxWatcher:
         self._on_event = on_event
         self._seen: dict[str, _Seen] = {}
         self._cancel_requests: set[str] = set()
+        self._too_long_logged: set[str] = set()
         self._lock = threading.Lock()
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
@@ -121,6 +145,28 @@ class InboxWatcher:
             for entry in entries:
                 if is_candidate(Path(entry.name)) and entry.name not in self._seen:
                     self._seen[entry.name] = _Seen(None, now, complete=False)
+        for entry in entries:
+            name = entry.name
+            if name.endswith(INPUT_SUFFIX) and not name.startswith("."):
+                reason = name_too_long(name)
+                if reason and name not in self._too_long_logged:
+                    self._too_long_logged.add(name)
+                    log.warning(
+                        "ignored: rename the file to have it processed", file=name, reason=reason
+                    )
+        self._rescan_cancel_requests()
+
+    def _rescan_cancel_requests(self) -> None:
+        """Cancel markers written while no daemon watched (or whose events were dropped)."""
+        try:
+            names = {entry.name for entry in os.scandir(self.inbox / "processing")}
+        except OSError:
+            return
+        with self._lock:
+            for name in names:
+                target = name[: -len(CANCEL_SUFFIX)]
+                if name.endswith(CANCEL_SUFFIX) and not name.startswith(".") and target in names:
+                    self._cancel_requests.add(target)
 
     def note(self, name: str, *, complete: bool) -> None:
         """An event touched inbox/`name`."""

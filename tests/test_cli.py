@@ -1,0 +1,392 @@
+"""The `gemini-batchd` command line: validate, submit, configuration errors, help, simulator.
+
+Most commands run in-process through `daemon.cli.main` (fast, output captured); those whose
+point is the process boundary (a traceback-free exit, a served port) run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google import genai
+from google.genai import types
+
+from daemon import cli
+from tests.harness import ROOT
+
+SUBCOMMANDS = ["run", "status", "validate", "submit", "cancel", "simulator"]
+
+
+def write_config(folder: Path, **settings: Any) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def jsonl(path: Path, *lines: Any) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "GOOGLE_"))}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch folder with a default config.yaml, made the current directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GEMINI_BATCHD_CONFIG", raising=False)
+    write_config(tmp_path)
+    return tmp_path
+
+
+# ---- validate ---------------------------------------------------------------------------------
+
+
+def test_validate_good_file(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = jsonl(project / "good.jsonl", "a", ["b", "c"], {"key": "k", "prompt": "d"})
+    size = path.stat().st_size
+    code, out, _ = run_cli(capsys, "validate", "good.jsonl", "-c", "config.yaml")
+    assert code == 0
+    assert out.splitlines() == [f"good.jsonl: ok: 3 request(s), {size} bytes, inline"]
+    assert not (project / "inbox").exists() or not any((project / "inbox").iterdir())
+
+
+def test_validate_reports_file_api_for_big_payloads(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(project, limits={"inline_max_bytes": 10})
+    jsonl(project / "big.jsonl", "a prompt longer than ten bytes")
+    code, out, _ = run_cli(capsys, "validate", "big.jsonl")  # ./config.yaml by default
+    assert code == 0
+    assert out.strip().endswith("File API")
+
+
+def test_validate_bad_lines(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jsonl(project / "good.jsonl", "fine")
+    bad = project / "bad.jsonl"
+    bad.write_text('"ok"\n{oops\n\n42\n{"key": "a", "prompt": "x"}\n{"key": "a", "prompt": "y"}\n')
+    code, out, _ = run_cli(capsys, "validate", "good.jsonl", "bad.jsonl", "-c", "config.yaml")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith("good.jsonl: ok: 1 request(s)")
+    assert lines[1].startswith("bad.jsonl: invalid:")
+    located = [line for line in lines if line.startswith("bad.jsonl:") and line[10:11].isdigit()]
+    assert [line.split(":")[1] for line in located] == ["2", "4", "6"]
+    assert all(len(line.split(": ", 1)[1]) > 3 for line in located)  # each has a reason
+    assert "duplicate key" in located[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "setup", "expected"),
+    [
+        ("missing.jsonl", None, "no such file"),
+        ("link.jsonl", "symlink", "symbolic link"),
+        ("empty.jsonl", "empty", "no requests"),
+        ("blank.jsonl", "blank", "no requests"),
+        ("folder.jsonl", "folder", "not a regular file"),
+    ],
+)
+def test_validate_unusable_files(
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    setup: str | None,
+    expected: str,
+) -> None:
+    path = project / name
+    if setup == "symlink":
+        jsonl(project / "target.jsonl", "a")
+        path.symlink_to(project / "target.jsonl")
+    elif setup == "empty":
+        path.write_bytes(b"")
+    elif setup == "blank":
+        path.write_bytes(b"\n  \n\n")
+    elif setup == "folder":
+        path.mkdir()
+    code, out, _ = run_cli(capsys, "validate", name, "-c", "config.yaml")
+    assert code == 1
+    assert out.startswith(f"{name}: invalid")
+    assert expected in out
+
+
+def test_validate_over_max_file_bytes(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(project, limits={"max_file_bytes": 5})
+    jsonl(project / "x.jsonl", "longer than five bytes")
+    code, out, _ = run_cli(capsys, "validate", "x.jsonl")
+    assert code == 1
+    assert "max_file_bytes" in out
+
+
+# ---- submit ---------------------------------------------------------------------------------------
+
+
+def test_submit_copies_atomically(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = jsonl(project / "job.jsonl", "a", "b")
+    inbox = project / "inbox"
+    seen_during_copy: list[list[str]] = []
+    real_copyfile = shutil.copyfile
+
+    def spying_copyfile(src: Any, dst: Any) -> Any:
+        result = real_copyfile(src, dst)
+        seen_during_copy.append(sorted(p.name for p in inbox.iterdir()))
+        return result
+
+    monkeypatch.setattr(shutil, "copyfile", spying_copyfile)  # the module cli uses
+    code, out, _ = run_cli(capsys, "submit", "job.jsonl", "-c", "config.yaml")
+    assert code == 0
+    assert (inbox / "job.jsonl").read_bytes() == source.read_bytes()
+    assert out.strip() == str(inbox / "job.jsonl")
+    (during,) = seen_during_copy
+    assert during and all(name.startswith(".") for name in during)  # only a dot-name meanwhile
+    assert sorted(p.name for p in inbox.iterdir()) == ["job.jsonl"]  # no temp left
+    assert source.exists()  # a copy, not a move
+
+
+def test_submit_never_overwrites(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inbox = project / "inbox"
+    inbox.mkdir()
+    jsonl(inbox / "job.jsonl", "already there")
+    jsonl(project / "job.jsonl", "new")
+    code, out, _ = run_cli(capsys, "submit", "job.jsonl", "-c", "config.yaml")
+    assert code == 0
+    assert (inbox / "job.jsonl").read_text() == '"already there"\n'
+    assert (inbox / "job-2.jsonl").read_text() == '"new"\n'
+    assert out.strip() == str(inbox / "job-2.jsonl")
+
+
+@pytest.mark.parametrize("name", ["notes.txt", ".hidden.jsonl", "missing.jsonl"])
+def test_submit_rejects(project: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    jsonl(project / "ok.jsonl", "a")
+    if name != "missing.jsonl":
+        jsonl(project / name, "a")
+    code, _, err = run_cli(capsys, "submit", "ok.jsonl", name, "-c", "config.yaml")
+    assert code == 2
+    assert err.startswith("gemini-batchd: ") and name in err
+    assert len(err.strip().splitlines()) == 1
+    inbox = project / "inbox"
+    assert not inbox.exists() or list(inbox.iterdir()) == []  # nothing copied, not even ok.jsonl
+
+
+def test_submit_into_configured_inbox(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = project / "elsewhere"
+    other.mkdir()
+    config = write_config(other, inbox="spool/in")
+    jsonl(project / "x.jsonl", "a")
+    code, _, _ = run_cli(capsys, "submit", "x.jsonl", "-c", str(config))
+    assert code == 0
+    assert (other / "spool" / "in" / "x.jsonl").exists()
+
+
+def test_config_from_environment(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = project / "env"
+    other.mkdir()
+    monkeypatch.setenv("GEMINI_BATCHD_CONFIG", str(write_config(other, inbox="in")))
+    jsonl(project / "x.jsonl", "a")
+    assert run_cli(capsys, "submit", "x.jsonl")[0] == 0
+    assert (other / "in" / "x.jsonl").exists()
+
+
+# ---- configuration errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"colour": "red"}, "colour"),
+        ({"poll": {"initial_secs": 1}}, "poll.initial_secs"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"limits": {"max_active_jobs": 0}}, "limits.max_active_jobs"),
+        ({"on_invalid_line": "ignore"}, "on_invalid_line"),
+        ({"archive": "shred"}, "archive"),
+        ({"api": {"retries": "many"}}, "api.retries"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(
+    project: Path, capsys: pytest.CaptureFixture[str], settings: dict[str, Any], key: str
+) -> None:
+    write_config(project, **settings)
+    jsonl(project / "x.jsonl", "a")
+    for args in (["status"], ["validate", "x.jsonl"], ["submit", "x.jsonl"]):
+        code, out, err = run_cli(capsys, *args, "-c", "config.yaml")
+        assert code == 2, args
+        assert out == ""
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("gemini-batchd: ")
+        assert key in err
+
+
+def test_unreadable_configs(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "broken.yaml").write_text("inbox: [unclosed\n")
+    (project / "list.yaml").write_text("- a\n- b\n")
+    for name in ("broken.yaml", "list.yaml", "absent.yaml"):
+        code, _, err = run_cli(capsys, "status", "-c", name)
+        assert code == 2, name
+        assert len(err.strip().splitlines()) == 1, err
+        assert name in err
+
+
+def test_run_with_bad_config_or_no_key_exits_2_without_traceback(project: Path) -> None:
+    write_config(project, poll={"jitter": 5})
+    bad = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--once", "-c", "config.yaml"],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "poll.jitter" in bad.stderr
+
+    write_config(project)
+    no_key = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--once"],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_key.returncode == 2
+    assert "Traceback" not in no_key.stderr
+    assert "API key" in no_key.stderr.strip().splitlines()[-1]
+
+
+def test_missing_system_prompt_file_exits_2(project: Path) -> None:
+    write_config(project, system_prompt_file="nope.md")
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--once", "--simulate"],
+        cwd=project,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "system_prompt_file" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_cancel_unknown_target(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "cancel", "nothing.jsonl", "-c", "config.yaml")
+    assert code == 2
+    assert "nothing.jsonl" in err
+
+
+# ---- help -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(capsys: pytest.CaptureFixture[str], command: str | None) -> None:
+    args = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: gemini-batchd{'' if command is None else ' ' + command}")
+    if command is None:
+        for sub in SUBCOMMANDS:
+            assert sub in out
+    elif command not in ("simulator",):
+        assert "--config" in out
+
+
+def test_python_m_daemon_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "--help"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: gemini-batchd")
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+
+
+# ---- simulator -------------------------------------------------------------------------------
+
+
+def test_simulator_prints_its_base_url_first(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "simulator", "--port", "0", "--pending-seconds", "0"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the simulator printed nothing"
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        assert port > 0
+
+        client = genai.Client(api_key="any-key", http_options=types.HttpOptions(base_url=url))
+        assert list(client.batches.list()) == []
+        job = client.batches.create(
+            model="gemini-2.5-flash",
+            src=[types.InlinedRequest(contents="hello", metadata={"key": "k"})],
+        )
+        assert job.name and job.name.startswith("batches/")
+        assert client.batches.get(name=job.name).name == job.name
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=15)
+    assert code == 0
+
+
+def test_names_too_long_for_the_daemon(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "n" * 240 + ".jsonl"
+    jsonl(project / name, "a")
+    code, out, _ = run_cli(capsys, "validate", name, "-c", "config.yaml")
+    assert code == 1
+    assert out.startswith(f"{name}: invalid: the name is 246 bytes long")
+    code, _, err = run_cli(capsys, "submit", name, "-c", "config.yaml")
+    assert code == 2
+    assert "246 bytes long" in err
+    assert not (project / "inbox" / name).exists()
+
+
+def test_file_system_errors_are_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "blocker").write_text("a file where the inbox should be\n")
+    write_config(project, inbox="blocker")
+    jsonl(project / "x.jsonl", "a")
+    code, out, err = run_cli(capsys, "submit", "x.jsonl", "-c", "config.yaml")
+    assert code == 2
+    assert out == ""
+    assert err.strip() == f"gemini-batchd: {project / 'blocker'}: File exists"

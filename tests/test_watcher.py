@@ -1,0 +1,299 @@
+"""InboxWatcher: which inbox files are complete, judged by events, settling time and rescans.
+
+The watcher's clock is a fake one the tests move by hand. File modification times are set in
+the future where a test needs a "fresh" file, so the watcher's wall-clock age shortcut (a file
+found already old is ready at once) never depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.watcher import InboxWatcher, is_candidate, name_too_long, open_for_writing
+from tests.harness import wait_for
+
+SETTLE = 2.0
+HOUR_NS = 3600 * 10**9
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def watcher(inbox: Path, clock: FakeClock) -> InboxWatcher:
+    return InboxWatcher(inbox, SETTLE, clock)
+
+
+def fresh(path: Path, data: bytes = b'"x"\n', *, bump: int = 0) -> Path:
+    """Write `path` and date it in the future: it never looks old enough to skip settling."""
+    path.write_bytes(data)
+    stamp = time.time_ns() + HOUR_NS + bump
+    os.utime(path, ns=(stamp, stamp))
+    return path
+
+
+def old(path: Path, data: bytes = b'"x"\n') -> Path:
+    """Write `path` dated an hour ago: it has obviously been left alone for a while."""
+    path.write_bytes(data)
+    stamp = time.time_ns() - HOUR_NS
+    os.utime(path, ns=(stamp, stamp))
+    return path
+
+
+def names(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+def test_closed_after_write_is_ready_at_once(watcher: InboxWatcher, inbox: Path) -> None:
+    fresh(inbox / "a.jsonl")
+    watcher.note("a.jsonl", complete=False)  # created, written ...
+    assert watcher.ready() == []
+    watcher.note("a.jsonl", complete=True)  # ... closed
+    assert watcher.ready() == [inbox / "a.jsonl"]
+
+
+def test_moved_in_is_ready_at_once(watcher: InboxWatcher, inbox: Path) -> None:
+    fresh(inbox / "b.jsonl")
+    watcher.note("b.jsonl", complete=True)
+    assert watcher.ready() == [inbox / "b.jsonl"]
+
+
+def test_created_only_waits_until_settled(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    fresh(inbox / "c.jsonl")
+    watcher.note("c.jsonl", complete=False)
+    assert watcher.ready() == []
+    clock.advance(SETTLE - 0.01)
+    assert watcher.ready() == []
+    clock.advance(0.02)
+    assert watcher.ready() == [inbox / "c.jsonl"]
+
+
+def test_a_file_that_keeps_changing_is_not_ready(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    path = fresh(inbox / "d.jsonl")
+    watcher.note("d.jsonl", complete=False)
+    data = b""
+    for i in range(10):  # 10 * 0.75 * SETTLE: far past the settle time in all
+        clock.advance(0.75 * SETTLE)
+        data += b'"more"\n'
+        fresh(path, data, bump=i)  # changed without an event (events can be dropped)
+        assert watcher.ready() == [], f"round {i}"
+    clock.advance(SETTLE)
+    assert watcher.ready() == [path]
+
+
+def test_a_write_after_close_starts_settling_again(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    path = fresh(inbox / "e.jsonl")
+    watcher.note("e.jsonl", complete=True)
+    fresh(path, b'"changed"\n', bump=1)
+    watcher.note("e.jsonl", complete=False)  # modified again after the close
+    assert watcher.ready() == []
+    clock.advance(SETTLE)
+    assert watcher.ready() == [path]
+
+
+def test_ready_in_the_order_first_seen_and_vanished_files_forgotten(
+    watcher: InboxWatcher, inbox: Path
+) -> None:
+    for name in ("z.jsonl", "a.jsonl", "m.jsonl"):
+        fresh(inbox / name)
+        watcher.note(name, complete=True)
+    assert names(watcher.ready()) == ["z.jsonl", "a.jsonl", "m.jsonl"]
+    (inbox / "a.jsonl").unlink()
+    assert names(watcher.ready()) == ["z.jsonl", "m.jsonl"]
+    assert watcher.pending == 2
+    watcher.forget("z.jsonl")
+    assert names(watcher.ready()) == ["m.jsonl"]
+    assert watcher.pending == 1
+
+
+# ---- rescans and names --------------------------------------------------------------------------
+
+
+def test_rescan_finds_files_whose_events_were_missed(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    old(inbox / "old.jsonl")
+    fresh(inbox / "new.jsonl")
+    assert watcher.ready() == []  # no event came
+    watcher.rescan()
+    assert watcher.pending == 2
+    assert watcher.ready() == [inbox / "old.jsonl"]  # unchanged for an hour already
+    clock.advance(SETTLE)
+    assert sorted(names(watcher.ready())) == ["new.jsonl", "old.jsonl"]
+
+
+def test_rescan_keeps_what_it_already_knows(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    fresh(inbox / "f.jsonl")
+    watcher.note("f.jsonl", complete=True)
+    watcher.rescan()
+    assert watcher.ready() == [inbox / "f.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "name", [".hidden.jsonl", ".f.jsonl.part", "notes.txt", "f.jsonl.bak", ".jsonl", "f.JSONL"]
+)
+def test_dot_files_and_other_names_are_ignored(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock, name: str
+) -> None:
+    old(inbox / name)
+    watcher.note(name, complete=True)
+    watcher.rescan()
+    clock.advance(10 * SETTLE)
+    assert watcher.ready() == []
+    assert watcher.pending == 0
+    assert not is_candidate(Path(name))
+
+
+def test_candidates() -> None:
+    assert is_candidate(Path("a.jsonl"))
+    assert is_candidate(Path("with space é.jsonl"))
+    assert is_candidate(Path("inbox/x.y.jsonl"))
+    assert not is_candidate(Path(".a.jsonl"))
+    assert not is_candidate(Path("a.json"))
+
+
+# ---- writers that keep the file open -------------------------------------------------------------
+
+
+def test_open_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(b'"x"\n')
+    if open_for_writing(path) is None:
+        pytest.skip("file leases are not available here")
+    assert open_for_writing(path) is False
+    with path.open("ab") as handle:
+        handle.write(b'"y"\n')
+        assert open_for_writing(path) is True
+    assert open_for_writing(path) is False
+    with path.open("rb"):
+        assert open_for_writing(path) is False  # readers do not count
+    assert open_for_writing(tmp_path / "missing.jsonl") is None
+
+
+def test_a_file_held_open_for_writing_is_not_ready(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    path = old(inbox / "held.jsonl")
+    if open_for_writing(path) is None:
+        pytest.skip("file leases are not available here")
+    watcher.note("held.jsonl", complete=True)
+    with path.open("ab"):
+        clock.advance(10 * SETTLE)
+        assert watcher.ready() == []
+    assert watcher.ready() == [path]
+
+
+# ---- the real inotify observer ----------------------------------------------------------------
+
+
+@pytest.fixture
+def observed(inbox: Path, clock: FakeClock) -> Iterator[InboxWatcher]:
+    """A started watcher whose settle time never passes: only events can make files ready."""
+    (inbox / "processing").mkdir()
+    watcher = InboxWatcher(inbox, 10_000, clock)
+    watcher.start()
+    yield watcher
+    watcher.stop()
+
+
+def test_observer_rename_into_place(observed: InboxWatcher, inbox: Path) -> None:
+    tmp = fresh(inbox / ".r.jsonl.part")
+    os.rename(tmp, inbox / "r.jsonl")
+    assert wait_for(lambda: names(observed.ready()), timeout=10) == ["r.jsonl"]
+
+
+def test_observer_write_in_place(observed: InboxWatcher, inbox: Path) -> None:
+    path = inbox / "w.jsonl"
+    with path.open("wb") as handle:
+        handle.write(b'"half')
+        handle.flush()
+        wait_for(lambda: observed.pending, timeout=10)
+        assert observed.ready() == []  # created and open: not complete
+        handle.write(b'"\n')
+    assert wait_for(lambda: names(observed.ready()), timeout=10) == ["w.jsonl"]
+
+
+def test_observer_start_lists_existing_files(inbox: Path, clock: FakeClock) -> None:
+    old(inbox / "there.jsonl")
+    fresh(inbox / "young.jsonl")
+    watcher = InboxWatcher(inbox, SETTLE, clock)
+    watcher.start()
+    try:
+        assert names(watcher.ready()) == ["there.jsonl"]
+    finally:
+        watcher.stop()
+
+
+def test_observer_cancel_marker(observed: InboxWatcher, inbox: Path) -> None:
+    (inbox / "processing" / "job.jsonl.cancel").write_bytes(b"")
+    assert wait_for(observed.take_cancel_requests, timeout=10) == {"job.jsonl"}
+    assert observed.take_cancel_requests() == set()
+    assert observed.ready() == []
+
+
+def test_rescan_finds_cancel_markers_of_files_in_processing(
+    watcher: InboxWatcher, inbox: Path
+) -> None:
+    processing = inbox / "processing"
+    processing.mkdir()
+    (processing / "a.jsonl").write_bytes(b'"x"\n')
+    (processing / "a.jsonl.cancel").write_bytes(b"")
+    (processing / "gone.jsonl.cancel").write_bytes(b"")  # its file has finished
+    (processing / ".b.jsonl.cancel.host.1.2.tmp").write_bytes(b"")
+    watcher.rescan()
+    assert watcher.take_cancel_requests() == {"a.jsonl"}
+    assert watcher.take_cancel_requests() == set()
+    assert watcher.ready() == []
+
+
+def test_names_too_long_for_the_sidecar_are_not_candidates(
+    watcher: InboxWatcher, inbox: Path
+) -> None:
+    assert name_too_long("a.jsonl") is None
+    assert name_too_long("n" * 150 + ".jsonl") is None
+    reason = name_too_long("n" * 240 + ".jsonl")
+    assert reason is not None and "246 bytes" in reason
+    long_name = "é" * 120 + ".jsonl"  # 246 bytes in UTF-8
+    assert name_too_long(long_name) is not None
+    assert not is_candidate(Path(long_name))
+    old(inbox / long_name)
+    watcher.rescan()
+    watcher.note(long_name, complete=True)
+    assert watcher.ready() == []
+    assert watcher.pending == 0
