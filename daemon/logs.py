@@ -43,6 +43,7 @@ def _redacted(value: Any) -> Any:
 
 
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Runs last before rendering, after exceptions became text, so tracebacks are covered too."""
     if _secrets:
         for key, value in event.items():
             event[key] = _redacted(value)
@@ -93,7 +94,6 @@ def configure(
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact_event,
     ]
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
@@ -105,6 +105,7 @@ def configure(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _redact_event,
             renderer,
         ],
     )

@@ -1,0 +1,278 @@
+"""Logging: JSON lines off a terminal, console lines on one, journald priorities, redaction,
+library records in the same pipeline, and the lifecycle events of each file end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from daemon import logs
+from tests.harness import TEST_API_KEY, Spool
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """logs.configure changes process-wide state: put it back for the other tests."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = {
+        name: logging.getLogger(name).level
+        for name in ("httpx", "httpx2", "google_genai", "watchdog", "tenacity")
+    }
+    config = structlog.get_config()
+    secrets = list(logs._secrets)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in named.items():
+        logging.getLogger(name).setLevel(old)
+    structlog.configure(**config)
+    logs._secrets[:] = secrets
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines(stream)]
+
+
+def test_json_lines_when_not_a_tty() -> None:
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream, environ={})
+    logs.get().info("claimed", file="a.jsonl", requests=3)
+    [event] = json_lines(stream)
+    assert event["event"] == "claimed"
+    assert event["file"] == "a.jsonl"
+    assert event["requests"] == 3
+    assert event["level"] == "info"
+    assert event["timestamp"].endswith("Z")
+
+
+def test_console_lines_on_a_tty() -> None:
+    stream = FakeStream(tty=True)
+    logs.configure("info", stream=stream, environ={})
+    logs.get().info("claimed", file="a.jsonl")
+    [line] = lines(stream)
+    assert "claimed" in line and "file=a.jsonl" in line
+    with pytest.raises(ValueError):
+        json.loads(line)
+
+
+def test_console_lines_on_a_real_pty() -> None:
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as stream:
+            logs.configure("info", stream=stream, environ={})
+            logs.get().warning("on a terminal", file="t.jsonl")
+            stream.flush()
+        output = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "on a terminal" in output and "file=t.jsonl" in output
+    assert not output.lstrip().startswith("{")
+
+
+@pytest.fixture
+def journal_file(tmp_path: Path) -> Iterator[io.TextIOWrapper]:
+    """A real file standing in for the journal's stream socket."""
+    with (tmp_path / "journal").open("w+") as stream:
+        yield stream
+
+
+def journal_env(stream: io.TextIOWrapper) -> dict[str, str]:
+    st = os.fstat(stream.fileno())
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+
+def test_journal_priority_prefix_when_journal_stream_matches(
+    journal_file: io.TextIOWrapper,
+) -> None:
+    logs.configure("debug", stream=journal_file, environ=journal_env(journal_file))
+    log = logs.get()
+    log.error("e")
+    log.warning("w")
+    log.info("i")
+    log.debug("d")
+    journal_file.flush()
+    journal_file.seek(0)
+    written = journal_file.read().splitlines()
+    assert [line[:3] for line in written] == ["<3>", "<4>", "<6>", "<7>"]
+    assert [json.loads(line[3:])["event"] for line in written] == ["e", "w", "i", "d"]
+
+
+@pytest.mark.parametrize("value", ["", "1:2", "garbage", "12", "1:2:3"])
+def test_no_prefix_when_journal_stream_does_not_match(
+    journal_file: io.TextIOWrapper, value: str
+) -> None:
+    logs.configure("info", stream=journal_file, environ={"JOURNAL_STREAM": value})
+    logs.get().error("e")
+    journal_file.flush()
+    journal_file.seek(0)
+    assert json.loads(journal_file.read())["event"] == "e"
+
+
+def test_journal_stream_of_another_file_gives_no_prefix(
+    journal_file: io.TextIOWrapper, tmp_path: Path
+) -> None:
+    with (tmp_path / "other").open("w") as other:
+        env = journal_env(other)
+    logs.configure("info", stream=journal_file, environ=env)
+    logs.get().info("i")
+    journal_file.flush()
+    journal_file.seek(0)
+    assert journal_file.read().startswith("{")
+
+
+def test_stringio_with_journal_stream_set_gives_no_prefix() -> None:
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream, environ={"JOURNAL_STREAM": "1:2"})
+    logs.get().info("i")
+    assert lines(stream)[0].startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("debug", ["d", "i", "w", "e"]),
+        ("info", ["i", "w", "e"]),
+        ("warning", ["w", "e"]),
+        ("error", ["e"]),
+    ],
+)
+def test_log_level_is_honoured(level: str, expected: list[str]) -> None:
+    stream = FakeStream(tty=False)
+    logs.configure(level, stream=stream, environ={})
+    log = logs.get()
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    assert [e["event"] for e in json_lines(stream)] == expected
+
+
+def test_library_records_share_the_json_pipeline() -> None:
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream, environ={})
+    logging.getLogger("google_genai").warning("retrying %s", "batches/x")
+    logging.getLogger("google_genai").info("chatty, dropped at info")
+    logging.getLogger("some.library").error("plain stdlib")
+    events = json_lines(stream)
+    assert [e["event"] for e in events] == ["retrying batches/x", "plain stdlib"]
+    assert events[0]["logger"] == "google_genai"
+    assert events[0]["level"] == "warning"
+    assert "timestamp" in events[0]
+
+
+def test_library_info_records_appear_when_debugging() -> None:
+    stream = FakeStream(tty=False)
+    logs.configure("debug", stream=stream, environ={})
+    logging.getLogger("httpx").info("HTTP Request: GET ...")
+    assert [e["event"] for e in json_lines(stream)] == ["HTTP Request: GET ..."]
+
+
+def test_secrets_are_redacted_everywhere() -> None:
+    secret = "AIzaSECRET-value-123"
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream, environ={})
+    logs.add_secret(secret)
+    log = logs.get()
+    log.info(f"event text {secret}", value=secret, nested={"a": [f"x{secret}y", {"b": secret}]})
+    try:
+        raise RuntimeError(f"request failed for key={secret}")
+    except RuntimeError:
+        log.exception("structlog exception")
+        logging.getLogger("google_genai").error("library exception", exc_info=True)
+    log.error("exc_info tuple", exc_info=(ValueError, ValueError(secret), None))
+    logging.getLogger("google_genai").warning("args %s", secret)
+    output = stream.getvalue()
+    assert secret not in output
+    events = json_lines(stream)
+    assert events[0]["event"] == "event text [redacted]"
+    assert events[0]["value"] == "[redacted]"
+    assert events[0]["nested"] == {"a": ["x[redacted]y", {"b": "[redacted]"}]}
+    assert "key=[redacted]" in events[1]["exception"]
+    assert "RuntimeError" in events[2]["exception"]
+    assert "ValueError: [redacted]" in events[3]["exception"]
+    assert events[4]["event"] == "args [redacted]"
+
+
+def test_redaction_also_on_the_console() -> None:
+    stream = FakeStream(tty=True)
+    logs.configure("info", stream=stream, environ={})
+    logs.add_secret("s3cr3t-key")
+    logs.get().info("x", value="s3cr3t-key")
+    assert "s3cr3t-key" not in stream.getvalue()
+    assert "[redacted]" in stream.getvalue()
+
+
+# ---- the lifecycle events of each file, end to end ------------------------------------
+
+LIFECYCLE = ("claimed", "validated", "submitted", "results written", "archived")
+
+
+def test_lifecycle_events_once_per_file(spool: Spool) -> None:
+    spool.drop("good.jsonl", ["one", "two"])
+    spool.drop("other.jsonl", ["three"])
+    spool.drop("bad.jsonl", b'"fine"\n{broken\n')
+    assert spool.run_once() == 1
+    events = spool.log_events()
+    assert events, spool.logs()
+    assert TEST_API_KEY not in spool.logs()
+
+    def of(name: str, event: str) -> list[dict[str, Any]]:
+        return [e for e in events if e.get("event") == event and e.get("file") == name]
+
+    for name in ("good.jsonl", "other.jsonl"):
+        job = spool.sidecar(name)["job_name"]
+        for event in LIFECYCLE:
+            assert len(of(name, event)) == 1, (name, event)
+        for event in ("submitted", "results written", "archived"):
+            assert of(name, event)[0]["job"] == job, (name, event)
+        changes = of(name, "job state changed")
+        assert changes and all(e["job"] == job for e in changes)
+        states = Counter(e["job_state"] for e in changes)
+        assert max(states.values()) == 1, states
+        assert changes[-1]["job_state"] == "JOB_STATE_SUCCEEDED"
+        assert not of(name, "failed")
+
+    assert len(of("bad.jsonl", "claimed")) == 1
+    [failed] = of("bad.jsonl", "failed")
+    assert failed["stage"] == "validation"
+    assert failed["level"] == "warning"
+    assert len(of("bad.jsonl", "archived")) == 1
+    assert of("bad.jsonl", "archived")[0]["outcome"] == "failed"
+    assert not of("bad.jsonl", "submitted")
+    assert not of("bad.jsonl", "validated")
+
+
+def test_a_failed_job_logs_failed_with_its_job(spool: Spool) -> None:
+    spool.sim.outcome = "FAILED"
+    spool.drop("doomed.jsonl", ["x"])
+    assert spool.run_once() == 1
+    events = [e for e in spool.log_events() if e.get("file") == "doomed.jsonl"]
+    job = spool.sidecar("doomed.jsonl")["job_name"]
+    [failed] = [e for e in events if e["event"] == "failed"]
+    assert failed["job"] == job
+    assert failed["stage"] == "job"
+    assert [e["event"] for e in events].count("archived") == 1
