@@ -112,11 +112,14 @@ class GeminiBackend:
         timeout_seconds: float = 120,
         retries: int = 5,
         client: genai.Client | None = None,
+        retry_initial_delay: float = 1.0,
+        retry_jitter: float = 1.0,
     ) -> None:
         self.retry_options = types.HttpRetryOptions(
             attempts=retries,
-            initial_delay=1.0,
+            initial_delay=retry_initial_delay,
             max_delay=30.0,
+            jitter=retry_jitter,
             http_status_codes=list(TRANSIENT_HTTP_CODES),
         )
         http_options = types.HttpOptions(
@@ -133,8 +136,8 @@ class GeminiBackend:
 
     def create_job(self, model: str, display_name: str, src: list[Request] | str) -> types.BatchJob:
         """Create one batch job from inline requests or an uploaded file name (`files/...`)."""
-        source: Any = src if isinstance(src, str) else [to_inlined(r) for r in src]
-        with api_call("create batch job"):
+        with api_call("create batch job"):  # a request the SDK refuses is a PermanentError
+            source: Any = src if isinstance(src, str) else [to_inlined(r) for r in src]
             return self.client.batches.create(
                 model=model,
                 src=source,
@@ -146,16 +149,41 @@ class GeminiBackend:
     def find_job(self, display_name: str) -> types.BatchJob | None:
         """The job with this display name, paging through every job of the project."""
         with api_call("list batch jobs"):
-            for job in self.client.batches.list(
-                config=types.ListBatchJobsConfig(page_size=LIST_PAGE_SIZE)
-            ):
+            for job in self._all_jobs():
                 if job.display_name == display_name:
                     return job
         return None
 
+    def _all_jobs(self) -> Iterator[types.BatchJob]:
+        """Every job, page by page. Not the SDK's item iterator: it stops with an IndexError
+        at an empty page that still carries a next-page token, missing the jobs after it."""
+        pager = self.client.batches.list(config=types.ListBatchJobsConfig(page_size=LIST_PAGE_SIZE))
+        tokens: set[str] = set()
+        while True:
+            yield from pager.page
+            token = pager.config.get("page_token")
+            if not token or token in tokens:
+                return
+            tokens.add(token)
+            pager.next_page()
+
     def get_job(self, name: str) -> types.BatchJob:
         with api_call(f"get {name}"):
-            return self.client.batches.get(name=name)
+            job = self.client.batches.get(name=name)
+        if job.state is types.JobState.JOB_STATE_FAILED and job.error is None:
+            job.error = self._operation_error(name)
+        return job
+
+    def _operation_error(self, name: str) -> types.JobError | None:
+        """The SDK drops a failed job's top-level `error`: read it from the raw Operation."""
+        try:
+            response = self.client._api_client.request("get", name, {}, None)
+            error = json.loads(response.body or "{}").get("error")
+            if not isinstance(error, dict):
+                return None
+            return types.JobError(code=error.get("code"), message=error.get("message"))
+        except Exception:  # best effort: the report then says the API gave no message
+            return None
 
     def cancel_job(self, name: str) -> None:
         with api_call(f"cancel {name}"):
@@ -163,9 +191,7 @@ class GeminiBackend:
 
     def list_jobs(self) -> Iterable[types.BatchJob]:
         with api_call("list batch jobs"):
-            return list(
-                self.client.batches.list(config=types.ListBatchJobsConfig(page_size=LIST_PAGE_SIZE))
-            )
+            return list(self._all_jobs())
 
     def upload(self, path: Path, display_name: str) -> str:
         """Upload a batch input file (resumable); returns its name, `files/...`."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
+import itertools
+import json
 import os
 import queue
 import random
@@ -53,6 +56,18 @@ UNLOCKABLE_GRACE_SECONDS = 60.0
 """A symlink in processing/ cannot be locked; another daemon only takes it over after this long."""
 
 TERMINAL_SUCCESS = types.JobState.JOB_STATE_SUCCEEDED
+MAX_UNEXPECTED_ERRORS = 5
+"""A step that fails this often with an unexpected error (a bug) gives the file an error report."""
+
+_FAILURE_STAGE = {
+    FileState.CLAIMED: "validation",
+    FileState.QUEUED: "submission",
+    FileState.UPLOADING: "submission",
+    FileState.SUBMITTING: "submission",
+    FileState.RUNNING: "job",
+    FileState.WRITING: "results",
+}
+
 QUEUE = -1.0
 """Step result: wait for a free job slot."""
 
@@ -70,6 +85,10 @@ class Tracked:
     slot_granted: bool = False
     job: types.BatchJob | None = None  # the last job fetched, reused when writing results
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fixed when the file is taken, so a reload (SIGHUP) changes neither where its files live
+    # nor the settings its job is submitted and its results parsed with.
+    processing: Path | None = None
+    defaults: Defaults | None = None
 
 
 class Service:
@@ -105,8 +124,11 @@ class Service:
         self._stopping = threading.Event()
         self._reload_requested = threading.Event()
         self._once_names: set[str] = set()
-        self.outcomes: dict[str, FileState] = {}
+        self.outcomes: dict[str, FileState] = {}  # outbox path (or input name) -> DONE/FAILED
         self._waiting_logged: set[str] = set()
+        self._last_status = ""  # the last STATUS= sent to systemd
+        self._next_status = 0.0  # time.monotonic() before which no STATUS= is computed
+        self._last_ping = 0.0  # time.monotonic() of the last WATCHDOG=1
         self._apply_config(config)
 
     # ---- configuration -------------------------------------------------------------
@@ -139,17 +161,27 @@ class Service:
         if self._reload_config is None:
             return
         self.notifier.reloading()
+        old = self.config
+        saved = (self.config, self.defaults, self.backoff)
         try:
             new = self._reload_config()
             new.system_instruction()
-        except ConfigError as exc:
-            log.error("reload refused; the old configuration stays", reason=str(exc))
+            backend = (
+                self._make_backend(new)
+                if new.api != old.api and self._make_backend is not None
+                else self.backend
+            )
+            self._apply_config(new)  # creates the new folders (on failure: restored below)
+        except (ConfigError, OSError, ValueError) as exc:
+            self.config, self.defaults, self.backoff = saved
+            log.error(
+                "reload refused",
+                reason=str(exc),
+                config="the old configuration stays in effect",
+            )
             self.notifier.ready(self._status_text())
             return
-        old = self.config
-        if new.api != old.api and self._make_backend is not None:
-            self.backend = self._make_backend(new)
-        self._apply_config(new)
+        self.backend = backend
         if new.inbox != old.inbox:
             self.watcher.stop()
             self._start_watcher()
@@ -163,6 +195,9 @@ class Service:
 
     def run(self) -> int:
         """Run until stopped; with `once`, until every file present at start has finished."""
+        # Temp files (converted inputs, downloaded responses, their index) hold prompts and
+        # answers: like everything the daemon writes, not for other users (as UMask=0027).
+        os.umask(os.umask(0o077) | 0o027)
         for folder in (
             self.config.outbox,
             self.config.processing_dir,
@@ -183,7 +218,10 @@ class Service:
             self._once_names = {p.name for p in self.config.inbox.iterdir() if is_candidate(p)}
             for name in self._once_names:
                 self.watcher.note(name, complete=True)
-        self.notifier.ready(self._status_text())
+        self._claim_ready()  # READY=1 means: what was in the inbox at start is claimed
+        self._last_status = self._status_text()
+        self.notifier.ready(self._last_status)
+        self._ping_watchdog(force=True)
         log.info(
             "started",
             inbox=str(self.config.inbox),
@@ -192,7 +230,6 @@ class Service:
             resumed=len(self.files),
         )
         next_rescan = self._clock() + self.config.inbox_rescan_seconds
-        next_status = 0.0
         try:
             while not self._stopping.is_set():
                 if self._reload_requested.is_set():
@@ -206,11 +243,8 @@ class Service:
                 self._grant_slots()
                 for name in self.scheduler.pop_due():
                     self._dispatch(name)
-                now = self._clock()
-                if now >= next_status:
-                    self.notifier.status(self._status_text())
-                    next_status = now + 5
-                self.notifier.watchdog()
+                self._send_status()
+                self._ping_watchdog()
                 if self.once and self._once_finished():
                     break
                 self.scheduler.wait(self._wait_limit(next_rescan))
@@ -224,9 +258,30 @@ class Service:
         if self.watcher.pending:
             limit = min(limit, max(0.05, self.config.inbox_settle_seconds / 4))
         interval = self.notifier.watchdog_interval
-        if interval is not None:
-            limit = min(limit, interval)
+        if interval is not None:  # wake in time for the next ping
+            limit = min(limit, max(0.0, self._last_ping + interval - time.monotonic()))
         return min(limit, 5.0)
+
+    def _send_status(self) -> None:
+        """STATUS= when the counts changed (systemctl status shows it); at most twice a second."""
+        now = time.monotonic()
+        if not self.notifier.enabled or now < self._next_status:
+            return
+        self._next_status = now + 0.5
+        status = self._status_text()
+        if status != self._last_status:
+            self._last_status = status
+            self.notifier.status(status)
+
+    def _ping_watchdog(self, *, force: bool = False) -> None:
+        """WATCHDOG=1 at most every half interval; the main loop wakes for it (see _wait_limit)."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_ping >= interval / 2:
+            self._last_ping = now
+            self.notifier.watchdog()
 
     def _once_finished(self) -> bool:
         with self._lock:
@@ -244,6 +299,7 @@ class Service:
             with self._lock:
                 if not any(t.busy for t in self.files.values()):
                     break
+            self._ping_watchdog()
             time.sleep(0.02)
         for _ in range(self._workers):
             self._work.put(None)
@@ -278,6 +334,7 @@ class Service:
             if self.once and path.name not in self._once_names:
                 continue
             self._claim(path)
+            self._ping_watchdog()  # thousands of files at once take a while (an fsync each)
 
     def _claim(self, path: Path) -> None:
         """Move inbox/NAME into processing/ without replacing a same-named file there."""
@@ -310,6 +367,8 @@ class Service:
                 os.unlink(path)
         atomic.fsync_dir(self.config.processing_dir)
         crash_point("after_claim")
+        # No cancel request can be meant for a file claimed just now: a marker left is stale.
+        target.with_name(target.name + CANCEL_SUFFIX).unlink(missing_ok=True)
         self.watcher.forget(path.name)
         self._waiting_logged.discard(path.name)
         tracked = self._own(target, fresh=True)
@@ -359,7 +418,10 @@ class Service:
             if fd is not None:
                 os.close(fd)
             return None
-        tracked = Tracked(name, record, fd)
+        tracked = Tracked(name, record, fd, processing=path.parent, defaults=self.defaults)
+        # Conversions and downloads a crash cut short; only the owner of NAME may remove them.
+        for leftover in path.parent.glob(glob.escape(f".{name}.") + "*.tmp*"):
+            leftover.unlink(missing_ok=True)
         if not sidecar.exists():
             self._save(tracked)
         with self._lock:
@@ -382,6 +444,9 @@ class Service:
     def _recover(self) -> None:
         """Take over files in processing/ that no live process owns (ours after a crash, or a dead peer's)."""
         folder = self.config.processing_dir
+        for temps in (folder, self.config.outbox):  # a dead peer's half-written files
+            for stale in atomic.remove_stale_temps(temps):
+                log.info("removed a temporary file left by a crash", path=str(stale))
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
@@ -434,7 +499,10 @@ class Service:
     def _dispatch(self, name: str) -> None:
         with self._lock:
             tracked = self.files.get(name)
-            if tracked is None or tracked.busy:
+            if tracked is None:
+                return
+            if tracked.busy:  # e.g. a cancel request during a step: look again shortly
+                self.scheduler.schedule(name, 0.05)
                 return
             tracked.busy = True
         self._work.put(name)
@@ -447,30 +515,34 @@ class Service:
             tracked = self.files.get(name)
             if tracked is None:
                 continue
+            delay: float | None = None
             try:
-                self._advance(tracked)
+                delay = self._advance(tracked)
             finally:
+                # Clear `busy` before scheduling, or the main thread could pop the entry while
+                # the file still looks busy, and drop it.
                 tracked.busy = False
+                if delay is not None:
+                    self.scheduler.schedule(tracked.name, delay)
                 self.scheduler.wake()
 
-    def _advance(self, tracked: Tracked) -> None:
-        """Run steps until the file must wait (poll later, retry later, a job slot) or is finished."""
+    def _advance(self, tracked: Tracked) -> float | None:
+        """Run steps until the file must wait (a job slot; or the returned delay) or is finished."""
         while True:
             if self._stopping.is_set() and tracked.record.state is not FileState.WRITING:
-                return
+                return None
             delay = self._step_safely(tracked)
             if delay is None:
-                return
+                return None
             if delay == QUEUE:
                 with self._lock:
                     tracked.slot_granted = False
                     self._slot_queue.append(tracked.name)
-                return
+                return None
             if delay > 0:
-                self.scheduler.schedule(tracked.name, delay)
                 tracked.record.next_poll_at = isotime(utcnow() + timedelta(seconds=delay))
                 self._save(tracked)
-                return
+                return delay
 
     def _step_safely(self, tracked: Tracked) -> float | None:
         record = tracked.record
@@ -501,11 +573,11 @@ class Service:
             return delay
         except Exception as exc:  # a bug must not stop the daemon or lose the file
             record.retries += 1
-            delay = self.backoff.delay(record.retries - 1)
-            bound.exception(
-                "unexpected error; will retry", error=repr(exc), retry_in=round(delay, 2)
-            )
-            return delay
+            bound.exception("unexpected error", error=repr(exc), retries=record.retries)
+            if record.retries >= MAX_UNEXPECTED_ERRORS and record.error is None:
+                stage = _FAILURE_STAGE.get(record.state, "job")
+                return self._fail(tracked, stage, f"internal error: {exc!r}")
+            return self.backoff.delay(record.retries - 1)
 
     def _fail_permanent(self, tracked: Tracked, exc: BackendError) -> float | None:
         state = tracked.record.state
@@ -551,7 +623,10 @@ class Service:
         jobrecord.save(tracked.record, jobrecord.sidecar_path(self._path(tracked)))
 
     def _path(self, tracked: Tracked) -> Path:
-        return self.config.processing_dir / tracked.name
+        return (tracked.processing or self.config.processing_dir) / tracked.name
+
+    def _defaults(self, tracked: Tracked) -> Defaults:
+        return tracked.defaults or self.defaults
 
     def _fail(
         self,
@@ -598,7 +673,7 @@ class Service:
                 f"{tracked.name} is {st.st_size} bytes, over limits.max_file_bytes ({limit})",
             )
         try:
-            scan = scan_file(path, self.defaults)
+            scan = scan_file(path, self._defaults(tracked))
         except PermissionError as exc:
             return self._fail(tracked, "validation", f"{tracked.name}: cannot read: {exc.strerror}")
         errors = [e.as_dict() for e in scan.errors]
@@ -631,6 +706,8 @@ class Service:
 
     def _start_submission(self, tracked: Tracked) -> float:
         record = tracked.record
+        if tracked.extra.pop("cancel", False):  # requested while the file was being validated
+            return self._fail_cancelled(tracked)
         record.display_name = record.make_display_name()
         record.move_to(FileState.UPLOADING if record.mode == "file" else FileState.SUBMITTING)
         tracked.slot_granted = False
@@ -639,16 +716,18 @@ class Service:
 
     def _requests(self, tracked: Tracked) -> list[Request]:
         return [
-            r for r in read_requests(self._path(tracked), self.defaults) if isinstance(r, Request)
+            r
+            for r in read_requests(self._path(tracked), self._defaults(tracked))
+            if isinstance(r, Request)
         ]
 
     def _upload(self, tracked: Tracked) -> float:
         """File API path: stream the input into batch JSONL, upload it, then submit."""
         record = tracked.record
-        converted = self.config.processing_dir / f".{tracked.name}.{record.claim_id}.upload.tmp"
+        converted = self._path(tracked).parent / f".{tracked.name}.{record.claim_id}.upload.tmp"
         try:
             with converted.open("wb") as handle:
-                for item in read_requests(self._path(tracked), self.defaults):
+                for item in read_requests(self._path(tracked), self._defaults(tracked)):
                     if isinstance(item, Request):
                         handle.write(file_line(item))
             started = time.monotonic()
@@ -694,6 +773,8 @@ class Service:
         log.info(
             "submitted", file=tracked.name, job=job.name, requests=record.requests, mode=record.mode
         )
+        if tracked.extra.get("cancel"):
+            return 0.0  # a cancel request came meanwhile: the poll step cancels the job now
         return self.backoff.delay(0)
 
     def _poll(self, tracked: Tracked) -> float | None:
@@ -701,6 +782,12 @@ class Service:
         assert record.job_name
         job = self.backend.get_job(record.job_name)
         crash_point("while_polling")
+        if tracked.extra.get("cancel") and not job.done:
+            self.backend.cancel_job(record.job_name)  # a cancel request came during submission
+            log.info("cancelled the job", file=tracked.name, job=record.job_name)
+            tracked.extra.pop("cancel")
+            return 0.0  # poll again at once to see the job end
+        tracked.extra.pop("cancel", None)
         record.polls += 1
         record.retries = 0
         state = job.state.value if job.state else None
@@ -765,6 +852,15 @@ class Service:
             record.output = str(atomic.free_name(self.config.outbox / (stem + suffix)))
             self._save(tracked)
         output = Path(record.output)
+        if os.path.lexists(output) and not self._output_is_ours(tracked, output):
+            log.warning(
+                "the outbox name chosen before a crash was taken by another file; choosing again",
+                file=tracked.name,
+                output=output.name,
+            )
+            record.output = None
+            self._save(tracked)
+            return 0.0
         if not os.path.lexists(output):  # else: written before a crash
             try:
                 if record.error:
@@ -779,6 +875,30 @@ class Service:
         record.move_to(FileState.FAILED if record.error else FileState.DONE)
         self._save(tracked)
         return 0.0
+
+    def _output_is_ours(self, tracked: Tracked, output: Path) -> bool:
+        """Whether an outbox file found at our recorded name holds our results (published just
+        before a crash) rather than another input's that took the free name while we were down:
+        an error report names its input; results records follow the input's keys and lines."""
+        record = tracked.record
+        try:
+            if record.error:
+                with output.open("rb") as handle:
+                    return bool(json.load(handle).get("input") == record.input)
+            items = read_requests(self._path(tracked), self._defaults(tracked))
+            with output.open("rb") as handle:
+                for item, raw in itertools.zip_longest(items, handle):
+                    if item is None or raw is None:
+                        return False
+                    key = item.key if isinstance(item, Request) else None
+                    found = json.loads(raw)
+                    if (found.get("key"), found.get("line")) != (key, item.line):
+                        return False
+            return True
+        except (ValueError, AttributeError):  # not JSON records: not ours
+            return False
+        except OSError:  # cannot tell: keep it, as before (never two outbox files for one input)
+            return True
 
     def _write_results(self, tracked: Tracked, output: Path) -> None:
         record = tracked.record
@@ -796,7 +916,7 @@ class Service:
         responses_file = job.dest.file_name if job.dest else None
         if responses_file:
             download = (
-                self.config.processing_dir / f".{tracked.name}.{record.claim_id}.responses.tmp"
+                self._path(tracked).parent / f".{tracked.name}.{record.claim_id}.responses.tmp"
             )
             try:
                 self.backend.download(responses_file, download)
@@ -805,7 +925,7 @@ class Service:
                     tally = write_results(
                         output,
                         self._path(tracked),
-                        self.defaults,
+                        self._defaults(tracked),
                         index,
                         include_response=self.config.include_response,
                         progress=progress,
@@ -814,6 +934,7 @@ class Service:
                     index.close()
             finally:
                 download.unlink(missing_ok=True)
+            self._delete_remote_file(tracked, responses_file)
         else:
             entries: dict[str, dict[str, Any]] = {}
             for key, entry in inline_entries(job):
@@ -822,7 +943,7 @@ class Service:
             tally = write_results(
                 output,
                 self._path(tracked),
-                self.defaults,
+                self._defaults(tracked),
                 entries,
                 include_response=self.config.include_response,
                 progress=progress,
@@ -839,17 +960,21 @@ class Service:
 
     def _cleanup_remote(self, tracked: Tracked) -> None:
         """Uploaded inputs count against the project's storage quota: delete them once finished."""
-        record = tracked.record
-        if record.uploaded_file:
-            try:
-                self.backend.delete_file(record.uploaded_file)
-            except BackendError as exc:
-                log.warning(
-                    "could not delete the uploaded input",
-                    file=tracked.name,
-                    uploaded=record.uploaded_file,
-                    error=str(exc),
-                )
+        if tracked.record.uploaded_file:
+            self._delete_remote_file(tracked, tracked.record.uploaded_file)
+
+    def _delete_remote_file(self, tracked: Tracked, name: str) -> None:
+        """Best effort: the API sometimes cannot delete output files (their IDs are too long)."""
+        try:
+            self.backend.delete_file(name)
+        except BackendError as exc:
+            log.warning(
+                "could not delete a file at the API; it expires after 48 h",
+                file=tracked.name,
+                job=tracked.record.job_name,
+                remote_file=name,
+                error=str(exc),
+            )
 
     def _report(self, record: JobRecord) -> dict[str, Any]:
         assert record.error is not None
@@ -875,10 +1000,12 @@ class Service:
             sidecar.unlink(missing_ok=True)
         else:
             if record.archived_as is None:
-                folder = (
-                    self.config.done_dir
+                # done/ or failed/ beside processing/: of the inbox the file was claimed from,
+                # which a reload may have replaced since
+                folder = path.parent.parent / (
+                    self.config.done_dir.name
                     if record.state is FileState.DONE
-                    else self.config.failed_dir
+                    else self.config.failed_dir.name
                 )
                 record.archived_as = str(atomic.free_name(folder / tracked.name))
                 self._save(tracked)
@@ -897,11 +1024,19 @@ class Service:
                     os.rename(path, archived)
                 if os.path.lexists(path):
                     path.unlink()
-            os.replace(sidecar, Path(record.archived_as + jobrecord.SIDECAR_SUFFIX))
-            atomic.fsync_dir(self.config.processing_dir)
+            archived_sidecar = Path(record.archived_as + jobrecord.SIDECAR_SUFFIX)
+            try:
+                os.replace(sidecar, archived_sidecar)
+            except FileNotFoundError:  # a peer's rescan saw it orphaned and moved it for us
+                if not archived_sidecar.exists():
+                    raise
+            atomic.fsync_dir(path.parent)
+        # A cancel request that came too late (or while the daemon was down) goes too.
+        path.with_name(tracked.name + CANCEL_SUFFIX).unlink(missing_ok=True)
         with self._lock:
             self.files.pop(tracked.name, None)
-            self.outcomes[tracked.name] = record.state
+            # Keyed by the outbox file: two inputs of the same name are two outcomes.
+            self.outcomes[record.output or tracked.name] = record.state
         if tracked.lock_fd is not None:
             os.close(tracked.lock_fd)
         log.info(
@@ -919,22 +1054,31 @@ class Service:
 
     def _handle_cancel_requests(self) -> None:
         for name in self.watcher.take_cancel_requests():
-            marker = self.config.processing_dir / (name + CANCEL_SUFFIX)
             with self._lock:
                 tracked = self.files.get(name)
-            if tracked is None or not marker.exists():
+            if tracked is None:
+                continue
+            marker = self._path(tracked).with_name(name + CANCEL_SUFFIX)
+            if not marker.exists():
                 continue
             marker.unlink(missing_ok=True)
             record = tracked.record
             log.info("cancel requested", file=name, job=record.job_name, state=record.state.value)
-            if record.state is FileState.RUNNING:
-                self.scheduler.schedule(name, 0)  # the CLI cancelled the job; poll now to see it
-            elif record.state in (FileState.CLAIMED, FileState.QUEUED) and not tracked.busy:
-                record.job_state = types.JobState.JOB_STATE_CANCELLED.value
+            if record.state in (FileState.CLAIMED, FileState.QUEUED) and not tracked.busy:
+                self._fail_cancelled(tracked)
                 with contextlib.suppress(ValueError):
                     self._slot_queue.remove(name)
-                self._fail(tracked, "job", "cancelled before a job was created")
                 self.scheduler.schedule(name, 0)
+            elif not record.state.finished and record.state is not FileState.WRITING:
+                # The CLI cancelled the job if it knew its name; if the job was still being
+                # created, the next poll cancels it (see _poll). Poll now to see the end.
+                tracked.extra["cancel"] = True
+                if record.state is FileState.RUNNING:
+                    self.scheduler.schedule(name, 0)
+
+    def _fail_cancelled(self, tracked: Tracked) -> float:
+        tracked.record.job_state = types.JobState.JOB_STATE_CANCELLED.value
+        return self._fail(tracked, "job", "cancelled before a job was created")
 
 
 def _same_entry(a: Path, b: Path) -> bool:

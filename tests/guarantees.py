@@ -1,0 +1,208 @@
+"""Checks of the contract's guarantees, shared by the crash, fault and hostile-input tests.
+
+Each check looks only at what a user can see: the inbox folders, the outbox, the sidecars,
+the simulator's record of jobs, and the daemon's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.simulator import Simulator
+from tests.harness import TEST_API_KEY, Spool, wait_for
+
+OUTBOX_SUFFIXES = (".error.json", ".jsonl")
+
+# A corpus that covers every line shape, request errors, a missing response and (with
+# `limits.inline_max_bytes: BIG_INLINE_LIMIT`) one file that goes through the File API.
+CORPUS: dict[str, list[Any]] = {
+    "alpha.jsonl": [
+        "hello",
+        ["first part", "second part"],
+        {"key": "k3", "prompt": "json please [[sim:fenced]]", "filter_json": True},
+        {"key": "native", "request": {"contents": [{"role": "user", "parts": [{"text": "raw"}]}]}},
+    ],
+    "beta.jsonl": [
+        "ok one",
+        "this fails [[sim:error=500]]",
+        b"",
+        "no answer [[sim:missing]]",
+        {"key": "z", "prompt": ["a", "b"]},
+    ],
+    "gamma.jsonl": [f"prompt {i} " + "p" * 300 for i in range(12)],
+}
+BIG_INLINE_LIMIT = 3000
+"""gamma.jsonl (about 4 KB of requests) is over this; alpha and beta are under it."""
+NO_DAC = ["dac_override", "dac_read_search"]
+"""The capabilities that let root ignore file modes."""
+
+
+class NoDacSpool(Spool):
+    """Runs the daemon without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so that file modes bind
+    even when the tests run as root (root otherwise reads a chmod 000 file)."""
+
+    def command(self, *args: str) -> list[str]:
+        caps = ",".join(f"-{c}" for c in NO_DAC)
+        return [
+            "setpriv",
+            f"--bounding-set={caps}",
+            f"--inh-caps={caps}",
+            "--",
+            *super().command(*args),
+        ]
+
+
+def can_drop_caps() -> bool:
+    """Whether NoDacSpool can work here: as root, with util-linux `setpriv`."""
+    return os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def drop_corpus(spool: Spool, names: list[str] | None = None) -> list[str]:
+    names = names or sorted(CORPUS)
+    for name in names:
+        spool.drop(name, CORPUS[name])
+    return names
+
+
+def outbox_entry(spool: Spool, name: str) -> Path:
+    """The single outbox file (results or report) of input NAME.jsonl."""
+    stem = name[: -len(".jsonl")]
+    found = [
+        p
+        for p in spool.outbox.iterdir()
+        if any(p.name == stem + s or _suffixed(p.name, stem, s) for s in OUTBOX_SUFFIXES)
+    ]
+    assert len(found) == 1, f"{name}: expected one outbox file, found {found}"
+    return found[0]
+
+
+def _suffixed(candidate: str, stem: str, suffix: str) -> bool:
+    """`stem-N.suffix`: a unique-suffixed name the daemon picked because the plain one was taken."""
+    if not (candidate.startswith(stem + "-") and candidate.endswith(suffix)):
+        return False
+    middle = candidate[len(stem) + 1 : len(candidate) - len(suffix)]
+    return middle.isdigit()
+
+
+def records(spool: Spool, name: str) -> list[dict[str, Any]]:
+    path = outbox_entry(spool, name)
+    assert path.name.endswith(".jsonl"), f"{name} got an error report: {path.read_text()}"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def report(spool: Spool, name: str) -> dict[str, Any]:
+    path = outbox_entry(spool, name)
+    assert path.name.endswith(".error.json"), f"{name} got results, not an error report"
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = None) -> None:
+    """Every input finished (archived with its sidecar) with exactly one outbox file.
+
+    With `jobs`, the simulator holds exactly that many jobs and each submitted file made one.
+    """
+    for name in names:
+        assert spool.finished(name), f"{name} did not finish: {_tree(spool)}"
+        assert not (spool.inbox / name).exists(), f"{name} is still in the inbox"
+        outbox_entry(spool, name)
+    leftovers = [p.name for p in (spool.inbox / "processing").iterdir()]
+    assert not leftovers, f"left in processing/: {leftovers}"
+    outbox = sorted(p.name for p in spool.outbox.iterdir())
+    assert not [n for n in outbox if n.startswith(".")], f"temp files in the outbox: {outbox}"
+    assert len(outbox) == len(names), f"outbox {outbox} for inputs {names}"
+    if jobs is not None:
+        assert_one_job_per_file(spool, names, jobs)
+
+
+def assert_one_job_per_file(spool: Spool, names: list[str], jobs: int) -> None:
+    sim = spool.sim
+    for name in names:
+        car = spool.sidecar(name)
+        if not car.get("display_name"):
+            continue  # failed before submission
+        made = sim.jobs_created_for(car["display_name"])
+        # A job name in the sidecar: exactly that one job; none (a refused create): none at all.
+        expected = 1 if car.get("job_name") else 0
+        assert made == expected, f"{name}: {made} jobs for {car['display_name']}"
+    assert len(sim.jobs) == jobs, f"{len(sim.jobs)} jobs at the simulator, expected {jobs}"
+
+
+def assert_no_secret(spool: Spool) -> None:
+    for path in spool.all_written_files():
+        data = path.read_bytes()
+        assert TEST_API_KEY.encode() not in data, f"the API key is in {path}"
+
+
+def assert_no_stray_traceback(spool: Spool) -> None:
+    """A traceback may only appear inside a JSON log event (a logged exception), never raw."""
+    for log in spool.log_paths:
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if "Traceback" in line:
+                json.loads(line)  # raises if the traceback was printed outside the log pipeline
+
+
+def _tree(spool: Spool) -> list[str]:
+    return sorted(str(p.relative_to(spool.root)) for p in spool.root.rglob("*"))
+
+
+def wait_killed(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait until `proc` died by SIGKILL (a crash point fired)."""
+    rc = proc.wait(timeout=timeout)
+    assert rc == -signal.SIGKILL, f"expected death by SIGKILL, exit status {rc}"
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_started(spool: Spool, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until the daemon's log says `started` (it has recovered and is watching)."""
+    log = spool.log_paths[spool.procs.index(proc)]
+
+    def started() -> bool:
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode}: {log.read_text()}"
+        return '"event": "started"' in log.read_text(errors="replace")
+
+    wait_for(started, timeout=timeout)
+
+
+def sigterm_and_wait(proc: subprocess.Popen[bytes], limit: float = 10.0) -> float:
+    """SIGTERM; the exit status must be 0 within `limit` seconds. Returns the time taken."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=limit + 5)
+    took = time.monotonic() - started
+    assert rc == 0, f"exit status {rc} after SIGTERM"
+    assert took < limit, f"took {took:.1f}s to stop after SIGTERM"
+    return took
+
+
+def state_of(spool: Spool, name: str) -> str | None:
+    try:
+        return str(spool.sidecar(name)["state"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def baseline_records(tmp: Path, **overrides: Any) -> dict[str, list[dict[str, Any]]]:
+    """The corpus's records from a crash-free, fault-free run on a fresh simulator."""
+    with Simulator(pending_seconds=0.05, running_seconds=0.1, seed=1) as sim:
+        spool = Spool(tmp, sim, **overrides)
+        names = drop_corpus(spool)
+        try:
+            assert spool.run_once() == 0, spool.logs()[-3000:]
+        finally:
+            spool.stop_all()
+        return {name: records(spool, name) for name in names}
