@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sqlite3
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 import json_repair
 
-from . import atomic
+from . import atomic, keymap
 from .inputs import Defaults, LineError, Request, read_requests
 
 
@@ -30,8 +31,11 @@ def parse_json_text(text: str) -> Any:
         pass
     if "{" not in stripped and "[" not in stripped:
         raise ValueError("the text holds no JSON object or array")
-    value = json_repair.loads(stripped)
-    if value == "" or isinstance(value, str):
+    value, repairs = json_repair.repair_json(stripped, return_objects=True, logging=True)
+    # json_repair turns any prose with a bracket in it into *something* ("I think [this]" ->
+    # ["this"]): when it had to invent string quotes, the text was prose, not JSON.
+    invented = any("literal instead of a quote" in str(r.get("text", "")) for r in repairs)
+    if not isinstance(value, dict | list) or invented:
         raise ValueError("the text could not be repaired into JSON")
     return value
 
@@ -199,64 +203,73 @@ def write_error_report(target: Path, report: Mapping[str, Any]) -> None:
 
 
 class ResponsesFileIndex:
-    """Key -> byte span of each line in a downloaded responses file, kept in SQLite on disk.
+    """Key -> byte offset of each line in a downloaded responses file.
 
-    Memory stays flat however many responses there are; entries are read back one at a time.
+    The offsets stay in memory up to `memory_bytes` of keys, then move to SQLite on disk beside
+    the file (`.idx`), so memory stays flat however many responses there are; entries are read
+    back from the file one at a time.
     """
 
-    def __init__(self, responses: Path) -> None:
+    def __init__(self, responses: Path, memory_bytes: int | None = None) -> None:
         self._path = responses
-        self._db = sqlite3.connect(
-            responses.with_name(responses.name + ".idx"), check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS span (key TEXT PRIMARY KEY, start INTEGER, length INTEGER)"
-        )
+        index = responses.with_name(responses.name + ".idx")
+        # An index a crash left behind (journal off: possibly corrupt) must not be reused.
+        index.unlink(missing_ok=True)
+        self._offsets = keymap.KeyMap(index, memory_bytes)
         self._handle = responses.open("rb")
         self.unknown_lines = 0
         self._build()
 
     def _build(self) -> None:
-        rows = []
         offset = 0
         for raw in self._handle:
             key = line_key(raw)
             if key is None:
                 self.unknown_lines += int(bool(raw.strip()))
             else:
-                rows.append((key, offset, len(raw)))
+                self._offsets.add(key, offset)
             offset += len(raw)
-            if len(rows) >= 10_000:
-                self._db.executemany("INSERT OR IGNORE INTO span VALUES (?, ?, ?)", rows)
-                rows.clear()
-        self._db.executemany("INSERT OR IGNORE INTO span VALUES (?, ?, ?)", rows)
-        self._db.commit()
 
     def get(self, key: str, /) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT start, length FROM span WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        offset = self._offsets.get(key)
+        if offset is None:
             return None
-        self._handle.seek(row[0])
-        entry: dict[str, Any] = json.loads(self._handle.read(row[1]))
-        return entry
+        self._handle.seek(offset)
+        try:
+            entry = json.loads(self._handle.readline())
+        except ValueError:  # the quick key scan accepted a line that is not JSON after all
+            return None
+        return entry if isinstance(entry, dict) and _entry_key(entry) == key else None
 
     def close(self) -> None:
         self._handle.close()
-        self._db.close()
+        self._offsets.close()
         self._path.with_name(self._path.name + ".idx").unlink(missing_ok=True)
 
 
 def line_key(raw: bytes) -> str | None:
-    """The request key of one responses-file line, None for a line without one."""
+    """The request key of one responses-file line, None for a line without one.
+
+    Lines usually start with a plain string key (`{"key": "a1", ...`): that is read without
+    parsing the whole line; anything else is parsed.
+    """
+    quick = _KEY_PREFIX.match(raw)
+    if quick is not None:
+        with contextlib.suppress(UnicodeDecodeError):
+            return quick.group(1).decode()
     try:
         value = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(value, dict):
-        return None
+    return _entry_key(value) if isinstance(value, dict) else None
+
+
+_KEY_PREFIX = re.compile(rb'\{\s*"key"\s*:\s*"([^"\\\x00-\x1f]*)"\s*[,}]')
+
+
+def _entry_key(value: dict[str, Any]) -> str | None:
     key = value.get("key")
     if key is None:
-        key = (value.get("metadata") or {}).get("key")
+        metadata = value.get("metadata")
+        key = metadata.get("key") if isinstance(metadata, dict) else None
     return None if key is None else str(key)

@@ -1,0 +1,66 @@
+"""CPU seconds used by an idle daemon (empty inbox, default configuration).
+
+utime + stime of the daemon process from /proc/PID/stat, before and after the window.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+
+def run(quick: bool) -> str:
+    window = 30.0 if quick else 60.0
+    with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp, common.simulator() as sim:
+        root = Path(tmp)
+        config = common.spool(root, sim.base_url)
+        log = root / "daemon.log"
+        with log.open("wb") as out:
+            daemon = subprocess.Popen(
+                common.daemon_command(config),
+                cwd=root,
+                env=common.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(e.get("event") == "started" for e in common.log_events(log)):
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.1)
+            time.sleep(2)  # past start-up
+            before = common.proc_cpu_seconds(daemon.pid)
+            started = time.monotonic()
+            time.sleep(window)
+            used = common.proc_cpu_seconds(daemon.pid) - before
+            elapsed = time.monotonic() - started
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    rows = [
+        [
+            f"{elapsed:.0f}",
+            f"{used:.2f}" if used else "< 0.01 (under one clock tick)",
+            f"{used / elapsed * 100:.3f}%",
+            f"{used / elapsed * 3600:.1f}",
+        ]
+    ]
+    headers = ["window (s)", "CPU used (s)", "of one core", "CPU s per hour"]
+    return (
+        "### CPU used by an idle daemon (empty inbox, default configuration)\n\n"
+        + common.table(headers, rows)
+        + "\n\nutime + stime from /proc/PID/stat (in clock ticks, 1/`getconf CLK_TCK` s), "
+        "after start-up. The main loop sleeps until the next timer or inotify event (at most "
+        "5 s: status and watchdog), plus the inbox rescan every `inbox_rescan_seconds` (30 s)."
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(run("--quick" in sys.argv))

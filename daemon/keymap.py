@@ -1,0 +1,111 @@
+"""A str -> int map whose memory stays bounded: a dict while small, then SQLite on disk.
+
+Inputs and responses files can hold millions of keys. Up to `memory_bytes` of keys live in
+a plain dict (the common case, and the fastest); beyond that every entry moves to a SQLite
+database on disk, whose page cache is a few MiB whatever the number of keys.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+MEMORY_BYTES = 4 << 20
+"""Rough budget for the in-memory stage: key length plus ~100 bytes of dict overhead per entry."""
+
+_ENTRY_OVERHEAD = 100
+_CHUNK = 500  # keys per SQL statement in bulk lookups (well under SQLite's variable limit)
+
+
+class KeyMap:
+    """First value wins, like `dict.setdefault`. `path`: where to spill (None: a private temp file).
+
+    Not thread-safe; one reader/writer at a time. `close()` removes the spill file.
+    """
+
+    def __init__(self, path: Path | None = None, memory_bytes: int | None = None) -> None:
+        self._path = path
+        self._budget = MEMORY_BYTES if memory_bytes is None else memory_bytes
+        self._size = 0
+        self._memory: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, int]] = []
+
+    @property
+    def spilled(self) -> bool:
+        return self._db is not None
+
+    def setdefault(self, key: str, value: int) -> int:
+        """Store `value` under `key` unless the key is there; return the stored value."""
+        if self._db is None:
+            stored = self._memory.setdefault(key, value)
+            if stored == value:
+                self._size += len(key) + _ENTRY_OVERHEAD
+                if self._size > self._budget:
+                    self._spill()
+            return stored
+        self._flush()
+        cursor = self._db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?)", (key, value))
+        if cursor.rowcount:
+            return value
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return int(row[0])
+
+    def add(self, key: str, value: int) -> None:
+        """`setdefault` without the answer: buffered, so bulk loading stays fast once spilled."""
+        if self._db is None:
+            self.setdefault(key, value)
+            return
+        self._pending.append((key, value))
+        if len(self._pending) >= 10_000:
+            self._flush()
+
+    def get(self, key: str) -> int | None:
+        if self._db is None:
+            return self._memory.get(key)
+        self._flush()
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, int]:
+        """The stored values of those `keys` that are present."""
+        if self._db is None:
+            memory = self._memory
+            return {k: memory[k] for k in keys if k in memory}
+        self._flush()
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, int] = {}
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for key, value in self._db.execute(
+                f"SELECT key, value FROM kv WHERE key IN ({marks})", chunk
+            ):
+                found[key] = int(value)
+        return found
+
+    def close(self) -> None:
+        self._memory = {}
+        self._pending = []
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+            if self._path is not None:
+                self._path.unlink(missing_ok=True)
+
+    def _spill(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)  # a crash's leftover (journal off): never reuse
+        db = sqlite3.connect("" if self._path is None else self._path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value INTEGER) WITHOUT ROWID")
+        db.executemany("INSERT INTO kv VALUES (?, ?)", self._memory.items())
+        self._memory = {}
+        self._db = db
+
+    def _flush(self) -> None:
+        if self._pending and self._db is not None:
+            self._db.executemany("INSERT OR IGNORE INTO kv VALUES (?, ?)", self._pending)
+            self._pending = []
