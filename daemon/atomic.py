@@ -58,7 +58,7 @@ def write_file(target: Path, chunks: Iterable[bytes], *, replace: bool = True) -
 
 
 def write_bytes(target: Path, data: bytes) -> None:
-    """Atomically replace `target` with `data` (used for sidecars)."""
+    """Atomically replace `target` with `data` (sidecars, cancel markers)."""
     write_file(target, [data])
 
 
@@ -73,7 +73,7 @@ def move_new(source: Path, target: Path) -> Path:
         try:
             os.link(source, candidate, follow_symlinks=False)
         except FileExistsError:
-            if _same_entry(source, candidate):  # linked before a crash, not yet unlinked
+            if same_entry(source, candidate):  # linked before a crash, not yet unlinked
                 break
             continue
         except OSError as exc:
@@ -89,7 +89,8 @@ def move_new(source: Path, target: Path) -> Path:
     return candidate
 
 
-def _same_entry(a: Path, b: Path) -> bool:
+def same_entry(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (hard links of one inode); False if either is gone."""
     try:
         return os.path.samestat(os.lstat(a), os.lstat(b))
     except OSError:

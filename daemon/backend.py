@@ -214,10 +214,13 @@ class GeminiBackend:
             self.client.files.delete(name=name)
 
 
-def inline_entries(job: types.BatchJob) -> Iterator[tuple[str | None, dict[str, Any]]]:
-    """(key, entry) for each inline response of a finished job; entry has `response` or `error`."""
-    responses = (job.dest.inlined_responses if job.dest else None) or []
-    for item in responses:
+def inline_lookup(job: types.BatchJob) -> dict[str, dict[str, Any]]:
+    """Key -> entry (`{"response": ...}` or `{"error": ...}`) of a finished inline job; first wins."""
+    entries: dict[str, dict[str, Any]] = {}
+    for item in (job.dest.inlined_responses if job.dest else None) or []:
+        key = (item.metadata or {}).get("key")
+        if key is None or key in entries:
+            continue
         entry: dict[str, Any] = {}
         if item.response is not None:
             entry["response"] = item.response.model_dump(
@@ -225,7 +228,8 @@ def inline_entries(job: types.BatchJob) -> Iterator[tuple[str | None, dict[str, 
             )
         if item.error is not None:
             entry["error"] = item.error.model_dump(mode="json", by_alias=True, exclude_none=True)
-        yield (item.metadata or {}).get("key"), entry
+        entries[key] = entry
+    return entries
 
 
 def job_error_message(job: types.BatchJob) -> str | None:

@@ -446,12 +446,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         # Tell the daemon: it polls the job at once (or fails a file that has no job yet, or
         # cancels the job itself once a create call under way has returned).
         atomic.write_bytes(sidecar.with_name(record.input + CANCEL_SUFFIX), b"")
-        if job_name:
-            pass
-        elif record.state in (FileState.UPLOADING, FileState.SUBMITTING):
-            print(f"{record.input}: its job is being created; the daemon will cancel it")
-        else:
-            print(f"{record.input}: no job yet; the daemon will fail it as cancelled")
+        if not job_name:
+            creating = record.state in (FileState.UPLOADING, FileState.SUBMITTING)
+            print(
+                f"{record.input}: its job is being created; the daemon will cancel it"
+                if creating
+                else f"{record.input}: no job yet; the daemon will fail it as cancelled"
+            )
     return 0
 
 

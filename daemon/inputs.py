@@ -104,9 +104,8 @@ class Scan:
 
     def summary(self) -> str:
         if self.error_count:
-            more = self.error_count - len(self.errors)
             lines = "; ".join(f"line {e.line}: {e.message}" for e in self.errors[:5])
-            tail = f" (and {more + len(self.errors) - 5} more)" if self.error_count > 5 else ""
+            tail = f" (and {self.error_count - 5} more)" if self.error_count > 5 else ""
             return f"{self.error_count} invalid line(s): {lines}{tail}"
         return f"{self.requests} request(s)"
 

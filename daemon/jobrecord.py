@@ -102,7 +102,7 @@ class JobRecord:
     finished_at: str | None = None
     polls: int = 0
     next_poll_at: str | None = None
-    retries: int = 0  # consecutive transient failures of the current step
+    retries: int = 0  # consecutive failed attempts at the current step (API, disk, bugs)
     create_calls: int = (
         0  # create requests sent for `display_name`; > 0 means look the job up first
     )

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from google import genai
 from google.genai import types
 
-from .backend import BackendError, GeminiBackend, inline_entries, job_error_message
+from .backend import BackendError, GeminiBackend, inline_lookup, job_error_message
 from .inputs import Defaults, prompt_request
 from .results import answer_text, line_key, parse_json_text
 
@@ -66,7 +66,7 @@ class GeminiLLM:
         self.temperature = temperature
         self.thinking_budget = thinking_budget
         key = api_key or os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY") or ""
-        self._backend = GeminiBackend(key, client=client) if client else GeminiBackend(key)
+        self._backend = GeminiBackend(key, client=client)
         self._jobs: dict[
             str, tuple[list[str], bool]
         ] = {}  # job name -> (keys in order, filter_json)
@@ -151,10 +151,7 @@ class GeminiLLM:
                         if key is not None:
                             entries.setdefault(key, json.loads(raw))
             return entries
-        for key, entry in inline_entries(job):
-            if key is not None:
-                entries.setdefault(key, entry)
-        return entries
+        return inline_lookup(job)
 
 
 def _result(entry: dict[str, Any] | None, filter_json: bool) -> tuple[Any, str | None]:

@@ -125,7 +125,7 @@ def invalid_record(error: LineError) -> dict[str, Any]:
 
 @dataclass
 class Tally:
-    """Counts of what a results file holds, for logs and the sidecar."""
+    """Counts of what a results file holds, for the log."""
 
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)

@@ -19,8 +19,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from .backend import (
     PermanentError,
     TransientError,
     file_line,
-    inline_entries,
+    inline_lookup,
     job_error_message,
 )
 from .config import Config, ConfigError
@@ -55,7 +55,6 @@ STOP_GRACE_SECONDS = 8.0
 UNLOCKABLE_GRACE_SECONDS = 60.0
 """A symlink in processing/ cannot be locked; another daemon only takes it over after this long."""
 
-TERMINAL_SUCCESS = types.JobState.JOB_STATE_SUCCEEDED
 MAX_UNEXPECTED_ERRORS = 5
 """A step that fails this often with an unexpected error (a bug) gives the file an error report."""
 
@@ -81,14 +80,15 @@ class Tracked:
     name: str
     record: JobRecord
     lock_fd: int | None
+    # Fixed when the file is taken, so a reload (SIGHUP) changes neither where its files live
+    # nor the settings its job is submitted and its results written with.
+    processing: Path
+    defaults: Defaults
+    include_response: bool
     busy: bool = False
     slot_granted: bool = False
     job: types.BatchJob | None = None  # the last job fetched, reused when writing results
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Fixed when the file is taken, so a reload (SIGHUP) changes neither where its files live
-    # nor the settings its job is submitted and its results parsed with.
-    processing: Path | None = None
-    defaults: Defaults | None = None
+    cancel_requested: bool = False  # a cancel came while the job was being created
 
 
 class Service:
@@ -333,7 +333,11 @@ class Service:
         for path in self.watcher.ready():
             if self.once and path.name not in self._once_names:
                 continue
-            self._claim(path)
+            try:
+                self._claim(path)
+            except OSError as exc:  # e.g. a file we may not move: it stays in the inbox
+                log.warning("cannot claim", file=path.name, error=f"{exc.strerror or exc}")
+                self.watcher.forget(path.name)
             self._ping_watchdog()  # thousands of files at once take a while (an fsync each)
 
     def _claim(self, path: Path) -> None:
@@ -342,7 +346,7 @@ class Service:
         try:
             os.link(path, target, follow_symlinks=False)
         except FileExistsError:
-            if _same_entry(path, target):  # a crash between link and unlink last time
+            if atomic.same_entry(path, target):  # a crash between link and unlink last time
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 self.watcher.forget(path.name)
@@ -418,7 +422,14 @@ class Service:
             if fd is not None:
                 os.close(fd)
             return None
-        tracked = Tracked(name, record, fd, processing=path.parent, defaults=self.defaults)
+        tracked = Tracked(
+            name,
+            record,
+            fd,
+            processing=path.parent,
+            defaults=self.defaults,
+            include_response=self.config.include_response,
+        )
         # Conversions and downloads a crash cut short; only the owner of NAME may remove them.
         for leftover in path.parent.glob(glob.escape(f".{name}.") + "*.tmp*"):
             leftover.unlink(missing_ok=True)
@@ -518,6 +529,9 @@ class Service:
             delay: float | None = None
             try:
                 delay = self._advance(tracked)
+            except Exception as exc:  # a bug in error handling itself: keep the thread alive
+                log.exception("step failed; will retry", file=name, error=repr(exc))
+                delay = self.backoff.delay(tracked.record.retries)
             finally:
                 # Clear `busy` before scheduling, or the main thread could pop the entry while
                 # the file still looks busy, and drop it.
@@ -623,10 +637,7 @@ class Service:
         jobrecord.save(tracked.record, jobrecord.sidecar_path(self._path(tracked)))
 
     def _path(self, tracked: Tracked) -> Path:
-        return (tracked.processing or self.config.processing_dir) / tracked.name
-
-    def _defaults(self, tracked: Tracked) -> Defaults:
-        return tracked.defaults or self.defaults
+        return tracked.processing / tracked.name
 
     def _fail(
         self,
@@ -637,13 +648,19 @@ class Service:
         error_count: int | None = None,
     ) -> float:
         record = tracked.record
+        if record.state is FileState.WRITING and record.output and os.path.lexists(record.output):
+            # Results are already published: finishing the file beats a second outbox file.
+            return self.backoff.delay(record.retries)
         record.error = {"stage": stage, "message": logs.redact(message)}
         if errors:
             record.error["errors"] = errors
         if error_count is not None:
             record.error["error_count"] = error_count
         record.output = None
-        record.move_to(FileState.WRITING)
+        if record.state is FileState.WRITING:
+            record.retries = 0
+        else:
+            record.move_to(FileState.WRITING)
         self._save(tracked)
         log.warning(
             "failed",
@@ -673,7 +690,7 @@ class Service:
                 f"{tracked.name} is {st.st_size} bytes, over limits.max_file_bytes ({limit})",
             )
         try:
-            scan = scan_file(path, self._defaults(tracked))
+            scan = scan_file(path, tracked.defaults)
         except PermissionError as exc:
             return self._fail(tracked, "validation", f"{tracked.name}: cannot read: {exc.strerror}")
         errors = [e.as_dict() for e in scan.errors]
@@ -706,7 +723,8 @@ class Service:
 
     def _start_submission(self, tracked: Tracked) -> float:
         record = tracked.record
-        if tracked.extra.pop("cancel", False):  # requested while the file was being validated
+        if tracked.cancel_requested:  # requested while the file was being validated
+            tracked.cancel_requested = False
             return self._fail_cancelled(tracked)
         record.display_name = record.make_display_name()
         record.move_to(FileState.UPLOADING if record.mode == "file" else FileState.SUBMITTING)
@@ -714,12 +732,13 @@ class Service:
         self._save(tracked)
         return 0.0
 
-    def _requests(self, tracked: Tracked) -> list[Request]:
-        return [
+    def _requests(self, tracked: Tracked) -> Iterator[Request]:
+        """The file's valid requests, read again from disk (memory does not grow with the file)."""
+        return (
             r
-            for r in read_requests(self._path(tracked), self._defaults(tracked))
+            for r in read_requests(self._path(tracked), tracked.defaults)
             if isinstance(r, Request)
-        ]
+        )
 
     def _upload(self, tracked: Tracked) -> float:
         """File API path: stream the input into batch JSONL, upload it, then submit."""
@@ -727,9 +746,8 @@ class Service:
         converted = self._path(tracked).parent / f".{tracked.name}.{record.claim_id}.upload.tmp"
         try:
             with converted.open("wb") as handle:
-                for item in read_requests(self._path(tracked), self._defaults(tracked)):
-                    if isinstance(item, Request):
-                        handle.write(file_line(item))
+                for request in self._requests(tracked):
+                    handle.write(file_line(request))
             started = time.monotonic()
             record.uploaded_file = self.backend.upload(
                 converted, record.display_name or tracked.name
@@ -760,7 +778,7 @@ class Service:
         else:
             record.create_calls += 1
             self._save(tracked)
-            src: list[Request] | str = record.uploaded_file or self._requests(tracked)
+            src: list[Request] | str = record.uploaded_file or list(self._requests(tracked))
             crash_point("before_create")
             job = self.backend.create_job(record.model, record.display_name, src)
             crash_point("after_create")
@@ -773,7 +791,7 @@ class Service:
         log.info(
             "submitted", file=tracked.name, job=job.name, requests=record.requests, mode=record.mode
         )
-        if tracked.extra.get("cancel"):
+        if tracked.cancel_requested:
             return 0.0  # a cancel request came meanwhile: the poll step cancels the job now
         return self.backoff.delay(0)
 
@@ -782,12 +800,12 @@ class Service:
         assert record.job_name
         job = self.backend.get_job(record.job_name)
         crash_point("while_polling")
-        if tracked.extra.get("cancel") and not job.done:
+        if tracked.cancel_requested and not job.done:
             self.backend.cancel_job(record.job_name)  # a cancel request came during submission
             log.info("cancelled the job", file=tracked.name, job=record.job_name)
-            tracked.extra.pop("cancel")
+            tracked.cancel_requested = False
             return 0.0  # poll again at once to see the job end
-        tracked.extra.pop("cancel", None)
+        tracked.cancel_requested = False
         record.polls += 1
         record.retries = 0
         state = job.state.value if job.state else None
@@ -812,7 +830,7 @@ class Service:
             self._save(tracked)
             return self.backoff.delay(record.polls)
         record.finished_at = isotime()
-        if job.state is TERMINAL_SUCCESS:
+        if job.state is types.JobState.JOB_STATE_SUCCEEDED:
             tracked.job = job
             record.move_to(FileState.WRITING)
             self._save(tracked)
@@ -885,7 +903,7 @@ class Service:
             if record.error:
                 with output.open("rb") as handle:
                     return bool(json.load(handle).get("input") == record.input)
-            items = read_requests(self._path(tracked), self._defaults(tracked))
+            items = read_requests(self._path(tracked), tracked.defaults)
             with output.open("rb") as handle:
                 for item, raw in itertools.zip_longest(items, handle):
                     if item is None or raw is None:
@@ -914,7 +932,16 @@ class Service:
 
         started = time.monotonic()
         responses_file = job.dest.file_name if job.dest else None
-        if responses_file:
+        if not responses_file:
+            tally = write_results(
+                output,
+                self._path(tracked),
+                tracked.defaults,
+                inline_lookup(job),
+                include_response=tracked.include_response,
+                progress=progress,
+            )
+        else:
             download = (
                 self._path(tracked).parent / f".{tracked.name}.{record.claim_id}.responses.tmp"
             )
@@ -925,9 +952,9 @@ class Service:
                     tally = write_results(
                         output,
                         self._path(tracked),
-                        self._defaults(tracked),
+                        tracked.defaults,
                         index,
-                        include_response=self.config.include_response,
+                        include_response=tracked.include_response,
                         progress=progress,
                     )
                 finally:
@@ -935,19 +962,6 @@ class Service:
             finally:
                 download.unlink(missing_ok=True)
             self._delete_remote_file(tracked, responses_file)
-        else:
-            entries: dict[str, dict[str, Any]] = {}
-            for key, entry in inline_entries(job):
-                if key is not None:
-                    entries.setdefault(key, entry)
-            tally = write_results(
-                output,
-                self._path(tracked),
-                self._defaults(tracked),
-                entries,
-                include_response=self.config.include_response,
-                progress=progress,
-            )
         bound = log.bind(file=tracked.name, job=record.job_name, output=output.name)
         if tally.total and not tally.ok:
             bound.warning("the job succeeded but every request failed", errors=tally.errors)
@@ -1007,14 +1021,20 @@ class Service:
                     if record.state is FileState.DONE
                     else self.config.failed_dir.name
                 )
-                record.archived_as = str(atomic.free_name(folder / tracked.name))
+                record.archived_as = str(
+                    next(
+                        p
+                        for p in atomic.unique_names(folder / tracked.name)
+                        if not os.path.lexists(p) and not os.path.lexists(jobrecord.sidecar_path(p))
+                    )
+                )
                 self._save(tracked)
             archived = Path(record.archived_as)
             if os.path.lexists(path):
                 try:
                     os.link(path, archived, follow_symlinks=False)
                 except FileExistsError:
-                    if not _same_entry(path, archived):
+                    if not atomic.same_entry(path, archived):
                         record.archived_as = None
                         self._archive(tracked)
                         return
@@ -1061,18 +1081,24 @@ class Service:
             marker = self._path(tracked).with_name(name + CANCEL_SUFFIX)
             if not marker.exists():
                 continue
-            marker.unlink(missing_ok=True)
             record = tracked.record
             log.info("cancel requested", file=name, job=record.job_name, state=record.state.value)
             if record.state in (FileState.CLAIMED, FileState.QUEUED) and not tracked.busy:
-                self._fail_cancelled(tracked)
+                try:
+                    self._fail_cancelled(tracked)
+                except OSError as exc:  # the sidecar could not be saved: try at the next rescan
+                    log.error("cannot record the cancel", file=name, error=str(exc))
+                    continue
+                marker.unlink(missing_ok=True)
                 with contextlib.suppress(ValueError):
                     self._slot_queue.remove(name)
                 self.scheduler.schedule(name, 0)
+            # Otherwise the marker stays until the file is archived, so a crash before the job
+            # is cancelled cannot forget the request (rescans deliver it again).
             elif not record.state.finished and record.state is not FileState.WRITING:
                 # The CLI cancelled the job if it knew its name; if the job was still being
                 # created, the next poll cancels it (see _poll). Poll now to see the end.
-                tracked.extra["cancel"] = True
+                tracked.cancel_requested = True
                 if record.state is FileState.RUNNING:
                     self.scheduler.schedule(name, 0)
 
@@ -1081,17 +1107,8 @@ class Service:
         return self._fail(tracked, "job", "cancelled before a job was created")
 
 
-def _same_entry(a: Path, b: Path) -> bool:
-    try:
-        sa, sb = a.lstat(), b.lstat()
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
 def _same_entry_fd(fd: int, path: Path) -> bool:
     try:
-        sa, sb = os.fstat(fd), path.lstat()
+        return os.path.samestat(os.fstat(fd), path.lstat())
     except OSError:
         return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

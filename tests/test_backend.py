@@ -20,7 +20,7 @@ from daemon.backend import (
     api_call,
     classify,
     file_line,
-    inline_entries,
+    inline_lookup,
     job_error_message,
     to_inlined,
 )
@@ -90,7 +90,7 @@ def test_create_inline_sends_keys_in_metadata_and_the_request_body(
     assert sim.create_calls == 1
 
 
-def test_get_job_until_done_and_inline_entries_by_key(sim: Simulator, clock: FakeClock) -> None:
+def test_get_job_until_done_and_inline_lookup_by_key(sim: Simulator, clock: FakeClock) -> None:
     sim.shuffle_output = True
     sim.fail_keys = {"k3": 400}
     sim.missing_keys = {"k4"}
@@ -102,7 +102,7 @@ def test_get_job_until_done_and_inline_entries_by_key(sim: Simulator, clock: Fak
     done = be.get_job(job.name)
     assert done.done is True
     assert done.state is types.JobState.JOB_STATE_SUCCEEDED
-    entries = dict(inline_entries(done))
+    entries = inline_lookup(done)
     assert set(entries) == {"k1", "k2", "k3", "k5", "k6"}
     assert entries["k3"]["error"]["code"] == 400
     assert "response" not in entries["k3"]

@@ -281,3 +281,20 @@ def test_outbox_name_taken_while_down_is_not_mistaken_for_ours(
         ("Simulated answer: really a-2",),
     }
     assert len(sim.jobs) == 3
+
+
+def test_results_gone_after_a_crash_give_a_report(crash_spool: Spool) -> None:
+    """A crash before the results were written, then the job vanishes: the file is failed
+    with stage `results` (failing a file already in WRITING once killed a worker thread)."""
+    proc = crash_spool.start(env={CRASH_ENV: "while_fetching"})
+    wait_started(crash_spool, proc)
+    crash_spool.drop("gone.jsonl", ["a", "b"])
+    wait_killed(proc)
+    job_name = crash_spool.sidecar("gone.jsonl")["job_name"]
+    crash_spool.sim.forget_job(job_name)
+    assert crash_spool.run_once() == 1, crash_spool.logs()[-4000:]
+    report = crash_spool.report("gone")
+    assert report["stage"] == "results"
+    assert report["job_name"] == job_name
+    assert crash_spool.finished("gone.jsonl")
+    assert not (crash_spool.outbox / "gone.jsonl").exists()
