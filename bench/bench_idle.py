@@ -5,7 +5,6 @@ utime + stime of the daemon process from /proc/PID/stat, before and after the wi
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -18,30 +17,13 @@ def run(quick: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp, common.simulator() as sim:
         root = Path(tmp)
         config = common.spool(root, sim.base_url)
-        log = root / "daemon.log"
-        with log.open("wb") as out:
-            daemon = subprocess.Popen(
-                common.daemon_command(config),
-                cwd=root,
-                env=common.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            deadline = time.monotonic() + 60
-            while not any(e.get("event") == "started" for e in common.log_events(log)):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
+        with common.running_daemon(config, root) as (daemon, _):
             time.sleep(2)  # past start-up
             before = common.proc_cpu_seconds(daemon.pid)
             started = time.monotonic()
             time.sleep(window)
             used = common.proc_cpu_seconds(daemon.pid) - before
             elapsed = time.monotonic() - started
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
     rows = [
         [
             f"{elapsed:.0f}",

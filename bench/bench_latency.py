@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import datetime
@@ -72,33 +71,18 @@ def _scenario(spacing: float, tag: str) -> list[float]:
     ):
         root = Path(tmp)
         config = common.spool(root, sim.base_url)
-        log = root / "daemon.log"
-        with log.open("wb") as out:
-            daemon = subprocess.Popen(
-                common.daemon_command(config),
-                cwd=root,
-                env=common.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            deadline = time.monotonic() + 60
-            while not any(e.get("event") == "started" for e in common.log_events(log)):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
-            time.sleep(1)
-            names = [f"{tag}-{i:03d}.jsonl" for i in range(FILES)]
-            arrived = _drop(root / "inbox", names, spacing)
-            created = _created(sim, set(names), timeout=120)
-            if len(created) != len(names):
-                raise RuntimeError(f"{len(names) - len(created)} files got no job in time")
-            return [created[n] - arrived[n] for n in names]
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-            if os.environ.get("BENCH_KEEP_LOG"):
-                Path(os.environ["BENCH_KEEP_LOG"] + f".{tag}").write_bytes(log.read_bytes())
+        with common.running_daemon(config, root) as (_, log):
+            try:
+                time.sleep(1)
+                names = [f"{tag}-{i:03d}.jsonl" for i in range(FILES)]
+                arrived = _drop(root / "inbox", names, spacing)
+                created = _created(sim, set(names), timeout=120)
+                if len(created) != len(names):
+                    raise RuntimeError(f"{len(names) - len(created)} files got no job in time")
+                return [created[n] - arrived[n] for n in names]
+            finally:
+                if os.environ.get("BENCH_KEEP_LOG"):
+                    Path(os.environ["BENCH_KEEP_LOG"] + f".{tag}").write_bytes(log.read_bytes())
 
 
 def run(quick: bool) -> str:

@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -148,6 +149,26 @@ def spool(root: Path, base_url: str, **overrides: Any) -> Path:
 
 def daemon_command(config: Path, *args: str) -> list[str]:
     return [PYTHON, "-m", "daemon", "run", "-c", str(config), *args]
+
+
+@contextmanager
+def running_daemon(config: Path, root: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`gemini-batchd run` in the background, once it has logged "started"; stopped afterwards."""
+    log = root / "daemon.log"
+    with log.open("wb") as out:
+        daemon = subprocess.Popen(
+            daemon_command(config), cwd=root, env=env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "started" for e in log_events(log)):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield daemon, log
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
 
 
 @dataclass

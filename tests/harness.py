@@ -26,6 +26,36 @@ TEST_API_KEY = "AIzaTEST-secret-key-0123456789"
 """The key the daemon under test uses; tests assert it never appears in any file or log."""
 
 
+CONTRACT_SIDECAR_FIELDS = {
+    "input",
+    "sha256",
+    "requests",
+    "state",
+    "job_name",
+    "job_state",
+    "model",
+    "created_at",
+    "updated_at",
+    "polls",
+    "next_poll_at",
+    "error",
+}
+"""The fields the contract promises in every sidecar."""
+
+
+class FakeClock:
+    """An injected monotonic clock that only moves when a test says so: no sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def fast_config(base_url: str, **overrides: Any) -> dict[str, Any]:
     """A configuration that polls and settles in fractions of a second."""
     config: dict[str, Any] = {

@@ -26,17 +26,10 @@ from daemon.backend import (
 )
 from daemon.inputs import Defaults, Request, prompt_request
 from daemon.simulator import Fault, Simulator
+from tests.harness import FakeClock
 
 MODEL = "gemini-2.5-flash"
 DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.3, thinking_budget=0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -22,23 +22,9 @@ from typing import Any
 import pytest
 
 from daemon.simulator import Fault
-from tests.harness import ROOT, TEST_API_KEY, Spool, wait_for
+from tests.harness import CONTRACT_SIDECAR_FIELDS, ROOT, TEST_API_KEY, Spool, wait_for
 
 MODEL_VERSION = "gemini-2.5-flash-sim-001"
-SIDECAR_FIELDS = {
-    "input",
-    "sha256",
-    "requests",
-    "state",
-    "job_name",
-    "job_state",
-    "model",
-    "created_at",
-    "updated_at",
-    "polls",
-    "next_poll_at",
-    "error",
-}
 
 
 # ---- what the simulator answers, computed independently of the daemon --------------------
@@ -235,7 +221,7 @@ def test_running_daemon_takes_files_however_written(spool: Spool, api_version: s
     assert any(f"/{api_version}/" in path for _, path, _ in spool.sim.requests_log)
 
     sidecar = spool.sidecar("renamed.jsonl")
-    assert set(sidecar) >= SIDECAR_FIELDS
+    assert set(sidecar) >= CONTRACT_SIDECAR_FIELDS
     assert sidecar["input"] == "renamed.jsonl"
     assert sidecar["sha256"] == sha256(spool.inbox / "done" / "renamed.jsonl")
     assert sidecar["requests"] == 9

@@ -23,21 +23,7 @@ from daemon.jobrecord import (
     save,
     sidecar_path,
 )
-
-CONTRACT_SIDECAR_FIELDS = {
-    "input",
-    "sha256",
-    "requests",
-    "state",
-    "job_name",
-    "job_state",
-    "model",
-    "created_at",
-    "updated_at",
-    "polls",
-    "next_poll_at",
-    "error",
-}
+from tests.harness import CONTRACT_SIDECAR_FIELDS
 
 ALLOWED = {
     (FileState.CLAIMED, FileState.QUEUED),

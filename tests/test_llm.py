@@ -12,16 +12,9 @@ from google.genai import types
 
 from daemon.llm import GeminiLLM, LLMProviderError, LLMService
 from daemon.simulator import Simulator
+from tests.harness import FakeClock
 
 JSON_CONFIG = "[[sim:fenced]]"  # the simulator answers with fenced, trailing-comma JSON
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -10,14 +10,7 @@ import pytest
 
 from daemon.config import PollSettings
 from daemon.schedule import Backoff, Scheduler
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.harness import FakeClock
 
 
 class FakeSleeper:

@@ -15,21 +15,9 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.simulator import Fault, Simulator
+from tests.harness import FakeClock
 
 MODEL = "gemini-2.5-flash"
-
-
-class FakeClock:
-    """Drives job state timing without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

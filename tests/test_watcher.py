@@ -15,21 +15,10 @@ from pathlib import Path
 import pytest
 
 from daemon.watcher import InboxWatcher, is_candidate, name_too_long, open_for_writing
-from tests.harness import wait_for
+from tests.harness import FakeClock, wait_for
 
 SETTLE = 2.0
 HOUR_NS = 3600 * 10**9
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
