@@ -90,6 +90,8 @@ class JobRecord:
     requests: int | None = None
     mode: str | None = None  # "inline" or "file" (File API)
     model: str | None = None
+    filter_json: bool | None = None  # the configuration's default when the file was claimed
+    include_response: bool | None = None  # likewise: results are written as claimed
     claim_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     display_name: str | None = None
     uploaded_file: str | None = None

@@ -8,6 +8,7 @@ transition and saves the sidecar first, so any crash resumes at a step that is s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -427,8 +428,14 @@ class Service:
             record,
             fd,
             processing=path.parent,
-            defaults=self.defaults,
-            include_response=self.config.include_response,
+            # Results are written with the settings the file was claimed with, even after a
+            # restart under a changed configuration.
+            defaults=self.defaults
+            if record.filter_json is None
+            else dataclasses.replace(self.defaults, filter_json=record.filter_json),
+            include_response=self.config.include_response
+            if record.include_response is None
+            else record.include_response,
         )
         # Conversions and downloads a crash cut short; only the owner of NAME may remove them.
         for leftover in path.parent.glob(glob.escape(f".{name}.") + "*.tmp*"):
@@ -709,6 +716,8 @@ class Service:
             "file" if scan.payload_bytes > self.config.limits.inline_max_bytes else "inline"
         )
         record.model = self.config.model
+        record.filter_json = tracked.defaults.filter_json
+        record.include_response = tracked.include_response
         record.move_to(FileState.QUEUED)
         self._save(tracked)
         log.info(

@@ -298,3 +298,23 @@ def test_results_gone_after_a_crash_give_a_report(crash_spool: Spool) -> None:
     assert report["job_name"] == job_name
     assert crash_spool.finished("gone.jsonl")
     assert not (crash_spool.outbox / "gone.jsonl").exists()
+
+
+def test_restart_under_a_changed_config_writes_results_as_claimed(crash_spool: Spool) -> None:
+    """`filter_json` and `include_response` are recorded at claim: a restart after the
+    configuration changed still writes the results the way the file was submitted."""
+    crash_spool.configure(filter_json=True, include_response=True, **LIMITS)
+    proc = crash_spool.start(env={CRASH_ENV: "while_polling"})
+    wait_started(crash_spool, proc)
+    crash_spool.drop(
+        "claimed.jsonl",
+        [{"prompt": "json please", "config": {"responseMimeType": "application/json"}}],
+    )
+    wait_killed(proc)
+    assert crash_spool.sidecar("claimed.jsonl")["filter_json"] is True
+    crash_spool.configure(filter_json=False, include_response=False, **LIMITS)
+    assert crash_spool.run_once() == 0, crash_spool.logs()[-4000:]
+    (record,) = crash_spool.results("claimed.jsonl")
+    assert record["status"] == "ok"
+    assert record["json"] == {"echo": "json please", "words": 2}
+    assert "response" in record
