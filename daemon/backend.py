@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +188,6 @@ class GeminiBackend:
     def cancel_job(self, name: str) -> None:
         with api_call(f"cancel {name}"):
             self.client.batches.cancel(name=name)
-
-    def list_jobs(self) -> Iterable[types.BatchJob]:
-        with api_call("list batch jobs"):
-            return list(self._all_jobs())
 
     def upload(self, path: Path, display_name: str) -> str:
         """Upload a batch input file (resumable); returns its name, `files/...`."""

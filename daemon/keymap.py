@@ -8,14 +8,12 @@ database on disk, whose page cache is a few MiB whatever the number of keys.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
 
 MEMORY_BYTES = 4 << 20
 """Rough budget for the in-memory stage: key length plus ~100 bytes of dict overhead per entry."""
 
 _ENTRY_OVERHEAD = 100
-_CHUNK = 500  # keys per SQL statement in bulk lookups (well under SQLite's variable limit)
 
 
 class KeyMap:
@@ -67,23 +65,6 @@ class KeyMap:
         self._flush()
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, int]:
-        """The stored values of those `keys` that are present."""
-        if self._db is None:
-            memory = self._memory
-            return {k: memory[k] for k in keys if k in memory}
-        self._flush()
-        wanted = list(dict.fromkeys(keys))
-        found: dict[str, int] = {}
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for key, value in self._db.execute(
-                f"SELECT key, value FROM kv WHERE key IN ({marks})", chunk
-            ):
-                found[key] = int(value)
-        return found
 
     def close(self) -> None:
         self._memory = {}

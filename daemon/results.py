@@ -217,16 +217,13 @@ class ResponsesFileIndex:
         index.unlink(missing_ok=True)
         self._offsets = keymap.KeyMap(index, memory_bytes)
         self._handle = responses.open("rb")
-        self.unknown_lines = 0
         self._build()
 
     def _build(self) -> None:
         offset = 0
         for raw in self._handle:
             key = line_key(raw)
-            if key is None:
-                self.unknown_lines += int(bool(raw.strip()))
-            else:
+            if key is not None:  # blank or keyless lines cannot be matched to a request
                 self._offsets.add(key, offset)
             offset += len(raw)
 

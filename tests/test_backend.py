@@ -154,12 +154,10 @@ def test_find_job_pages_through_more_than_a_page(sim: Simulator) -> None:
     assert any("pageToken" in p for p in list_calls)
     assert be.find_job("job-149") is not None
     assert be.find_job("no-such-job") is None
-    assert len(list(be.list_jobs())) == total
 
 
 def test_find_job_with_no_jobs(sim: Simulator) -> None:
     assert backend(sim).find_job("anything") is None
-    assert list(backend(sim).list_jobs()) == []
 
 
 def test_cancel_job(sim: Simulator, clock: FakeClock) -> None:
@@ -303,7 +301,7 @@ def test_bad_key_is_permanent(clock: FakeClock) -> None:
     with Simulator(api_key="right") as locked:
         be = GeminiBackend("wrong", base_url=locked.base_url, retries=1)
         with pytest.raises(PermanentError) as info:
-            be.list_jobs()
+            be.find_job("anything")
     assert info.value.code == 400
     assert "wrong" not in str(info.value)
 

@@ -404,7 +404,6 @@ def test_responses_file_index_over_a_shuffled_file(tmp_path: Path) -> None:
     responses.write_text("\n".join(lines) + "\n", encoding="utf-8")
     index = ResponsesFileIndex(responses)
     try:
-        assert index.unknown_lines == 3
         for key in reversed(keys):
             entry = index.get(key)
             assert entry is not None
