@@ -363,7 +363,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             invalid += 1
             continue
         scan = scan_file(path, defaults)
-        mode = "File API" if scan.payload_bytes > config.limits.inline_max_bytes else "inline"
+        mode = {"file": "File API", "inline": "inline"}[scan.mode(config.limits.inline_max_bytes)]
         if scan.error_count or not scan.requests:
             invalid += 1
             print(

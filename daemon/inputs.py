@@ -102,6 +102,10 @@ class Scan:
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0
 
+    def mode(self, inline_max_bytes: int) -> str:
+        """`inline` when the requests fit in one create call, else `file` (the File API)."""
+        return "file" if self.payload_bytes > inline_max_bytes else "inline"
+
     def summary(self) -> str:
         if self.error_count:
             lines = "; ".join(f"line {e.line}: {e.message}" for e in self.errors[:5])

@@ -729,9 +729,7 @@ class Service:
                 f"{tracked.name} holds no requests (empty or only blank lines)",
             )
         record.sha256, record.size_bytes, record.requests = scan.sha256, scan.size, scan.requests
-        record.mode = (
-            "file" if scan.payload_bytes > self.config.limits.inline_max_bytes else "inline"
-        )
+        record.mode = scan.mode(self.config.limits.inline_max_bytes)
         record.model = self.config.model
         record.filter_json = tracked.defaults.filter_json
         record.include_response = tracked.include_response
