@@ -1,0 +1,333 @@
+"""Outbox result records: one request's outcome (an `Entry`) as the record users read.
+
+Owns the record shape of the contract ("Result records"): the answer text (thought parts left
+out), `json` with repair, blocked answers, usage, request errors, and which failures are worth
+a follow-up job (`is_retryable`). Pure functions of their arguments: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import json_repair
+
+from .wire import Entry, count
+
+BLOCKING_FINISH_REASONS = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "LANGUAGE",
+        "OTHER",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "IMAGE_OTHER",
+        "ESCALATION",
+        "PUP_LIMITED_DISABLED",
+        "MODEL_ARMOR",
+    }
+)
+"""A candidate with one of these and no text was withheld by the API: stage `blocked`.
+
+The policy filters (safety, recitation, blocklists, PII, prohibited content, their image
+variants, escalation and abuse rules), an unsupported language, and OTHER / IMAGE_OTHER ("not
+otherwise specified": in practice a silent filter). Not listed, so `ok` even without text:
+STOP and MAX_TOKENS (the model answered, or ran out of tokens), and the tool-use and
+continuation reasons, whose answer lies in other parts or in a follow-up request.
+"""
+
+USAGE_FIELDS = (
+    ("prompt_tokens", "promptTokenCount"),
+    ("output_tokens", "candidatesTokenCount"),
+    ("thinking_tokens", "thoughtsTokenCount"),
+    ("total_tokens", "totalTokenCount"),
+    ("cached_tokens", "cachedContentTokenCount"),
+    ("tool_prompt_tokens", "toolUsePromptTokenCount"),
+)
+"""Record `usage` names and the `usageMetadata` counts they come from."""
+
+USAGE_KEYS = tuple(name for name, _ in USAGE_FIELDS)
+
+RETRYABLE_CODES = frozenset({429, 500, 503, 504, 4, 8, 13, 14})
+"""Request errors worth a follow-up job: HTTP 429/500/503/504 and, where the API writes the
+google.rpc code instead, DEADLINE_EXCEEDED (4), RESOURCE_EXHAUSTED (8), INTERNAL (13) and
+UNAVAILABLE (14). The two numbering schemes do not overlap."""
+
+RETRYABLE_STATUSES = frozenset(
+    {"RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
+)
+
+MISSING_MESSAGE = "no response came back for this key"
+
+
+# ---- reading a response ----------------------------------------------------------------------------
+
+
+def _first_candidate(response: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    candidates = response.get("candidates")
+    if isinstance(candidates, list) and candidates and isinstance(candidates[0], Mapping):
+        return candidates[0]
+    return None
+
+
+def _candidate_text(candidate: Mapping[str, Any]) -> str:
+    content = candidate.get("content")
+    parts = content.get("parts") if isinstance(content, Mapping) else None
+    if not isinstance(parts, list):
+        return ""
+    return "".join(
+        part["text"]
+        for part in parts
+        if isinstance(part, Mapping)
+        and isinstance(part.get("text"), str)
+        and not part.get("thought")
+    )
+
+
+def answer_text(response: Mapping[str, Any]) -> str | None:
+    """The first candidate's text parts joined, thought parts left out; None without a candidate."""
+    candidate = _first_candidate(response)
+    return None if candidate is None else _candidate_text(candidate)
+
+
+def usage(response: Mapping[str, Any]) -> dict[str, int] | None:
+    """Token counts as integers (absent ones 0); None when the API sent no `usageMetadata`."""
+    meta = response.get("usageMetadata")
+    if not isinstance(meta, Mapping):
+        return None
+    return {name: count(meta.get(api_name)) for name, api_name in USAGE_FIELDS}
+
+
+def _str_field(obj: Mapping[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _block_message(what: str, reason: str, ratings: Any, note: str | None) -> str:
+    """E.g. `the answer was withheld: SAFETY (HARM_CATEGORY_HATE_SPEECH): <finishMessage>`."""
+    categories = [
+        rating["category"]
+        for rating in (ratings if isinstance(ratings, list) else [])
+        if isinstance(rating, Mapping)
+        and rating.get("blocked") is True
+        and isinstance(rating.get("category"), str)
+    ]
+    message = f"{what}: {reason}"
+    if categories:
+        message += f" ({', '.join(categories)})"
+    return f"{message}: {note}" if note else message
+
+
+def _prompt_blocked(response: Mapping[str, Any]) -> str | None:
+    """The message for a prompt the API refused (`promptFeedback.blockReason`), else None."""
+    feedback = response.get("promptFeedback")
+    if not isinstance(feedback, Mapping):
+        return None
+    reason = _str_field(feedback, "blockReason")
+    if reason is None:
+        return None
+    note = _str_field(feedback, "blockReasonMessage")
+    return _block_message("the prompt was blocked", reason, feedback.get("safetyRatings"), note)
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+def record_for(
+    key: str | None,
+    line: int,
+    entry: Entry | None,
+    *,
+    filter_json: bool,
+    include_response: bool,
+    attempts: int = 1,
+) -> dict[str, Any]:
+    """The outbox record of one request, given its entry (None when no response came back)."""
+    head: dict[str, Any] = {"key": key, "line": line}
+    if entry is None:
+        return _error(head, {"stage": "missing", "message": MISSING_MESSAGE}, attempts)
+    response = entry.response
+    if response is None:
+        return _error(head, _request_error(entry.error), attempts)
+
+    tail: dict[str, Any] = {
+        "finish_reason": None,
+        "model_version": _str_field(response, "modelVersion"),
+    }
+    counts = usage(response)
+    if counts is not None:
+        tail["usage"] = counts
+    if include_response:
+        tail["response"] = response
+    tail["attempts"] = attempts
+
+    candidate = _first_candidate(response)
+    if candidate is None:
+        blocked = _prompt_blocked(response)
+        if blocked is not None:
+            error = {"stage": "blocked", "message": blocked}
+        else:
+            error = {"stage": "request", "message": "the response has no candidate"}
+        return {**head, "status": "error", "error": error, **tail}
+
+    reason = _str_field(candidate, "finishReason")
+    tail["finish_reason"] = reason
+    text = _candidate_text(candidate)
+    if reason in BLOCKING_FINISH_REASONS and not text.strip():
+        note = _str_field(candidate, "finishMessage")
+        message = _block_message(
+            "the answer was withheld", reason, candidate.get("safetyRatings"), note
+        )
+        return {
+            **head,
+            "status": "error",
+            "error": {"stage": "blocked", "message": message},
+            **tail,
+        }
+
+    if filter_json:
+        try:
+            value = parse_json_text(text)
+        except ValueError as exc:
+            error = {"stage": "parse", "message": str(exc)}
+            return {**head, "status": "error", "text": text, "error": error, **tail}
+        return {**head, "status": "ok", "text": text, "json": value, **tail}
+    return {**head, "status": "ok", "text": text, **tail}
+
+
+def _request_error(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    if status is None:
+        return {"stage": "request", "message": "the API sent neither a response nor an error"}
+    error: dict[str, Any] = {"stage": "request"}
+    if status.get("code") is not None:
+        error["code"] = status["code"]
+    error["message"] = status.get("message") or "the request failed"
+    if status.get("status"):
+        error["status"] = status["status"]
+    return error
+
+
+def _error(head: dict[str, Any], error: dict[str, Any], attempts: int) -> dict[str, Any]:
+    return {**head, "status": "error", "error": error, "attempts": attempts}
+
+
+def invalid_record(line: int, key: str | None, message: str) -> dict[str, Any]:
+    """A line skipped under `on_invalid_line: skip_line`: no job carried it (attempts 0)."""
+    return _error({"key": key, "line": line}, {"stage": "invalid", "message": message}, 0)
+
+
+def job_failed_record(key: str | None, line: int, message: str, attempts: int) -> dict[str, Any]:
+    """A request whose whole job failed (FAILED / EXPIRED / CANCELLED), with the job's message."""
+    return _error({"key": key, "line": line}, {"stage": "job", "message": message}, attempts)
+
+
+def is_retryable(entry: Entry) -> bool:
+    """Whether the API failed this request in a way a follow-up job may fix (rate, server)."""
+    if entry.response is not None or entry.error is None:
+        return False
+    return (
+        entry.error.get("code") in RETRYABLE_CODES
+        or entry.error.get("status") in RETRYABLE_STATUSES
+    )
+
+
+# ---- filter_json -------------------------------------------------------------------------------
+
+
+def parse_json_text(text: str) -> Any:
+    """The JSON value in a model's answer, repairing code fences, prose around it, trailing commas.
+
+    Raises ValueError (never RecursionError) when the text holds no usable JSON; NaN and
+    Infinity count as unusable, since the outbox must stay strict JSON.
+    """
+    try:
+        value = _parse_json_text(text)
+    except RecursionError:
+        raise ValueError("the JSON in the text is nested too deeply") from None
+    if not _all_finite(value):
+        raise ValueError("the JSON holds NaN or Infinity, which strict JSON does not allow")
+    return value
+
+
+def _parse_json_text(text: str) -> Any:
+    stripped = text.strip()
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        pass
+    if "{" not in stripped and "[" not in stripped:
+        raise ValueError("the text holds no JSON object or array")
+    try:
+        value, repairs = json_repair.repair_json(stripped, return_objects=True, logging=True)
+    except RecursionError:
+        raise
+    except Exception as exc:  # a repair library bug must not fail the whole results file
+        raise ValueError(f"the text could not be repaired into JSON ({exc})") from None
+    # json_repair turns any prose with a bracket in it into *something* ("I think [this]" ->
+    # ["this"]): when it had to invent string quotes, the text was prose, not JSON.
+    invented = any("literal instead of a quote" in str(r.get("text", "")) for r in repairs)
+    if not isinstance(value, dict | list) or invented:
+        raise ValueError("the text could not be repaired into JSON")
+    return value
+
+
+def _all_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+# ---- tally ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What a results file holds: ok records, errors by stage, tokens by kind (for logs, status)."""
+
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.error_count
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        if record.get("status") == "ok":
+            self.ok += 1
+        else:
+            error = record.get("error")
+            stage = error.get("stage") if isinstance(error, Mapping) else None
+            stage = stage if isinstance(stage, str) else "unknown"
+            self.errors[stage] = self.errors.get(stage, 0) + 1
+        counts = record.get("usage")
+        if isinstance(counts, Mapping):
+            for name in USAGE_KEYS:
+                self.tokens[name] += count(counts.get(name))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "errors": self.error_count,
+            "errors_by_stage": dict(self.errors),
+            "tokens": dict(self.tokens),
+        }
