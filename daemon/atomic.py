@@ -67,26 +67,43 @@ def free_name(target: Path) -> Path:
     return next(p for p in unique_names(target) if not os.path.lexists(p))
 
 
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+)
+"""`os.link` errors of filesystems (or files) that cannot take another hard link."""
+
+
+def link_or_rename(source: Path, target: Path) -> bool:
+    """Move `source` to `target` without replacing anything there; False if `target` is taken.
+
+    A hard link then an unlink, so a crash leaves the file under both names, never under none;
+    a `target` that already is `source` (linked before a crash) counts as moved. Filesystems
+    without hard links fall back to a rename after a check (a small race accepted).
+    """
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        if not same_entry(source, target):
+            return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):
+            return False
+        os.rename(source, target)
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(source)
+    return True
+
+
 def move_new(source: Path, target: Path) -> Path:
     """Move `source` to `target` or a free `target-N` name, never replacing a file there."""
     for candidate in unique_names(target):
-        try:
-            os.link(source, candidate, follow_symlinks=False)
-        except FileExistsError:
-            if same_entry(source, candidate):  # linked before a crash, not yet unlinked
-                break
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP):
-                raise
-            if candidate.exists() or candidate.is_symlink():
-                continue
-            os.rename(source, candidate)  # filesystems without hard links: small race accepted
+        if link_or_rename(source, candidate):
+            fsync_dir(target.parent)
             return candidate
-        break
-    os.unlink(source)
-    fsync_dir(target.parent)
-    return candidate
+    raise AssertionError("unreachable: unique_names is endless")
 
 
 def same_entry(a: Path, b: Path) -> bool:

@@ -1,25 +1,31 @@
-"""The Gemini backend: every call the daemon makes to the Batch API, through `google-genai` only.
+"""Every call the daemon makes to the Gemini Batch API, through the google-genai SDK only.
 
-Errors are sorted into two kinds the service acts on: `TransientError` (try again later,
-the file stays in flight) and `PermanentError` (the file gets an error report).
+Batch calls (create, get, list, cancel) go through the SDK's own HTTP client
+(`client._api_client.request`: its key header, base URL, API version, retries and
+transport) with JSON we build and read ourselves, because the SDK's typed methods drop what
+the daemon needs -- `batchStats` (progress), the operation's `error`, unknown fields -- and
+re-encode every response (base64 fields come back URL-safe), at about 1 ms of CPU per request.
+Files go through the SDK's public `files` methods (resumable upload, streamed download).
+
+Errors are not interpreted here: SDK, transport and `wire.BadReply` errors propagate, and
+`failures.classify` decides what they mean. Every call has a total deadline (`http.deadline`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
+import orjson
 from google import genai
-from google.genai import errors, types
+from google.genai import types
 
-from .inputs import LIFTED_FIELDS, Request
-
-TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
-"""Statuses worth another try: timeouts, rate limits and server trouble."""
+from . import http, wire
+from .wire import RemoteJob
 
 LIST_PAGE_SIZE = 100
 """Jobs fetched per `batches.list` page when looking a job up by display name."""
@@ -27,80 +33,18 @@ LIST_PAGE_SIZE = 100
 BATCH_MIME_TYPE = "application/jsonl"
 """Mime type of an uploaded batch input file; the SDK cannot guess it for `.jsonl`."""
 
+TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
+"""Statuses the SDK retries by itself within one call (never for a create)."""
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP library the SDK uses (httpx2 in 3.x, httpx before)."""
-    found: list[type[BaseException]] = [OSError, TimeoutError]
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            found.append(importlib.import_module(module).TransportError)
-    return tuple(found)
+T = TypeVar("T")
 
 
-TRANSPORT_ERRORS = _transport_errors()
+def key_fingerprint(api_key: str) -> str:
+    """A short, non-reversible name for a key, so sidecars can say which key a job belongs to."""
+    return hashlib.sha256(b"gemini-batchd:" + api_key.encode()).hexdigest()[:12]
 
 
-class BackendError(Exception):
-    """A Batch API call failed; `code` is the HTTP status when there was one."""
-
-    def __init__(self, message: str, code: int | None = None, status: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-
-
-class TransientError(BackendError):
-    """Worth retrying later: rate limits, server errors, resets, timeouts."""
-
-
-class PermanentError(BackendError):
-    """Retrying will not help: bad request, bad key, unknown model, job gone."""
-
-
-def classify(exc: BaseException, action: str) -> BackendError:
-    """Turn an SDK or transport exception into a Transient- or PermanentError."""
-    if isinstance(exc, errors.APIError):
-        message = f"{action}: {exc.code} {exc.status or ''} {exc.message or ''}".strip()
-        kind = TransientError if exc.code in TRANSIENT_HTTP_CODES else PermanentError
-        return kind(message, exc.code, exc.status)
-    if isinstance(exc, TRANSPORT_ERRORS):
-        return TransientError(f"{action}: {type(exc).__name__}: {exc}")
-    return PermanentError(f"{action}: {type(exc).__name__}: {exc}")
-
-
-@contextlib.contextmanager
-def api_call(action: str) -> Iterator[None]:
-    try:
-        yield
-    except BackendError:
-        raise
-    except Exception as exc:
-        raise classify(exc, action) from exc
-
-
-def to_inlined(request: Request) -> types.InlinedRequest:
-    """A REST GenerateContentRequest body as the SDK's InlinedRequest (the SDK turns it back)."""
-    body = request.body
-    config: dict[str, Any] = dict(body.get("generationConfig") or {})
-    for rest_name, field_name in LIFTED_FIELDS.items():
-        if rest_name in body:
-            config[field_name] = body[rest_name]
-    return types.InlinedRequest(
-        contents=body["contents"],
-        metadata={"key": request.key},
-        config=types.GenerateContentConfig.model_validate(config) if config else None,
-    )
-
-
-def file_line(request: Request) -> bytes:
-    """One line of a File API batch input: `{"key", "request"}`."""
-    return (
-        json.dumps({"key": request.key, "request": request.body}, ensure_ascii=False).encode()
-        + b"\n"
-    )
-
-
-class GeminiBackend:
+class Backend:
     """One long-lived `genai.Client` (a collected client closes its connections)."""
 
     def __init__(
@@ -112,123 +56,156 @@ class GeminiBackend:
         timeout_seconds: float = 120,
         retries: int = 5,
         client: genai.Client | None = None,
-        retry_initial_delay: float = 1.0,
-        retry_jitter: float = 1.0,
     ) -> None:
-        self.retry_options = types.HttpRetryOptions(
+        self.timeout = timeout_seconds
+        self.key_id = key_fingerprint(api_key)
+        retry = types.HttpRetryOptions(
             attempts=retries,
-            initial_delay=retry_initial_delay,
-            max_delay=30.0,
-            jitter=retry_jitter,
+            initial_delay=1.0,
+            max_delay=min(30.0, timeout_seconds / 4),
+            jitter=1.0,
             http_status_codes=list(TRANSIENT_HTTP_CODES),
         )
-        http_options = types.HttpOptions(
-            base_url=base_url,
-            api_version=api_version,
-            timeout=int(timeout_seconds * 1000),
-            retry_options=self.retry_options,
+        self.client = client or genai.Client(
+            api_key=api_key,
+            http_options=http.http_options(
+                base_url=base_url,
+                api_version=api_version,
+                timeout_seconds=timeout_seconds,
+                retry_options=retry,
+            ),
         )
-        self.client = client or genai.Client(api_key=api_key, http_options=http_options)
+        self._http = self.client._api_client
+        version = self._http._http_options.api_version or ""
+        self.endpoint = f"{(self._http._http_options.base_url or '').rstrip('/')}/{version}"
 
-    # Creating is not idempotent: a retried create whose first response was lost makes a
-    # second job. So create is sent exactly once; the caller looks the job up after a failure.
+    # Creating is not idempotent: a retried create whose first reply was lost makes a second
+    # job. So create is sent once; the caller looks the job up after any doubt.
     _NO_RETRY = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
 
-    def create_job(self, model: str, display_name: str, src: list[Request] | str) -> types.BatchJob:
-        """Create one batch job from inline requests or an uploaded file name (`files/...`)."""
-        with api_call("create batch job"):  # a request the SDK refuses is a PermanentError
-            source: Any = src if isinstance(src, str) else [to_inlined(r) for r in src]
-            return self.client.batches.create(
-                model=model,
-                src=source,
-                config=types.CreateBatchJobConfig(
-                    display_name=display_name, http_options=self._NO_RETRY
-                ),
-            )
+    def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
+        def call() -> Any:
+            options = self._NO_RETRY if once else None
+            response = self._http.request(method, path, body, options)
+            return wire.parse_json(response.body)
 
-    def find_job(self, display_name: str) -> types.BatchJob | None:
-        """The job with this display name, paging through every job of the project."""
-        with api_call("list batch jobs"):
-            for job in self._all_jobs():
-                if job.display_name == display_name:
-                    return job
+        return self._deadline(call)
+
+    def _deadline(self, call: Callable[[], T]) -> T:
+        with http.deadline(self.timeout):
+            return call()
+
+    def create_job(
+        self, model: str, display_name: str, source: str | Path, *, inline: bool
+    ) -> RemoteJob:
+        """Create one batch job from a request file (inline) or an uploaded file (`files/...`)."""
+        config: dict[str, Any]
+        if inline:
+            config = {"requests": {"requests": list(_inlined(Path(source)))}}
+        else:
+            config = {"fileName": str(source)}
+        body = {"batch": {"displayName": display_name, "inputConfig": config}}
+        reply = self._json("post", f"{_model_path(model)}:batchGenerateContent", body, once=True)
+        return wire.parse_operation(reply)
+
+    def get_job(self, name: str) -> RemoteJob:
+        """One GET of the batch operation, read whole: state, progress, error, answers."""
+        return wire.parse_operation(self._json("get", _batch_path(name), {}))
+
+    def find_job(self, display_name: str) -> RemoteJob | None:
+        """The job with this display name; None only when a complete listing has none.
+
+        Any failed or unreadable page raises: an incomplete listing proves nothing.
+        """
+        for job in self._all_jobs():
+            if job.display_name == display_name:
+                return job
         return None
 
-    def _all_jobs(self) -> Iterator[types.BatchJob]:
-        """Every job, page by page. Not the SDK's item iterator: it stops with an IndexError
-        at an empty page that still carries a next-page token, missing the jobs after it."""
-        pager = self.client.batches.list(config=types.ListBatchJobsConfig(page_size=LIST_PAGE_SIZE))
-        tokens: set[str] = set()
+    def _all_jobs(self) -> Iterator[RemoteJob]:
+        token: str | None = None
+        seen: set[str] = set()
         while True:
-            yield from pager.page
-            token = pager.config.get("page_token")
-            if not token or token in tokens:
+            query = {"pageSize": LIST_PAGE_SIZE, **({"pageToken": token} if token else {})}
+            jobs, token = wire.parse_job_list(self._json("get", f"batches?{urlencode(query)}", {}))
+            yield from jobs
+            if not token or token in seen:
                 return
-            tokens.add(token)
-            pager.next_page()
-
-    def get_job(self, name: str) -> types.BatchJob:
-        with api_call(f"get {name}"):
-            job = self.client.batches.get(name=name)
-        if job.state is types.JobState.JOB_STATE_FAILED and job.error is None:
-            job.error = self._operation_error(name)
-        return job
-
-    def _operation_error(self, name: str) -> types.JobError | None:
-        """The SDK drops a failed job's top-level `error`: read it from the raw Operation."""
-        try:
-            response = self.client._api_client.request("get", name, {}, None)
-            error = json.loads(response.body or "{}").get("error")
-            if not isinstance(error, dict):
-                return None
-            return types.JobError(code=error.get("code"), message=error.get("message"))
-        except Exception:  # best effort: the report then says the API gave no message
-            return None
+            seen.add(token)
 
     def cancel_job(self, name: str) -> None:
-        with api_call(f"cancel {name}"):
-            self.client.batches.cancel(name=name)
+        self._json("post", f"{_batch_path(name)}:cancel", {})
+
+    def probe(self) -> None:
+        """One cheap authenticated call: does the API accept our key?"""
+        self._json("get", f"batches?{urlencode({'pageSize': 1})}", {})
 
     def upload(self, path: Path, display_name: str) -> str:
         """Upload a batch input file (resumable); returns its name, `files/...`."""
-        with api_call("upload batch input"):
+
+        def call() -> str:
             uploaded = self.client.files.upload(
                 file=path,
                 config=types.UploadFileConfig(mime_type=BATCH_MIME_TYPE, display_name=display_name),
             )
-        if not uploaded.name:
-            raise PermanentError("upload batch input: the API returned no file name")
-        return uploaded.name
+            if not uploaded.name:
+                raise wire.BadReply("the upload reply names no file")
+            return uploaded.name
+
+        return self._deadline(call)
+
+    def find_files(self, display_name: str) -> list[str]:
+        """Uploaded files with this display name (an upload whose reply was lost)."""
+
+        def call() -> list[str]:
+            return [
+                f.name
+                for f in self.client.files.list(config=types.ListFilesConfig(page_size=100))
+                if f.display_name == display_name and f.name
+            ]
+
+        return self._deadline(call)
 
     def download(self, name: str, destination: Path) -> None:
-        """Stream a file (a job's responses) to disk; the SDK does not retry downloads, the caller does."""
-        with api_call(f"download {name}"), destination.open("wb") as handle:
-            self.client.files.download(file=name, destination=handle)
+        """Stream a file (a job's responses) to disk."""
+
+        def call() -> None:
+            with destination.open("wb") as handle:
+                self.client.files.download(file=name, destination=handle)
+
+        self._deadline(call)
 
     def delete_file(self, name: str) -> None:
-        with api_call(f"delete {name}"):
-            self.client.files.delete(name=name)
+        self._deadline(lambda: self.client.files.delete(name=name))
+
+    def close(self) -> None:
+        self.client.close()
 
 
-def inline_lookup(job: types.BatchJob) -> dict[str, dict[str, Any]]:
-    """Key -> entry (`{"response": ...}` or `{"error": ...}`) of a finished inline job; first wins."""
-    entries: dict[str, dict[str, Any]] = {}
-    for item in (job.dest.inlined_responses if job.dest else None) or []:
-        key = (item.metadata or {}).get("key")
-        if key is None or key in entries:
-            continue
-        entry: dict[str, Any] = {}
-        if item.response is not None:
-            entry["response"] = item.response.model_dump(
-                mode="json", by_alias=True, exclude_none=True
-            )
-        if item.error is not None:
-            entry["error"] = item.error.model_dump(mode="json", by_alias=True, exclude_none=True)
-        entries[key] = entry
-    return entries
+def _inlined(source: Path) -> Iterator[dict[str, Any]]:
+    """The inlined requests of a request file: `{"request", "metadata": {"key"}}` each."""
+    with source.open("rb") as handle:
+        for raw in handle:
+            line = orjson.loads(raw)
+            yield {"request": line["request"], "metadata": {"key": line["key"]}}
 
 
-def job_error_message(job: types.BatchJob) -> str | None:
-    if job.error is not None:
-        return job.error.message or str(job.error.code)
-    return None
+def _model_path(model: str) -> str:
+    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+
+
+def _batch_path(name: str) -> str:
+    if not name.startswith("batches/"):
+        raise ValueError(f"not a batch job name: {name!r}")
+    return name
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time of the API (nanoseconds allowed); None if absent or unreadable."""
+    if not text:
+        return None
+    try:
+        head = text.rstrip("Z").split(".")[0]
+        return datetime.fromisoformat(head + "+00:00")
+    except ValueError:
+        return None

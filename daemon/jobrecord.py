@@ -1,8 +1,9 @@
-"""The sidecar: a file's lifecycle state and its batch job, saved atomically beside the input.
+"""The sidecar: a file's lifecycle state and its batch jobs, saved atomically beside the input.
 
-The sidecar is the daemon's only memory. Every step first records what it is about to do,
-so that a restart after `kill -9` at any point can finish the step without repeating an
-effect that must not happen twice (creating a job, publishing results).
+The sidecar is the daemon's only memory. Every step first records what it is about to do, so
+that a restart after `kill -9` at any point can finish the step without repeating an effect
+that must not happen twice (creating a job, publishing results). Two checked state machines
+live here: the file's (`FileState`) and, inside it, each remote job's (`JobState`).
 """
 
 from __future__ import annotations
@@ -17,46 +18,71 @@ from typing import Any
 
 from . import atomic
 
-SIDECAR_SUFFIX = ".job.json"
-"""`inbox/processing/NAME.jsonl.job.json` belongs to `inbox/processing/NAME.jsonl`."""
-
 DISPLAY_NAME_MAX = 128
 """Longest display name we send; the API's own limit is not documented, so stay short."""
 
 
 class FileState(str, Enum):
-    """Where an input file is in its lifecycle; what the sidecar's `state` field records."""
+    """Where an input file is in its lifecycle; the sidecar's `state` field."""
 
-    CLAIMED = "claimed"  # moved into processing/, not yet read
-    QUEUED = "queued"  # valid; waiting for a free job slot (limits.max_active_jobs)
-    UPLOADING = "uploading"  # File API path: converting and uploading the input
-    SUBMITTING = "submitting"  # a create call may be under way for `display_name`
-    RUNNING = "running"  # the job exists; polled with backoff
-    WRITING = "writing"  # finished; results or an error report go to `output`
-    DONE = "done"  # results written; input archived to done/
-    FAILED = "failed"  # error report written; input archived to failed/
+    CLAIMED = "CLAIMED"  # moved into processing/, not yet read
+    QUEUED = "QUEUED"  # valid; its jobs wait for a free job slot
+    UPLOADING = "UPLOADING"  # a job's input is being uploaded (File API)
+    SUBMITTING = "SUBMITTING"  # a job is being created (or looked up after a lost reply)
+    RUNNING = "RUNNING"  # jobs exist; polled with backoff
+    WRITING = "WRITING"  # every job ended; results or an error report go to the outbox
+    DONE = "DONE"  # results written; input archived to done/
+    FAILED = "FAILED"  # error report written; input archived to failed/
 
     @property
-    def active(self) -> bool:
-        """Whether a remote job may exist for the file in this state (it holds a job slot)."""
-        return self in (FileState.UPLOADING, FileState.SUBMITTING, FileState.RUNNING)
+    def in_flight(self) -> bool:
+        """Validated and not yet writing: its jobs are queued, being made or running."""
+        return self in _IN_FLIGHT
 
     @property
     def finished(self) -> bool:
         return self in (FileState.DONE, FileState.FAILED)
 
 
-TRANSITIONS: dict[FileState, frozenset[FileState]] = {
+_IN_FLIGHT = frozenset(
+    {FileState.QUEUED, FileState.UPLOADING, FileState.SUBMITTING, FileState.RUNNING}
+)
+
+FILE_TRANSITIONS: dict[FileState, frozenset[FileState]] = {
     FileState.CLAIMED: frozenset({FileState.QUEUED, FileState.WRITING}),
-    FileState.QUEUED: frozenset({FileState.UPLOADING, FileState.SUBMITTING, FileState.WRITING}),
-    FileState.UPLOADING: frozenset({FileState.SUBMITTING, FileState.QUEUED, FileState.WRITING}),
-    FileState.SUBMITTING: frozenset({FileState.RUNNING, FileState.QUEUED, FileState.WRITING}),
-    FileState.RUNNING: frozenset({FileState.WRITING, FileState.QUEUED}),
+    **{s: (_IN_FLIGHT - {s}) | {FileState.WRITING} for s in _IN_FLIGHT},
     FileState.WRITING: frozenset({FileState.DONE, FileState.FAILED}),
     FileState.DONE: frozenset(),
     FileState.FAILED: frozenset(),
 }
-"""The state machine: every allowed move. RUNNING -> QUEUED resubmits an expired job."""
+"""The file's moves. While in flight its state summarises its jobs (see `JobRecord.summarize`)."""
+
+
+class JobState(str, Enum):
+    """Where one remote job of a file is."""
+
+    QUEUED = "QUEUED"  # waiting for a job slot (or for `not_before`)
+    UPLOADING = "UPLOADING"  # File API: uploading its request file
+    SUBMITTING = "SUBMITTING"  # a create call may be under way for `display_name`
+    RUNNING = "RUNNING"  # the job exists; polled
+    ENDED = "ENDED"  # the job is over (or was never made); its answers not yet collected
+    COLLECTED = "COLLECTED"  # answers saved locally (`jN.out`), remote files deleted
+
+    @property
+    def holds_slot(self) -> bool:
+        """Whether a job in this state counts against `limits.max_active_jobs`."""
+        return self in (JobState.UPLOADING, JobState.SUBMITTING, JobState.RUNNING)
+
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.UPLOADING, JobState.SUBMITTING, JobState.ENDED}),
+    JobState.UPLOADING: frozenset({JobState.SUBMITTING, JobState.QUEUED, JobState.ENDED}),
+    JobState.SUBMITTING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.ENDED}),
+    JobState.RUNNING: frozenset({JobState.ENDED, JobState.QUEUED}),
+    JobState.ENDED: frozenset({JobState.COLLECTED}),
+    JobState.COLLECTED: frozenset(),
+}
+"""A job's moves. Back to QUEUED: refused for the token quota, or EXPIRED and resubmitted."""
 
 
 class InvalidTransition(Exception):
@@ -64,7 +90,7 @@ class InvalidTransition(Exception):
 
 
 class SidecarError(Exception):
-    """A sidecar exists but cannot be read; its file is failed rather than risk a second job."""
+    """A sidecar exists but cannot be read."""
 
 
 def utcnow() -> datetime:
@@ -79,56 +105,162 @@ def parse_isotime(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
+def seconds_since(stamp: str | None, now: datetime) -> float:
+    """Seconds from `stamp` to `now` (0 for no or a bad stamp)."""
+    if not stamp:
+        return 0.0
+    try:
+        return (now - parse_isotime(stamp)).total_seconds()
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class JobEntry:
+    """One remote batch job of a file: part `part` of round `round` (round 1 is the input
+    itself; later rounds are follow-up jobs for requests that failed retryably)."""
+
+    index: int  # N in the work files `jN.req`, `jN.out`
+    round: int = 1
+    part: int = 1
+    requests: int = 0
+    bytes: int = 0
+    tokens: int = 0  # estimated input tokens (characters / 4)
+    mode: str = "inline"  # "inline" or "file" (File API)
+    state: JobState = JobState.QUEUED
+    attempt: int = 1  # resubmits after expiry or the token quota make a new attempt
+    display_name: str | None = None
+    uploaded_file: str | None = None
+    upload_pending_since: str | None = None  # an upload may have happened: find and delete it
+    create_pending_since: str | None = None  # a create may have happened: look it up first
+    create_calls: int = 0
+    job_name: str | None = None
+    job_state: str | None = None
+    polls: int = 0
+    next_poll_at: str | None = None
+    progress: dict[str, int] | None = None
+    not_found_since: str | None = None  # first of a run of 404s for the job
+    results_file: str | None = None  # the API's responses file (File API), until deleted
+    ended_at: str | None = None
+    error: str | None = None  # why the job ended without answers (FAILED, EXPIRED, refused...)
+    stage: str | None = None  # the error report's stage for `error`: submission, job, results
+    not_before: str | None = None  # not started again before (quota, round backoff)
+    quota_waits: int = 0
+    expired_resubmits: int = 0
+    retries: int = 0  # consecutive failed attempts at this job's current step
+    last_error: str | None = None
+
+    def move_to(self, state: JobState) -> None:
+        if state not in JOB_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"job {self.index}: {self.state.value} -> {state.value}")
+        self.state = state
+        self.retries = 0
+        self.last_error = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.job_state == "JOB_STATE_SUCCEEDED" and self.error is None
+
+    def leave_remote(self) -> None:
+        """Forget this job's remote objects (after deleting them, or before a resubmit)."""
+        self.display_name = self.job_name = self.job_state = None
+        self.uploaded_file = self.results_file = self.create_pending_since = None
+        self.upload_pending_since = None
+        self.create_calls = self.polls = 0
+        self.next_poll_at = self.not_found_since = self.progress = None
+
+
 @dataclass
 class JobRecord:
     """Everything the daemon knows about one input file; saved as JSON at every change."""
 
     input: str
     state: FileState = FileState.CLAIMED
+    claim_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    arrival: int = 0  # wall-clock ns when the file was first seen: queue order
     sha256: str | None = None
     size_bytes: int | None = None
+    inode: list[int] | None = None  # (st_dev, st_ino) of the claimed input
     requests: int | None = None
-    mode: str | None = None  # "inline" or "file" (File API)
+    invalid_lines: int = 0  # lines skipped under on_invalid_line: skip_line
     model: str | None = None
     filter_json: bool | None = None  # the configuration's default when the file was claimed
     include_response: bool | None = None  # likewise: results are written as claimed
-    claim_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    display_name: str | None = None
-    uploaded_file: str | None = None
-    job_name: str | None = None
-    job_state: str | None = None
-    progress: dict[str, int] | None = None
+    endpoint: str | None = None  # the API endpoint (base URL and version) its jobs belong to
+    key_id: str | None = None  # a fingerprint of the API key its jobs belong to (never the key)
+    rounds: int = 1  # 1 + retry_requests when validated
+    jobs: list[JobEntry] = field(default_factory=list)
     created_at: str = field(default_factory=isotime)
     updated_at: str = field(default_factory=isotime)
-    submitted_at: str | None = None
     finished_at: str | None = None
+    # A summary of the jobs, for status and the contract's fields:
+    job_name: str | None = None
+    job_state: str | None = None
     polls: int = 0
     next_poll_at: str | None = None
-    retries: int = 0  # consecutive failed attempts at the current step (API, disk, bugs)
-    create_calls: int = (
-        0  # create requests sent for `display_name`; > 0 means look the job up first
-    )
-    expired_resubmits: int = 0
+    progress: dict[str, int] | None = None
+    round: int = 1
+    retries: int = 0  # consecutive failed attempts at the file's current step
+    last_error: str | None = None
     error: dict[str, Any] | None = None  # the error report's stage, message, errors
-    output: str | None = None  # outbox path chosen for the results or report
+    output: str | None = None  # outbox path chosen for the results
+    report: str | None = None  # outbox path chosen for the error report
     archived_as: str | None = None  # done/ or failed/ path chosen for the input
+    ok: int | None = None  # records written: ok, and errors
+    errors: int | None = None
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def move_to(self, state: FileState) -> None:
-        if state not in TRANSITIONS[self.state]:
+        if state is self.state and state.in_flight:
+            return
+        if state not in FILE_TRANSITIONS[self.state]:
             raise InvalidTransition(f"{self.input}: {self.state.value} -> {state.value}")
         self.state = state
         self.retries = 0
+        self.last_error = None
 
-    def make_display_name(self) -> str:
-        """Names the file, its content and this claim, so the job can be found again after a crash."""
-        resubmit = f"/r{self.expired_resubmits}" if self.expired_resubmits else ""
-        suffix = f"/{(self.sha256 or '')[:16]}/{self.claim_id}{resubmit}"
+    def display_name(self, job: JobEntry) -> str:
+        """Names the file, its content, this claim and the job, so it can be found after a crash."""
+        suffix = (
+            f"/{(self.sha256 or '')[:16]}/{self.claim_id}/r{job.round}p{job.part}a{job.attempt}"
+        )
         return "gemini-batchd/" + self.input[: DISPLAY_NAME_MAX - len(suffix) - 14] + suffix
+
+    def summarize(self) -> None:
+        """Derive the file's in-flight state and its summary fields from its jobs."""
+        live = [j for j in self.jobs if j.state is not JobState.COLLECTED] or self.jobs[-1:]
+        if self.state.in_flight and self.jobs:
+            states = {j.state for j in self.jobs}
+            if JobState.RUNNING in states or JobState.ENDED in states:
+                self.move_to(FileState.RUNNING)
+            elif JobState.SUBMITTING in states:
+                self.move_to(FileState.SUBMITTING)
+            elif JobState.UPLOADING in states:
+                self.move_to(FileState.UPLOADING)
+            elif states <= {JobState.QUEUED, JobState.COLLECTED}:
+                self.move_to(FileState.QUEUED)
+        named = [j for j in live if j.job_name] or [j for j in self.jobs if j.job_name]
+        self.job_name = named[0].job_name if named else None
+        self.job_state = named[0].job_state if named else None
+        self.polls = sum(j.polls for j in self.jobs)
+        due = sorted(j.next_poll_at for j in live if j.next_poll_at and j.state is JobState.RUNNING)
+        self.next_poll_at = due[0] if due else None
+        self.round = max((j.round for j in self.jobs), default=1)
+        stats = [j.progress for j in live if j.progress]
+        if stats:
+            self.progress = {
+                k: sum(s.get(k, 0) for s in stats) for k in ("succeeded", "failed", "pending")
+            }
+            self.progress["total"] = sum(j.requests for j in live if j.progress)
+        elif not any(j.state is JobState.RUNNING for j in self.jobs):
+            self.progress = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["state"] = self.state.value
-        return json.dumps(data, indent=2, sort_keys=False).encode() + b"\n"
+        for job in data["jobs"]:
+            job["state"] = job["state"].value
+        return json.dumps(data, indent=1).encode() + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes, source: Path) -> JobRecord:
@@ -137,15 +269,17 @@ class JobRecord:
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             known = {f.name for f in fields(cls)}
-            record = cls(**{k: v for k, v in data.items() if k in known})
-            record.state = FileState(record.state)
-        except (ValueError, TypeError) as exc:
+            jobs = data.get("jobs") or []
+            record = cls(**{k: v for k, v in data.items() if k in known and k != "jobs"})
+            record.state = FileState(str(record.state).upper())
+            job_fields = {f.name for f in fields(JobEntry)}
+            for job in jobs:
+                entry = JobEntry(**{k: v for k, v in dict(job).items() if k in job_fields})
+                entry.state = JobState(str(entry.state).upper())
+                record.jobs.append(entry)
+        except (ValueError, TypeError, KeyError) as exc:
             raise SidecarError(f"{source}: unreadable sidecar: {exc}") from exc
         return record
-
-
-def sidecar_path(input_path: Path) -> Path:
-    return input_path.with_name(input_path.name + SIDECAR_SUFFIX)
 
 
 def save(record: JobRecord, path: Path) -> None:

@@ -59,6 +59,18 @@ class KeyMap:
         if len(self._pending) >= 10_000:
             self._flush()
 
+    def put(self, key: str, value: int) -> None:
+        """Store `value` under `key`, replacing what was there (later answers win)."""
+        if self._db is None:
+            if key not in self._memory:
+                self._size += len(key) + _ENTRY_OVERHEAD
+            self._memory[key] = value
+            if self._size > self._budget:
+                self._spill()
+            return
+        self._flush()
+        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+
     def get(self, key: str) -> int | None:
         if self._db is None:
             return self._memory.get(key)

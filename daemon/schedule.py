@@ -1,13 +1,17 @@
-"""The poll schedule: exponential backoff with jitter and a cap, and one timer queue for all jobs.
+"""Time: exponential backoff with jitter and a cap, one timer queue for all files, and a
+wake-up pipe that signal handlers and worker threads may poke without taking a lock.
 
 Clock, sleeper and random source are injected so tests of backoff are exact and instant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -50,16 +54,45 @@ class Backoff:
         return min(self.maximum, max(0.0, base))
 
 
+class Wakeup:
+    """A self-pipe: `poke()` from a signal handler or any thread ends a `wait()` in the main loop.
+
+    Writing a byte to a non-blocking pipe takes no Python lock, so it is safe inside a signal
+    handler; `signal.set_wakeup_fd(wakeup.fd)` makes the interpreter poke it on every signal.
+    """
+
+    def __init__(self) -> None:
+        self._read, self.fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
+            os.write(self.fd, b"\0")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until poked or `timeout` seconds pass; then drain the pipe."""
+        if timeout > 0:
+            with contextlib.suppress(InterruptedError):
+                select.select([self._read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._read, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._read, self.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Scheduler:
-    """Due times for many keys in one heap; `wait` sleeps until the next is due or `wake` is called.
+    """Due times for many keys in one heap; `wait` sleeps until the next is due or a wake-up.
 
     Rescheduling a key replaces its previous time (stale heap entries are skipped lazily), so
-    each operation costs O(log n) however many jobs are active.
+    each operation costs O(log n) however many files are in flight.
     """
 
     def __init__(self, clock: Clock = time.monotonic, sleeper: Sleeper | None = None) -> None:
         self.clock = clock
-        self._event = threading.Event()
+        self.wakeup = Wakeup()
         self._sleeper = sleeper
         self._heap: list[tuple[float, int, str]] = []
         self._due_at: dict[str, float] = {}
@@ -77,6 +110,10 @@ class Scheduler:
     def cancel(self, key: str) -> None:
         with self._lock:
             self._due_at.pop(key, None)
+
+    def due_at(self, key: str) -> float | None:
+        with self._lock:
+            return self._due_at.get(key)
 
     def __contains__(self, key: str) -> bool:
         return key in self._due_at
@@ -112,10 +149,8 @@ class Scheduler:
         if self._sleeper is not None:
             self._sleeper(timeout)
             return
-        if timeout > 0:
-            self._event.wait(timeout)
-        self._event.clear()
+        self.wakeup.wait(timeout)
 
     def wake(self) -> None:
-        """Interrupt `wait` from another thread (a new file, a signal, a finished task)."""
-        self._event.set()
+        """Interrupt `wait` (a new file, a finished step, a signal); lock-free."""
+        self.wakeup.poke()

@@ -1,0 +1,236 @@
+"""Claiming and ownership: which process answers for which input name in processing/.
+
+A name is owned by the process holding the flock on `processing/.NAME.lock` -- a file of its
+own, so that replacing the input cannot hand the name to a second owner. Claiming moves an
+inbox file into processing/ (link, then unlink: never replacing anything) and keeps a second
+hard link, `.{claim}.input`, so the daemon still has the bytes it claimed if someone renames
+another file over `processing/NAME`. Recovery takes over files no live process owns: ours
+after a crash, or a dead peer's -- but only where this daemon can reach the file's jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import atomic, jobrecord, logs, spool
+from .faults import crash_point
+from .jobrecord import FileState, JobRecord, JobState, SidecarError
+from .spool import Spool
+
+STALE_WORK_SECONDS = 3600
+"""Work files of a claim no sidecar names are removed once this old (a peer may be writing them)."""
+
+log = logs.get()
+
+
+@dataclass
+class Claimed:
+    """A file this process now owns: its record and the descriptor of its name lock."""
+
+    record: JobRecord
+    lock_fd: int
+    spool: Spool
+    fresh: bool  # claimed from the inbox just now (else taken over from processing/)
+
+
+def lock_name(folder: Spool, name: str) -> int | None:
+    """Take the name lock of `name`; None when another process holds it."""
+    path = folder.lock(name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except FileNotFoundError:
+        raise  # processing/ is gone: the caller heals the spool
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # The owner removes the lock file when it is done: a lock on a removed file is no lock.
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            raise BlockingIOError
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def claim(folder: Spool, path: Path, arrival_ns: int) -> Claimed | None:
+    """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits)."""
+    name = path.name
+    fd = lock_name(folder, name)
+    if fd is None:
+        return None
+    target = folder.input(name)
+    try:
+        if os.path.lexists(target) or folder.sidecar(name).exists():
+            release(fd)  # a previous owner's file: recovery takes it over; this one waits
+            return None
+        if not atomic.link_or_rename(path, target):
+            release(fd)
+            return None
+        record = JobRecord(input=name, arrival=arrival_ns)
+        with contextlib.suppress(OSError):  # filesystems without hard links: no second name
+            os.link(target, folder.work(record.claim_id, "input"), follow_symlinks=False)
+        st = target.lstat()
+        record.inode = [st.st_dev, st.st_ino]
+        atomic.fsync_dir(folder.processing)
+    except BaseException:
+        release(fd)
+        raise
+    crash_point("after_claim")
+    # No cancel request can be meant for a file claimed just now: a marker left is stale.
+    folder.cancel_marker(name).unlink(missing_ok=True)
+    return Claimed(record, fd, folder, fresh=True)
+
+
+def claimed_input(folder: Spool, record: JobRecord) -> Path:
+    """The bytes this claim answers for: the second link if it exists, else processing/NAME."""
+    kept = folder.work(record.claim_id, "input")
+    return kept if os.path.lexists(kept) else folder.input(record.input)
+
+
+def has_remote(record: JobRecord) -> bool:
+    """Whether a job or an upload may exist at the API for this file."""
+    return any(
+        j.job_name or j.create_pending_since or j.uploaded_file or j.upload_pending_since
+        for j in record.jobs
+        if j.state is not JobState.COLLECTED
+    )
+
+
+class Recovery:
+    """Takes over files in processing/ that no live process owns."""
+
+    def __init__(self, folder: Spool, endpoint: str, key_id: str) -> None:
+        self.spool = folder
+        self.endpoint = endpoint
+        self.key_id = key_id
+        self._said: set[tuple[str, str]] = set()
+
+    def scan(self, owned: dict[str, str]) -> list[Claimed]:
+        """Take over what no live process owns; `owned`: our names and their claim ids."""
+        folder = self.spool
+        try:
+            entries = {e.name: e for e in os.scandir(folder.processing)}
+        except FileNotFoundError:
+            return []
+        names = set()
+        for entry in entries:
+            if spool.is_candidate(entry):
+                names.add(entry)
+            elif entry.endswith(spool.INPUT_SUFFIX + spool.SIDECAR_SUFFIX):
+                names.add(entry[: -len(spool.SIDECAR_SUFFIX)])
+        taken: list[Claimed] = []
+        for name in sorted(names - owned.keys()):
+            claimed = self._take(name)
+            if claimed is not None:
+                taken.append(claimed)
+        keep = {**owned, **{c.record.input: c.record.claim_id for c in taken}}
+        self._remove_leftovers(entries, keep)
+        return taken
+
+    def _take(self, name: str) -> Claimed | None:
+        folder = self.spool
+        try:
+            fd = lock_name(folder, name)
+        except FileNotFoundError:
+            return None
+        if fd is None:
+            return None  # a live process owns it
+        try:
+            record = self._load(name)
+        except OSError as exc:
+            log.error("cannot read sidecar", file=name, error=str(exc))
+            release(fd)
+            return None
+        if record is None:
+            release(fd)
+            return None
+        if record.endpoint and record.endpoint != self.endpoint and has_remote(record):
+            self._say_once(name, "endpoint", record.endpoint)
+            release(fd)
+            return None
+        if record.key_id and record.key_id != self.key_id and _unnamed_remote(record):
+            self._say_once(name, "key", record.key_id)
+            release(fd)
+            return None
+        return Claimed(record, fd, folder, fresh=False)
+
+    def _load(self, name: str) -> JobRecord | None:
+        folder = self.spool
+        sidecar = folder.sidecar(name)
+        has_input = os.path.lexists(folder.input(name))
+        try:
+            record = jobrecord.load(sidecar)
+        except FileNotFoundError:
+            if not has_input:
+                return None  # archived meanwhile
+            st = folder.input(name).lstat()
+            return JobRecord(input=name, arrival=st.st_mtime_ns, inode=[st.st_dev, st.st_ino])
+        except SidecarError as exc:
+            record = JobRecord(input=name, state=FileState.WRITING)
+            record.error = {
+                "stage": "job",
+                "message": f"{exc}; the file is failed rather than risk a second job",
+            }
+            return record
+        if record.state.finished:
+            return record  # archiving was cut short: finish it
+        if not has_input and not os.path.lexists(folder.work(record.claim_id, "input")):
+            if record.state is FileState.CLAIMED:
+                return None  # the input went away before anything happened: nothing to answer for
+            log.warning("the claimed input is gone; its jobs are still answered", file=name)
+        return record
+
+    def _say_once(self, name: str, what: str, value: str) -> None:
+        if (name, value) in self._said:
+            return
+        self._said.add((name, value))
+        log.warning(
+            f"left alone: its jobs belong to another API {what}",
+            file=name,
+            **{what: value},
+            ours=self.endpoint if what == "endpoint" else self.key_id,
+        )
+
+    def _remove_leftovers(
+        self, entries: dict[str, os.DirEntry[str]], owned: dict[str, str]
+    ) -> None:
+        """Lock files of finished names; work files of claims no owner answers for any more."""
+        folder = self.spool
+        claims = set(owned.values())
+        now = time.time()
+        for entry_name, entry in entries.items():
+            if entry_name.startswith(".") and entry_name.endswith(spool.LOCK_SUFFIX):
+                name = entry_name[1 : -len(spool.LOCK_SUFFIX)]
+                if name in owned or os.path.lexists(folder.input(name)):
+                    continue
+                if folder.sidecar(name).exists():
+                    continue
+                fd = lock_name(folder, name)
+                if fd is not None:
+                    Path(entry.path).unlink(missing_ok=True)
+                    release(fd)
+                continue
+            match = spool.WORK_FILE.match(entry_name)
+            if match is None or match.group(1) in claims:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS:
+                    Path(entry.path).unlink()
+
+
+def _unnamed_remote(record: JobRecord) -> bool:
+    """A create or upload whose result only the original key can find (a listing per project)."""
+    return any(
+        (j.create_pending_since and not j.job_name) or j.upload_pending_since
+        for j in record.jobs
+        if j.state is not JobState.COLLECTED
+    )

@@ -1,0 +1,188 @@
+"""The validation pass: read a claimed input once and write everything later steps need.
+
+One streaming read of the input checks every line and writes, in processing/:
+
+- the index (`.{claim}.index`): one compact entry per request or invalid line, in input order
+  -- line number, key, filter_json, part -- from which results are merged without parsing
+  the input again;
+- each job's request file (`.{claim}.jN.req`): `{"key", "request"}` lines, the File API's
+  batch input format, split into parts at line boundaries so that no job is over
+  `limits.max_job_bytes`, `limits.max_requests_per_job` or the enqueued-token budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .inputs import Defaults, LineError, Request, Scan, read_requests
+
+CHARS_PER_TOKEN = 4
+"""The documented token estimate: characters of prompt text / 4 (English prose averages ~4)."""
+
+NON_TEXT_PART_TOKENS = 258
+"""Estimate for a non-text part (an image is 258 tokens at the API's default resolution)."""
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Where a file is cut into parts, and which parts go inline."""
+
+    max_job_bytes: int
+    max_requests_per_job: int | None
+    max_job_tokens: int | None
+    inline_max_bytes: int
+
+
+@dataclass
+class PlannedJob:
+    part: int
+    path: Path
+    requests: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Plan:
+    """What the validation pass found and wrote."""
+
+    scan: Scan
+    jobs: list[PlannedJob] = field(default_factory=list)
+    too_big: str | None = None  # a request the token budget cannot hold, named
+
+    @property
+    def tokens(self) -> int:
+        return sum(j.tokens for j in self.jobs)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON, UTF-8; orjson where it can (it refuses integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def request_line(request: Request) -> bytes:
+    """One line of a File API batch input: `{"key", "request"}`."""
+    return dumps({"key": request.key, "request": request.body}) + b"\n"
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """Input tokens of a request body, estimated from its text (see CHARS_PER_TOKEN)."""
+    chars = 0
+    extra = 0
+    for content in _contents(body):
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            text = part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str):
+                chars += len(text)
+            else:
+                extra += NON_TEXT_PART_TOKENS
+    return -(-chars // CHARS_PER_TOKEN) + extra
+
+
+def _contents(body: dict[str, Any]) -> Iterator[Any]:
+    contents = body.get("contents")
+    yield from contents if isinstance(contents, list) else []
+    system = body.get("systemInstruction")
+    if system is not None:
+        yield system
+
+
+def write_plan(
+    source: Path,
+    defaults: Defaults,
+    limits: JobLimits,
+    index_path: Path,
+    job_path: Any,
+    *,
+    keep_invalid: bool,
+) -> Plan:
+    """Validate `source` and write its index and request files.
+
+    `job_path(n)` names the request file of job n (1-based). `keep_invalid`: invalid lines get
+    index entries (on_invalid_line: skip_line); otherwise the files written are only useful
+    when the scan found no error.
+    """
+    scan = Scan(source)
+    plan = Plan(scan)
+    current: PlannedJob | None = None
+    handle: IO[bytes] | None = None
+    try:
+        with index_path.open("wb") as index:
+            for item in read_requests(source, defaults, scan):
+                if isinstance(item, LineError):
+                    if keep_invalid:
+                        index.write(dumps([item.line, item.key, None, 0, item.message]) + b"\n")
+                    continue
+                line = request_line(item)
+                tokens = estimate_tokens(item.body)
+                if limits.max_job_tokens is not None and tokens > limits.max_job_tokens:
+                    plan.too_big = plan.too_big or (
+                        f"line {item.line} alone is about {tokens} input tokens, over "
+                        f"limits.max_enqueued_tokens ({limits.max_job_tokens})"
+                    )
+                if current is None or not _fits(current, len(line), tokens, limits):
+                    if handle is not None:
+                        handle.close()
+                    current = PlannedJob(len(plan.jobs) + 1, job_path(len(plan.jobs) + 1))
+                    plan.jobs.append(current)
+                    handle = current.path.open("wb")
+                assert handle is not None
+                handle.write(line)
+                current.requests += 1
+                current.bytes += len(line)
+                current.tokens += tokens
+                index.write(dumps([item.line, item.key, int(item.filter_json), current.part]))
+                index.write(b"\n")
+    finally:
+        if handle is not None:
+            handle.close()
+    return plan
+
+
+def _fits(job: PlannedJob, size: int, tokens: int, limits: JobLimits) -> bool:
+    if not job.requests:
+        return True
+    if job.bytes + size > limits.max_job_bytes:
+        return False
+    if limits.max_requests_per_job is not None and job.requests >= limits.max_requests_per_job:
+        return False
+    return limits.max_job_tokens is None or job.tokens + tokens <= limits.max_job_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One input line as the index recorded it: a request (part >= 1) or an invalid line."""
+
+    line: int
+    key: str | None
+    filter_json: bool
+    part: int
+    invalid: str | None = None  # the reason, for a line skipped under skip_line
+
+
+def read_index(path: Path) -> Iterator[IndexEntry]:
+    """The index's entries, in input order."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            item = orjson.loads(raw)
+            if len(item) == 4:
+                yield IndexEntry(item[0], item[1], bool(item[2]), item[3])
+            else:
+                yield IndexEntry(item[0], item[1], False, 0, item[4])
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

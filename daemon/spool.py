@@ -1,0 +1,156 @@
+"""Spool names: every folder and file name the daemon, the watcher and the CLI use, in one place.
+
+For an input `inbox/NAME.jsonl` the daemon keeps, in `inbox/processing/`:
+
+- `NAME.jsonl`, the claimed input, and `NAME.jsonl.job.json`, its sidecar (the contract's names);
+- `.NAME.jsonl.lock`, whose flock makes one process the owner of the name;
+- `NAME.jsonl.cancel`, a cancel request from `gemini-batchd cancel`;
+- work files of one claim, `.{claim_id}.{what}`: a hard link to the claimed input (`input`), the
+  compact index of its lines (`index`), and each job's requests (`jN.req`) and answers (`jN.out`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import atomic
+
+INPUT_SUFFIX = ".jsonl"
+SIDECAR_SUFFIX = ".job.json"
+CANCEL_SUFFIX = ".cancel"
+LOCK_SUFFIX = ".lock"
+ERROR_SUFFIX = ".error.json"
+DAEMON_PREFIX = ".daemon."
+"""`processing/.daemon.HOST.PID.json` describes a running daemon; `.lock` beside it is held by it."""
+
+NAME_MAX = 255
+"""The longest file name, in bytes, on Linux filesystems."""
+NAME_MARGIN = 16
+"""Room left for `-N` suffixes and longer pids and clock readings in derived names."""
+
+WORK_FILE = re.compile(r"^\.([0-9a-f]{12})\.([a-z0-9.]+)$")
+"""`.{claim_id}.{what}`: a work file of one claim."""
+
+HOST = socket.gethostname().replace(".", "_")
+
+
+def is_candidate(name: str) -> bool:
+    """Whether the daemon takes an inbox entry of this name (see `why_ignored`)."""
+    return why_ignored(name) is None
+
+
+def why_ignored(name: str) -> str | None:
+    """Why an inbox entry of this name is not taken, or None when it is."""
+    if name.startswith("."):
+        return "a dot-file (writers use dot-names while writing)"
+    if not name.endswith(INPUT_SUFFIX) or len(name) == len(INPUT_SUFFIX):
+        return f"the name does not end in {INPUT_SUFFIX!r} (lower case)"
+    return name_too_long(name)
+
+
+def name_too_long(name: str) -> str | None:
+    """Why input `name` is too long to process, or None.
+
+    The longest name derived from an input is the temporary file of its sidecar; were it over
+    NAME_MAX, the sidecar could not be written and the file could not be tracked.
+    """
+    sidecar = name + SIDECAR_SUFFIX
+    derived = (atomic.temp_name(Path(sidecar)).name, sidecar, "." + name + LOCK_SUFFIX)
+    size = max(len(os.fsencode(n)) for n in derived) + NAME_MARGIN
+    if size <= NAME_MAX:
+        return None
+    limit = len(os.fsencode(name)) - (size - NAME_MAX)
+    return f"the name is {len(os.fsencode(name))} bytes long; the daemon takes names up to {limit}"
+
+
+def stem(name: str) -> str:
+    """`NAME` of `NAME.jsonl`."""
+    return name[: -len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+
+
+class Spool:
+    """The folders of one inbox and its outbox, and the names of everything in them."""
+
+    def __init__(self, inbox: Path, outbox: Path) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.processing = inbox / "processing"
+        self.done = inbox / "done"
+        self.failed = inbox / "failed"
+
+    def folders(self) -> tuple[Path, ...]:
+        return (self.inbox, self.processing, self.done, self.failed, self.outbox)
+
+    def heal(self) -> list[Path]:
+        """Create whichever folder is missing (an operator's `rm -rf`); returns those created."""
+        created = []
+        for folder in self.folders():
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                created.append(folder)
+        return created
+
+    # ---- per input name -------------------------------------------------------------
+
+    def input(self, name: str) -> Path:
+        return self.processing / name
+
+    def sidecar(self, name: str) -> Path:
+        return self.processing / (name + SIDECAR_SUFFIX)
+
+    def lock(self, name: str) -> Path:
+        return self.processing / ("." + name + LOCK_SUFFIX)
+
+    def cancel_marker(self, name: str) -> Path:
+        return self.processing / (name + CANCEL_SUFFIX)
+
+    def work(self, claim_id: str, what: str) -> Path:
+        return self.processing / f".{claim_id}.{what}"
+
+    def work_files(self, claim_id: str) -> Iterator[Path]:
+        """Every work file of a claim (and temp files written for them)."""
+        prefix = f".{claim_id}."
+        try:
+            entries = list(os.scandir(self.processing))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                yield Path(entry.path)
+
+    def results_target(self, name: str) -> Path:
+        return self.outbox / name
+
+    def report_target(self, name: str) -> Path:
+        return self.outbox / (stem(name) + ERROR_SUFFIX)
+
+    def archive_folder(self, failed: bool) -> Path:
+        return self.failed if failed else self.done
+
+    def free_archive_name(self, folder: Path, name: str) -> Path:
+        """A name in done/ or failed/ free for the input *and* its sidecar."""
+        return next(
+            p
+            for p in atomic.unique_names(folder / name)
+            if not os.path.lexists(p) and not os.path.lexists(str(p) + SIDECAR_SUFFIX)
+        )
+
+    # ---- daemons --------------------------------------------------------------------
+
+    def daemon_file(self, host: str = HOST, pid: int | None = None) -> Path:
+        return self.processing / f"{DAEMON_PREFIX}{host}.{pid or os.getpid()}.json"
+
+    def daemon_files(self) -> list[Path]:
+        try:
+            names = sorted(os.listdir(self.processing))
+        except OSError:
+            return []
+        return [
+            self.processing / n
+            for n in names
+            if n.startswith(DAEMON_PREFIX) and n.endswith(".json")
+        ]
