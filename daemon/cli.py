@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, atomic, jobrecord, logs
 from .config import Config, ConfigError, default_config_path, load_config, resolve_api_key
 from .jobrecord import FileState, JobRecord, SidecarError
-from .watcher import CANCEL_SUFFIX, is_candidate, name_too_long
+from .spool import CANCEL_SUFFIX, SIDECAR_SUFFIX, is_candidate, name_too_long
 
 if TYPE_CHECKING:  # google-genai takes a second to import: only `run` and `cancel` need it
-    from .backend import GeminiBackend
+    from .backend import Backend
 
 EXIT_USAGE = 2
 """Bad configuration, missing API key, unknown target: the command could not start its work."""
@@ -159,10 +159,10 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path]:
     return load_config(path, must_exist=explicit), path
 
 
-def make_backend(config: Config, api_key: str, base_url: str | None = None) -> GeminiBackend:
-    from .backend import GeminiBackend
+def make_backend(config: Config, api_key: str, base_url: str | None = None) -> Backend:
+    from .backend import Backend
 
-    return GeminiBackend(
+    return Backend(
         api_key,
         base_url=base_url or config.api.base_url,
         api_version=config.api.api_version,
@@ -213,6 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         reload_config=reload,
         make_backend=lambda c: make_backend(c, api_key, base_url),
     )
+    # Handlers only set flags and poke the wake-up pipe; the main loop does the work.
+    signal.set_wakeup_fd(service.scheduler.wakeup.fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
@@ -241,7 +243,7 @@ def _known_files(config: Config) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     now = time.time()
     for name in sorted(os.listdir(config.inbox)) if config.inbox.is_dir() else []:
-        if is_candidate(Path(name)):
+        if is_candidate(name):
             rows.append({"input": name, "state": "inbox", "job_name": None, "job_state": None})
     for folder, recent in (
         (config.processing_dir, False),
@@ -250,7 +252,7 @@ def _known_files(config: Config) -> list[dict[str, Any]]:
     ):
         if not folder.is_dir():
             continue
-        for sidecar in sorted(folder.glob("*" + jobrecord.SIDECAR_SUFFIX)):
+        for sidecar in sorted(folder.glob("*" + SIDECAR_SUFFIX)):
             try:
                 if recent and now - sidecar.stat().st_mtime > RECENT_SECONDS:
                     continue
@@ -263,7 +265,7 @@ def _known_files(config: Config) -> list[dict[str, Any]]:
         if not recent:
             claimed = {r["input"] for r in rows}
             for path in sorted(folder.iterdir()):
-                if is_candidate(path) and path.name not in claimed:
+                if is_candidate(path.name) and path.name not in claimed:
                     rows.append(
                         {
                             "input": path.name,
@@ -403,7 +405,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         too_long = name_too_long(source.name)
         if too_long:
             raise CommandError(f"{name}: {too_long}")
-        if not is_candidate(source):
+        if not is_candidate(source.name):
             raise CommandError(
                 f"{name}: the daemon only takes *.jsonl files whose name does not start with '.'"
             )
@@ -459,9 +461,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _find_record(config: Config, target: str) -> tuple[JobRecord | None, Path | None]:
     name = Path(target).name
     for sidecar in (
-        config.processing_dir.glob("*" + jobrecord.SIDECAR_SUFFIX)
-        if config.processing_dir.is_dir()
-        else []
+        config.processing_dir.glob("*" + SIDECAR_SUFFIX) if config.processing_dir.is_dir() else []
     ):
         try:
             record = jobrecord.load(sidecar)

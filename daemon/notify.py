@@ -77,3 +77,55 @@ class Notifier:
         except ValueError:
             return None
         return usec / 2_000_000 if usec > 0 else None
+
+
+class SystemdStatus:
+    """What systemd is told: READY=1, a STATUS= line when it changes, and WATCHDOG=1 -- the
+    watchdog only while work progresses, so systemd restarts a daemon whose workers are stuck."""
+
+    STATUS_EVERY = 0.5
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self._last_status = ""
+        self._next_status = 0.0
+        self._last_ping = 0.0
+
+    def ready(self, status: str) -> None:
+        self._last_status = status
+        self.notifier.ready(status)
+        self._ping(force=True)
+
+    def reloading(self) -> None:
+        self.notifier.reloading()
+
+    def stopping(self) -> None:
+        self.notifier.stopping()
+
+    def tick(self, status: Callable[[], str], *, progressing: bool) -> None:
+        """STATUS= when it changed (at most twice a second); WATCHDOG=1 if work progresses."""
+        now = time.monotonic()
+        if self.notifier.enabled and now >= self._next_status:
+            self._next_status = now + self.STATUS_EVERY
+            text = status()
+            if text != self._last_status:
+                self._last_status = text
+                self.notifier.status(text)
+        if progressing:
+            self._ping()
+
+    def next_ping_in(self) -> float:
+        """Seconds until the next watchdog ping is due (the main loop wakes for it)."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return float("inf")
+        return max(0.0, self._last_ping + interval / 2 - time.monotonic())
+
+    def _ping(self, *, force: bool = False) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_ping >= interval / 2:
+            self._last_ping = now
+            self.notifier.watchdog()

@@ -26,43 +26,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from . import atomic, logs
+from . import logs
 from .schedule import Clock
-
-INPUT_SUFFIX = ".jsonl"
-CANCEL_SUFFIX = ".cancel"
-"""`inbox/processing/NAME.jsonl.cancel` asks the daemon to cancel NAME's job (see `cli cancel`)."""
-NAME_MAX = 255
-"""The longest file name, in bytes, on Linux filesystems."""
-NAME_MARGIN = 16
-"""Room left for `-N` suffixes and longer pids and clock readings in derived names."""
+from .spool import CANCEL_SUFFIX, is_candidate, why_ignored
 
 log = logs.get()
-
-
-def is_candidate(path: Path) -> bool:
-    """A name the daemon takes: `*.jsonl`, not a dot-file (writers use dot-names while writing),
-    short enough for the files named after it (see `name_too_long`)."""
-    return (
-        path.name.endswith(INPUT_SUFFIX)
-        and not path.name.startswith(".")
-        and len(path.name) > len(INPUT_SUFFIX)
-        and not name_too_long(path.name)
-    )
-
-
-def name_too_long(name: str) -> str | None:
-    """Why input `name` is too long to process, or None.
-
-    The longest name the daemon derives from an input is the temporary file of its sidecar;
-    were it over NAME_MAX, the sidecar could not be written and the file could not be tracked.
-    """
-    derived = (atomic.temp_name(Path(name + ".job.json")).name, name + ".job.json")
-    size = max(len(os.fsencode(n)) for n in derived) + NAME_MARGIN
-    if size <= NAME_MAX:
-        return None
-    limit = len(os.fsencode(name)) - (size - NAME_MAX)
-    return f"the name is {len(os.fsencode(name))} bytes long; the daemon takes names up to {limit}"
 
 
 def open_for_writing(path: Path) -> bool | None:
@@ -93,6 +61,7 @@ class _Seen:
     signature: tuple[int, int] | None  # (size, mtime_ns) at the last look
     since: float  # clock time the signature was first seen
     complete: bool  # closed after writing or moved in: no need to wait for it to settle
+    arrival: int  # wall-clock ns it arrived (first event, else its mtime): the queue order
 
 
 class InboxWatcher:
@@ -111,7 +80,7 @@ class InboxWatcher:
         self._on_event = on_event
         self._seen: dict[str, _Seen] = {}
         self._cancel_requests: set[str] = set()
-        self._too_long_logged: set[str] = set()
+        self.ignored: dict[str, str] = {}  # inbox names not taken, and why (logged once each)
         self._lock = threading.Lock()
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
@@ -141,19 +110,21 @@ class InboxWatcher:
         except OSError:
             return
         now = self._clock()
+        ignored: dict[str, str] = {}
         with self._lock:
             for entry in entries:
-                if is_candidate(Path(entry.name)) and entry.name not in self._seen:
-                    self._seen[entry.name] = _Seen(None, now, complete=False)
-        for entry in entries:
-            name = entry.name
-            if name.endswith(INPUT_SUFFIX) and not name.startswith("."):
-                reason = name_too_long(name)
-                if reason and name not in self._too_long_logged:
-                    self._too_long_logged.add(name)
-                    log.warning(
-                        "ignored: rename the file to have it processed", file=name, reason=reason
-                    )
+                if is_candidate(entry.name):
+                    if entry.name not in self._seen:
+                        arrival = _mtime_ns(entry)
+                        self._seen[entry.name] = _Seen(None, now, False, arrival)
+                elif not entry.name.startswith(".") and entry.name not in _SPOOL_FOLDERS:
+                    ignored[entry.name] = why_ignored(entry.name) or "not a file the daemon takes"
+        for name, reason in ignored.items():
+            if name not in self.ignored:
+                log.warning(
+                    "ignored: rename the file to have it processed", file=name, reason=reason
+                )
+        self.ignored = ignored
         self._rescan_cancel_requests()
 
     def _rescan_cancel_requests(self) -> None:
@@ -170,12 +141,12 @@ class InboxWatcher:
 
     def note(self, name: str, *, complete: bool) -> None:
         """An event touched inbox/`name`."""
-        if not is_candidate(Path(name)):
+        if not is_candidate(name):
             return
         with self._lock:
             seen = self._seen.get(name)
             if seen is None:
-                self._seen[name] = _Seen(None, self._clock(), complete)
+                self._seen[name] = _Seen(None, self._clock(), complete, time.time_ns())
             else:
                 seen.complete = seen.complete or complete
                 if not complete:
@@ -202,10 +173,10 @@ class InboxWatcher:
         with self._lock:
             return len(self._seen)
 
-    def ready(self) -> list[Path]:
-        """Candidates that are complete now, in the order they were first seen."""
+    def ready(self) -> list[tuple[Path, int]]:
+        """Candidates that are complete now, with their arrival time, in arrival order."""
         now = self._clock()
-        ready: list[Path] = []
+        ready: list[tuple[int, str]] = []
         with self._lock:
             for name, seen in list(self._seen.items()):
                 path = self.inbox / name
@@ -215,7 +186,7 @@ class InboxWatcher:
                     del self._seen[name]
                     continue
                 except OSError:
-                    ready.append(path)  # unreadable entries get an error report
+                    ready.append((seen.arrival, name))  # unreadable entries get an error report
                     continue
                 signature = (st.st_size, st.st_mtime_ns)
                 if signature != seen.signature:
@@ -225,8 +196,19 @@ class InboxWatcher:
                     seen.signature = signature
                 settled = now - seen.since >= self.settle_seconds
                 if (seen.complete or settled) and open_for_writing(path) is not True:
-                    ready.append(path)
-        return ready
+                    ready.append((seen.arrival, name))
+        ready.sort()
+        return [(self.inbox / name, arrival) for arrival, name in ready]
+
+
+def _mtime_ns(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return time.time_ns()
+
+
+_SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 
 
 def _wall_age(mtime_ns: int) -> float:

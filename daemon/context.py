@@ -1,0 +1,144 @@
+"""The vocabulary of steps: the file a worker holds, what it may use, and what it returns.
+
+A step gets a `Context` (settings, the API, time, the API's health) and a `Tracked` file (its
+sidecar record and what lives only in memory), and returns `Next`: when the file needs a
+worker again. Every API call goes through `Context.call`, where the one failure model
+(`failures.classify`) sorts out what went wrong, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import jobrecord, logs
+from .backend import Backend
+from .config import Config
+from .failures import Call, Failure, Health, RetryPolicy, classify
+from .inputs import Defaults
+from .jobrecord import JobEntry, JobRecord, isotime
+from .schedule import Backoff
+from .spool import Spool
+from .wire import RemoteJob
+
+T = TypeVar("T")
+log = logs.get()
+
+
+class Pool(Enum):
+    LOCAL = "local"  # file work: validation, writing, archiving
+    API = "api"  # calls to the Batch API
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a step says about when its file needs a worker again."""
+
+    kind: str  # "now", "after", "slot" (a job waits for a job slot), "finished"
+    seconds: float = 0.0
+
+    @staticmethod
+    def now() -> Next:
+        return _NOW
+
+    @staticmethod
+    def after(seconds: float) -> Next:
+        return Next("after", max(0.0, seconds)) if seconds > 0 else _NOW
+
+    @staticmethod
+    def wait_for_slot() -> Next:
+        return _SLOT
+
+    @staticmethod
+    def finished() -> Next:
+        return _FINISHED
+
+    def earliest(self, other: Next) -> Next:
+        order = {"now": 0, "after": 1, "slot": 2, "finished": 3}
+        if self.kind == other.kind == "after":
+            return self if self.seconds <= other.seconds else other
+        return self if order[self.kind] <= order[other.kind] else other
+
+
+_NOW = Next("now")
+
+
+_SLOT = Next("slot")
+
+
+_FINISHED = Next("finished")
+
+
+@dataclass
+class Tracked:
+    """A file this process owns (it holds the name lock), with what lives only in memory."""
+
+    name: str
+    record: JobRecord
+    lock_fd: int
+    spool: Spool  # of the inbox it was claimed from (a reload may watch another)
+    defaults: Defaults  # the settings it is validated with
+    busy: bool = False
+    granted: set[int] = field(default_factory=set)  # jobs given a slot, not yet started
+    due: dict[int, float] = field(default_factory=dict)  # job -> clock time of its next step
+    remote: dict[int, RemoteJob] = field(default_factory=dict)  # finished jobs, for collecting
+    cancel_requested: bool = False
+
+    @property
+    def sidecar(self) -> Path:
+        return self.spool.sidecar(self.name)
+
+    def work(self, what: str) -> Path:
+        return self.spool.work(self.record.claim_id, what)
+
+    def job_file(self, job: JobEntry, what: str) -> Path:
+        return self.work(f"j{job.index}.{what}")
+
+
+class CallFailed(Exception):
+    """An API call failed; `failure` says how (classified once, where the call was made)."""
+
+    def __init__(self, call: Call, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.call = call
+        self.failure = failure
+
+
+class LeftAlone(Exception):
+    """The file belongs to another daemon's key or endpoint: stop tracking it, fail nothing."""
+
+
+@dataclass
+class Context:
+    """What steps need of the daemon: settings, the API, time, and the API's health."""
+
+    config: Config
+    backend: Backend
+    poll: Backoff
+    policy: RetryPolicy
+    health: Health
+    clock: Callable[[], float]
+    wall: Callable[[], datetime] = jobrecord.utcnow
+    stopping: Callable[[], bool] = lambda: False
+
+    def call(self, call: Call, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Make one API call; its failure is classified here, once, as `CallFailed`."""
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            failure = classify(exc, action)
+            self.health.failed(call, failure)
+            raise CallFailed(call, failure) from exc
+        self.health.ok(call)
+        return result
+
+    def save(self, t: Tracked) -> None:
+        t.record.summarize()
+        jobrecord.save(t.record, t.sidecar)
+
+    def stamp(self, seconds: float = 0.0) -> str:
+        return isotime(self.wall() + timedelta(seconds=seconds))

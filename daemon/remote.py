@@ -1,0 +1,332 @@
+"""The steps of one remote batch job: start, upload, create (exactly once), poll, collect.
+
+Each handler takes the file's `Tracked` state and one of its `JobEntry`s and returns the
+seconds until the job needs a worker again (None: it waits for a job slot). A create is
+recorded in the sidecar before it is sent; while its outcome is unknown the job is looked up
+by display name, over a grace period, before it is ever created again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import logs, publish
+from .context import CallFailed, Context, LeftAlone, Tracked
+from .failures import Call, Failure
+from .faults import crash_point
+from .jobrecord import JobEntry, JobState, seconds_since
+from .wire import RemoteJob
+
+log = logs.get()
+
+SUCCEEDED = "JOB_STATE_SUCCEEDED"
+CANCELLED = "JOB_STATE_CANCELLED"
+EXPIRED = "JOB_STATE_EXPIRED"
+
+RESULTS_LIFETIME = 48 * 3600
+"""The API keeps a job's responses file this long: downloads are retried until then."""
+
+
+MAX_DELETE_ATTEMPTS = 5
+"""Deleting a remote file is retried this often, then left to expire (48 h)."""
+
+
+def start_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
+    """A slot was granted: name the job and go on to upload or create it."""
+    if job.index not in t.granted:
+        return None
+    t.granted.discard(job.index)
+    job.display_name = t.record.display_name(job)
+    job.not_before = None
+    job.move_to(JobState.UPLOADING if job.mode == "file" else JobState.SUBMITTING)
+    if job.state is JobState.UPLOADING:
+        ctx.save(t)  # (a create saves before its call anyway)
+    return 0.0
+
+
+def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
+    """File API: upload the job's request file (after removing one a lost reply left behind)."""
+    assert job.display_name
+    if t.cancel_requested:
+        end_job(ctx, t, job, "cancelled before a job was created", CANCELLED, "job")
+        return 0.0
+    if job.upload_pending_since:
+        for name in ctx.call(Call.UPLOAD, "find uploads", ctx.backend.find_files, job.display_name):
+            delete_remote(ctx, t, name)
+    job.upload_pending_since = ctx.stamp()
+    ctx.save(t)
+    name = ctx.call(
+        Call.UPLOAD,
+        "upload batch input",
+        ctx.backend.upload,
+        t.job_file(job, "req"),
+        job.display_name,
+    )
+    crash_point("after_upload")
+    job.uploaded_file, job.upload_pending_since = name, None
+    job.move_to(JobState.SUBMITTING)
+    ctx.save(t)
+    log.info("uploaded", file=t.name, part=job.part, uploaded_file=name)
+    return 0.0
+
+
+def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
+    """Create the job exactly once: while a create may have happened, look it up first."""
+    record = t.record
+    assert job.display_name and record.model
+    if job.create_pending_since:
+        crash_point("in_lookup")
+        found = ctx.call(Call.LOOKUP, "look up the job", ctx.backend.find_job, job.display_name)
+        if found is not None:
+            log.warning(
+                "adopted a job created before a crash or a lost reply", file=t.name, job=found.name
+            )
+            return started(ctx, t, job, found)
+        waited = seconds_since(job.create_pending_since, ctx.wall())
+        grace = ctx.config.api.lookup_grace_seconds
+        if waited < grace:
+            job.retries += 1
+            delay = min(ctx.policy.backoff.delay(job.retries - 1), grace - waited)
+            log.info(
+                "the job is not listed yet; looking again",
+                file=t.name,
+                display_name=job.display_name,
+                retry_in=round(delay, 2),
+            )
+            ctx.save(t)
+            return max(delay, 0.01)
+        log.info("no job was made; creating it", file=t.name, waited=round(waited, 1))
+        job.create_pending_since = None
+    if t.cancel_requested:
+        end_job(ctx, t, job, "cancelled before a job was created", CANCELLED, "job")
+        return 0.0
+    job.create_pending_since = ctx.stamp()
+    job.create_calls += 1
+    ctx.save(t)
+    source: str | Path = job.uploaded_file or t.job_file(job, "req")
+    crash_point("before_create")
+    try:
+        remote = ctx.call(
+            Call.CREATE,
+            "create batch job",
+            ctx.backend.create_job,
+            record.model,
+            job.display_name,
+            source,
+            inline=job.mode == "inline",
+        )
+    except CallFailed as exc:
+        if exc.failure.server_refused:  # a 4xx: the server did not make it
+            job.create_pending_since = None
+        raise
+    crash_point("after_create")
+    return started(ctx, t, job, remote)
+
+
+def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float:
+    job.job_name, job.job_state = remote.name, remote.state
+    job.create_pending_since = None
+    job.polls = 0
+    job.move_to(JobState.RUNNING)
+    delay = 0.0 if t.cancel_requested else ctx.poll.delay(0)
+    job.next_poll_at = ctx.stamp(delay)
+    ctx.save(t)
+    log.info(
+        "submitted",
+        file=t.name,
+        job=remote.name,
+        part=job.part,
+        round=job.round,
+        requests=job.requests,
+        mode=job.mode,
+    )
+    return delay
+
+
+def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
+    assert job.job_name
+    remote = ctx.call(Call.POLL, f"get {job.job_name}", ctx.backend.get_job, job.job_name)
+    crash_point("while_polling")
+    if t.cancel_requested and not remote.done:
+        ctx.call(Call.POLL, f"cancel {job.job_name}", ctx.backend.cancel_job, job.job_name)
+        log.info("cancelled the job", file=t.name, job=job.job_name)
+        return 0.5
+    job.polls += 1
+    job.not_found_since = None
+    if remote.state != job.job_state:
+        log.info(
+            "job state changed",
+            file=t.name,
+            job=job.job_name,
+            job_state=remote.state,
+            previous=job.job_state,
+            polls=job.polls,
+        )
+    job.job_state = remote.state
+    if t.record.key_id != ctx.backend.key_id:
+        t.record.key_id = ctx.backend.key_id  # our key reaches the job: it is ours now
+    if remote.progress is not None:
+        job.progress = remote.progress.as_dict()
+    if not remote.done:
+        delay = ctx.poll.delay(job.polls)
+        if ctx.health.paused:
+            delay = max(delay, ctx.policy.pause_seconds)
+        job.next_poll_at = ctx.stamp(delay)
+        ctx.save(t)
+        return delay
+    job.ended_at = ctx.stamp()
+    if remote.state == SUCCEEDED:
+        t.remote[job.index] = remote
+        job.results_file = remote.responses_file
+        job.move_to(JobState.ENDED)
+        ctx.save(t)
+        ctx.health.job_ended()
+        return 0.0
+    message = remote.error_message or "no message from the API"
+    if remote.state == CANCELLED and t.cancel_requested and not remote.error_message:
+        message = "cancelled by gemini-batchd cancel"
+    if "enqueued" in message.lower() and "token" in message.lower():
+        requeue(ctx, t, job, message, quota=True)
+        ctx.health.job_ended()
+        return None
+    if remote.state == EXPIRED and job.expired_resubmits < ctx.config.expired_resubmits:
+        log.warning("job expired; resubmitting", file=t.name, job=job.job_name)
+        job.expired_resubmits += 1
+        requeue(ctx, t, job, message, quota=False)
+        ctx.health.job_ended()
+        return None
+    end_job(ctx, t, job, f"the batch job ended {remote.state}: {message}", remote.state, "job")
+    ctx.health.job_ended()
+    return 0.0
+
+
+def maybe_gone(
+    ctx: Context, t: Tracked, job: JobEntry, failure: Failure, delay: float
+) -> float | None:
+    """404 for a job: it is gone only after 404s for at least `poll.max_seconds`."""
+    if job.state is JobState.ENDED:  # the responses file: retried while the API may keep it
+        if seconds_since(job.ended_at, ctx.wall()) > RESULTS_LIFETIME:
+            job.error, job.stage = f"the results could not be fetched: {failure.message}", "results"
+            job.results_file = None
+            job.move_to(JobState.COLLECTED)
+            ctx.save(t)
+            return 0.0
+        ctx.save(t)
+        return delay
+    if t.record.key_id and t.record.key_id != ctx.backend.key_id:
+        raise LeftAlone(f"its job {job.job_name} is not reachable with this daemon's API key")
+    job.not_found_since = job.not_found_since or ctx.stamp()
+    window = max(ctx.config.poll.max_seconds, 1.0)
+    if seconds_since(job.not_found_since, ctx.wall()) >= window and job.retries >= 3:
+        end_job(ctx, t, job, f"the batch job no longer exists: {failure.message}", None, "job")
+        return 0.0
+    ctx.save(t)
+    return min(delay, window / 3)
+
+
+def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
+    """Save the job's answers locally, then delete its files at the API."""
+    answers = t.job_file(job, "out")
+    if job.succeeded and not answers.exists():
+        crash_point("while_fetching")
+        if job.mode == "inline" or not job.results_file:
+            remote = t.remote.pop(job.index, None)
+            if remote is None or (remote.inline_responses is None and not remote.responses_file):
+                assert job.job_name
+                remote = ctx.call(
+                    Call.COLLECT, f"get {job.job_name}", ctx.backend.get_job, job.job_name
+                )
+            if remote.responses_file and not remote.inline_responses:
+                job.results_file = remote.responses_file
+                return 0.0
+            lines, positional = publish.inline_lines(
+                remote.inline_responses or [], publish.request_keys(t.job_file(job, "req"))
+            )
+            if positional:
+                log.info(
+                    "answers carry no keys; matched by position", file=t.name, job=job.job_name
+                )
+            publish.save_answers(answers, lines)
+        else:
+            temp = t.job_file(job, "download")
+            try:
+                ctx.call(
+                    Call.COLLECT,
+                    f"download {job.results_file}",
+                    ctx.backend.download,
+                    job.results_file,
+                    temp,
+                )
+                os.replace(temp, answers)
+            finally:
+                temp.unlink(missing_ok=True)
+    t.remote.pop(job.index, None)
+    for attr in ("uploaded_file", "results_file"):
+        name = getattr(job, attr)
+        if name:
+            delete_remote(ctx, t, name)
+            setattr(job, attr, None)
+    job.move_to(JobState.COLLECTED)
+    ctx.save(t)
+    crash_point("after_collect")
+    return 0.0
+
+
+def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
+    """Delete a file at the API; one it refuses (or cannot find) is left to expire (48 h)."""
+    for attempt in range(1, MAX_DELETE_ATTEMPTS + 1):
+        try:
+            ctx.call(Call.COLLECT, f"delete {name}", ctx.backend.delete_file, name)
+            return
+        except CallFailed as exc:
+            transient = exc.failure.kind.value in ("transient", "auth")
+            if not transient or attempt == MAX_DELETE_ATTEMPTS:
+                log.warning(
+                    "could not delete a file at the API; it expires after 48 h",
+                    file=t.name,
+                    remote_file=name,
+                    error=exc.failure.message,
+                )
+                return
+
+
+def leave_job(ctx: Context, t: Tracked, job: JobEntry) -> None:
+    """Leave a job cleanly before it is made again: delete its files at the API, forget them."""
+    for name in (job.uploaded_file, job.results_file):
+        if name:
+            delete_remote(ctx, t, name)
+    job.leave_remote()
+
+
+def requeue(ctx: Context, t: Tracked, job: JobEntry, reason: str, *, quota: bool) -> None:
+    """Back to the queue, as a new attempt: the enqueued-token quota is full, or it expired."""
+    leave_job(ctx, t, job)
+    if quota:
+        job.quota_waits += 1
+        job.not_before = ctx.stamp(ctx.policy.backoff.delay(job.quota_waits - 1))
+        ctx.health.quota_refused()
+    job.attempt += 1
+    job.move_to(JobState.QUEUED)
+    job.last_error = logs.redact(reason)
+    ctx.save(t)
+    log.warning(
+        "back to the queue",
+        file=t.name,
+        part=job.part,
+        reason=job.last_error,
+        quota_waits=job.quota_waits,
+    )
+
+
+def end_job(
+    ctx: Context, t: Tracked, job: JobEntry, error: str | None, job_state: str | None, stage: str
+) -> None:
+    """The job is over without answers (failed, refused, cancelled, gone)."""
+    job.error = logs.redact(error) if error else None
+    job.stage = stage
+    if job_state is not None:
+        job.job_state = job_state
+    job.ended_at = job.ended_at or ctx.stamp()
+    job.move_to(JobState.ENDED)
+    ctx.save(t)

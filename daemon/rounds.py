@@ -1,0 +1,84 @@
+"""Follow-up rounds: requests that failed retryably (429, 5xx) or went missing are sent
+again as new jobs of the same file, up to `retry_requests` more rounds, with backoff."""
+
+from __future__ import annotations
+
+from . import plan, publish, records, wire
+from .context import Context, Tracked
+from .jobrecord import JobEntry
+from .keymap import KeyMap
+
+
+def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
+    """Requests of round `current` that failed retryably or went missing, as new jobs."""
+    record = t.record
+    jobs = [j for j in record.jobs if j.round == current and j.succeeded]
+    final = KeyMap()  # keys answered for good (ok, or an error another try will not fix)
+    try:
+        for job in jobs:
+            answers = t.job_file(job, "out")
+            if not answers.exists():
+                continue
+            for entry in publish.read_entries(answers):
+                if entry.key is not None and not records.is_retryable(entry):
+                    final.put(entry.key, 1)
+        added: list[JobEntry] = []
+        out = None
+        next_index = max(j.index for j in record.jobs) + 1
+        limit_bytes = ctx.config.limits.max_job_bytes
+        limit_requests = ctx.config.limits.max_requests_per_job
+        try:
+            for job in jobs:
+                with t.job_file(job, "req").open("rb") as source:
+                    for raw in source:
+                        key = wire.line_key(raw)
+                        if key is None or final.get(key) is not None:
+                            continue
+                        current_job = added[-1] if added else None
+                        if (
+                            current_job is None
+                            or current_job.bytes + len(raw) > limit_bytes
+                            or (
+                                limit_requests is not None
+                                and current_job.requests >= limit_requests
+                            )
+                        ):
+                            if out is not None:
+                                out.close()
+                            current_job = JobEntry(
+                                index=next_index,
+                                round=current + 1,
+                                part=len(added) + 1,
+                                mode="inline",
+                            )
+                            next_index += 1
+                            added.append(current_job)
+                            out = t.job_file(current_job, "req").open("wb")
+                        assert out is not None
+                        out.write(raw)
+                        current_job.requests += 1
+                        current_job.bytes += len(raw)
+                        current_job.tokens += max(1, len(raw) // plan.CHARS_PER_TOKEN)
+        finally:
+            if out is not None:
+                out.close()
+    finally:
+        final.close()
+    inline_max = ctx.config.limits.inline_max_bytes
+    delay = ctx.policy.backoff.delay(current - 1)
+    for job in added:
+        job.mode = "inline" if job.bytes <= inline_max else "file"
+        job.not_before = ctx.stamp(delay)
+    record.jobs.extend(added)
+    ctx.save(t)
+    return added
+
+
+def attempts(t: Tracked) -> dict[str, int]:
+    """Key -> number of jobs that carried it, for keys sent more than once (follow-up jobs)."""
+    carried: dict[str, int] = {}
+    for job in t.record.jobs:
+        if job.round > 1 and t.job_file(job, "req").exists():
+            for key in publish.request_keys(t.job_file(job, "req")):
+                carried[key] = max(carried.get(key, 1), job.round)
+    return carried

@@ -1,0 +1,177 @@
+"""The daemon's `Service` driven in the test's own thread: no worker threads, no sleeping.
+
+The service, the simulator and the test share one `WallClock`: `run_until` ticks the main
+loop and jumps the clock to the next due time, so a job that "runs" for an hour finishes in
+milliseconds, and every backoff is exact. Everything else is real: the google-genai SDK
+talking HTTP to the simulator on 127.0.0.1, the files, the sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon.backend import Backend
+from daemon.config import Config, load_config
+from daemon.jobrecord import FileState
+from daemon.service import Service
+from daemon.simulator import Simulator
+from tests.harness import TEST_API_KEY, FakeClock, Spool
+
+EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+
+
+class WallClock(FakeClock):
+    """A fake monotonic clock with a wall clock that moves with it."""
+
+    def wall(self) -> datetime:
+        return EPOCH + timedelta(seconds=self.now)
+
+
+def in_process_config(base_url: str, **overrides: Any) -> dict[str, Any]:
+    """Fast, deterministic settings: no jitter, small backoffs, a short lookup grace."""
+    config: dict[str, Any] = {
+        "inbox_settle_seconds": 0,
+        "inbox_rescan_seconds": 3600,
+        "log_level": "debug",
+        "api": {
+            "base_url": base_url,
+            "retries": 1,
+            "timeout_seconds": 10,
+            "lookup_grace_seconds": 60,
+            "backoff_initial_seconds": 1,
+            "backoff_max_seconds": 30,
+        },
+        "poll": {"initial_seconds": 1, "max_seconds": 30, "multiplier": 2.0, "jitter": 0.0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+class Daemon:
+    """A spool folder and a `Service` on it, stepped by the test."""
+
+    def __init__(
+        self, root: Path, sim: Simulator, clock: WallClock, *, once: bool = False, **overrides: Any
+    ) -> None:
+        self.root = root
+        self.sim = sim
+        self.clock = clock
+        self.folder = Spool(root, sim)
+        self.folder.config_path.write_text(
+            json.dumps(in_process_config(sim.base_url, **overrides))
+        )
+        self.config: Config = load_config(self.folder.config_path)
+        self.once = once
+        self.service = self._service()
+        self.started = False
+
+    def _service(self) -> Service:
+        backend = Backend(
+            TEST_API_KEY,
+            base_url=self.sim.base_url,
+            timeout_seconds=self.config.api.timeout_seconds,
+            retries=self.config.api.retries,
+        )
+        return Service(
+            self.config,
+            backend,
+            once=self.once,
+            clock=self.clock,
+            wall=self.clock.wall,
+            sleeper=lambda seconds: None,
+            workers={},
+        )
+
+    @property
+    def inbox(self) -> Path:
+        return self.folder.inbox
+
+    @property
+    def outbox(self) -> Path:
+        return self.folder.outbox
+
+    def drop(self, name: str, lines: Iterable[Any] | bytes) -> Path:
+        path = self.folder.drop(name, lines)
+        if self.started:
+            self.service.watcher.note(name, complete=True)
+        return path
+
+    def start(self) -> Daemon:
+        self.service.start()
+        self.started = True
+        return self
+
+    def tick(self) -> None:
+        if not self.started:
+            self.start()
+        self.service.tick()
+
+    def run_until(
+        self, done: Callable[[], Any], *, ticks: int = 5000, longest: float = 3600.0
+    ) -> None:
+        """Tick, jumping the clock to the next due time, until `done()` is true."""
+        for _ in range(ticks):
+            self.tick()
+            if done():
+                return
+            delay = self.service.scheduler.next_delay()
+            self.clock.advance(min(longest, delay if delay is not None else 1.0) + 1e-6)
+        raise AssertionError(f"not done after {ticks} ticks: {self.state()}")
+
+    def run_all(self, **kwargs: Any) -> None:
+        """Until no file is left in the inbox or in flight."""
+
+        def idle() -> bool:
+            return not self.service.files and not any(
+                p.name.endswith(".jsonl") and not p.name.startswith(".")
+                for p in self.inbox.iterdir()
+            )
+
+        self.run_until(idle, **kwargs)
+
+    def restart(self) -> None:
+        """A crash without the crash: forget everything in memory, start a new service."""
+        self.service.shutdown()
+        for t in list(self.service.files.values()):
+            os.close(t.lock_fd)
+        self.service = self._service()
+        self.started = False
+
+    def stop(self) -> None:
+        if self.started:
+            self.service.shutdown()
+            self.started = False
+
+    def state(self) -> dict[str, str]:
+        return {name: t.record.state.value for name, t in self.service.files.items()}
+
+    def results(self, name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.outbox / name).read_text().splitlines()]
+
+    def report(self, name: str) -> dict[str, Any]:
+        stem = name.removesuffix(".jsonl")
+        result: dict[str, Any] = json.loads((self.outbox / f"{stem}.error.json").read_text())
+        return result
+
+    def sidecar(self, name: str) -> dict[str, Any]:
+        for folder in ("processing", "done", "failed"):
+            path = self.inbox / folder / (name + ".job.json")
+            if path.exists():
+                result: dict[str, Any] = json.loads(path.read_text())
+                return result
+        raise FileNotFoundError(name)
+
+    def outcome(self, name: str) -> FileState | None:
+        for outcome in self.service.outcomes:
+            if outcome.record.input == name:
+                return outcome.record.state
+        return None
