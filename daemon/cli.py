@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, atomic, jobrecord, logs
-from .config import Config, ConfigError, default_config_path, load_config, resolve_api_key
+from .config import (
+    Config,
+    ConfigError,
+    check_paths,
+    default_config_path,
+    load_config,
+    raise_problems,
+    resolve_api_key,
+)
 from .jobrecord import FileState, JobRecord, SidecarError
-from .spool import CANCEL_SUFFIX, SIDECAR_SUFFIX, is_candidate, name_too_long
+from .spool import CANCEL_SUFFIX, SIDECAR_SUFFIX, is_candidate, name_too_long, why_ignored
 
 if TYPE_CHECKING:  # google-genai takes a second to import: only `run` and `cancel` need it
     from .backend import Backend
@@ -96,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser(
         "validate",
         help="check input files without submitting anything",
-        description="Parse each file as the daemon would; exit 1 if any is invalid.",
+        description="Parse each file as the daemon would (following on_invalid_line); exit 1 if "
+        "any is invalid. Input tokens are estimated as characters / 4 of the prompt texts; with "
+        "`prices` for the model, their cost at batch price is shown too.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="JSONL input files to check")
     validate.add_argument("-c", "--config", help=config_help)
@@ -180,6 +190,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, path = _config(args)
     logs.configure(config.log_level)
     log = logs.get()
+    if config.source is None:  # a daemon started in the wrong folder (cron) must say so
+        log.warning("configuration", file=config.describe_source())
+    else:
+        log.info("configuration", file=config.describe_source())
+    api_key = _start_checks(config, simulate=args.simulate)  # before anything is started
     simulator = None
     base_url = None
     if args.simulate:
@@ -187,22 +202,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         simulator = Simulator(pending_seconds=0.5, running_seconds=1.0).start()
         base_url = simulator.base_url
-        api_key = SIMULATED_API_KEY
         config = _fast_polls(config)
         log.info("simulator started; no request leaves this machine", base_url=base_url)
-    else:
-        api_key = resolve_api_key(config) or ""
-        if not api_key:
-            raise CommandError(
-                "no API key: set api.key_file, $GEMINI_API_KEY or $GOOGLE_API_KEY, or pass one with systemd "
-                "LoadCredential=gemini_api_key:...; or use --simulate"
-            )
     logs.add_secret(api_key)
-    config.system_instruction()  # a missing system_prompt_file is a start-up error
 
     def reload() -> Config:
         new = load_config(path, must_exist=True)
-        new.system_instruction()  # a refused configuration must not change the log level
+        raise_problems(new, check_paths(new))  # refused: the log level must not change
         logs.configure(new.log_level)
         return _fast_polls(new) if simulator else new
 
@@ -223,6 +229,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if simulator is not None:
             simulator.stop()
+
+
+def _start_checks(config: Config, *, simulate: bool) -> str:
+    """The API key to use, once the folders and files the configuration names are usable; else
+    one ConfigError listing every problem, a missing key included."""
+    problems = check_paths(config)
+    others: list[str] = []
+    if simulate:
+        raise_problems(config, problems)
+        return SIMULATED_API_KEY
+    api_key = ""
+    try:
+        api_key = resolve_api_key(config) or ""
+    except ConfigError as exc:
+        (problems if config.api.key_file is not None else others).extend(exc.problems)
+    else:
+        if not api_key:
+            others.append(
+                "no API key: set api.key_file, $GEMINI_API_KEY or $GOOGLE_API_KEY, or pass one with "
+                "systemd LoadCredential=gemini_api_key:...; or use --simulate"
+            )
+    raise_problems(config, problems, *others)
+    return api_key
 
 
 def _fast_polls(config: Config) -> Config:
@@ -345,16 +374,20 @@ def _progress(progress: dict[str, int] | None, requests: int | None) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Report what the daemon would do with each file, under this configuration."""
     from .inputs import Defaults, scan_file  # imports google-genai: not needed by `status`
 
     config, _ = _config(args)
     defaults = Defaults.from_config(config)
+    skip_lines = config.on_invalid_line == "skip_line"
     invalid = 0
     for name in args.files:
         path = Path(name)
-        problem = _not_a_regular_file(path) or name_too_long(path.name)
-        if problem:
-            print(f"{name}: invalid: {problem}")
+        problem = _not_a_regular_file(path)
+        ignored = why_ignored(path.name)
+        if problem or ignored:
+            why = problem or f"{ignored}; the daemon would ignore this file"
+            print(f"{name}: invalid: {why}")
             invalid += 1
             continue
         size = path.stat().st_size
@@ -366,20 +399,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         scan = scan_file(path, defaults)
         mode = {"file": "File API", "inline": "inline"}[scan.mode(config.limits.inline_max_bytes)]
-        if scan.error_count or not scan.requests:
+        if scan.requests and (skip_lines or not scan.error_count):
+            skipped = f", {scan.error_count} line(s) would be skipped" if scan.error_count else ""
+            estimate = _input_estimate(config, scan.estimated_tokens)
+            print(
+                f"{name}: ok: {scan.requests} request(s){skipped}, {estimate}, {scan.size} bytes, {mode}"
+            )
+        else:
             invalid += 1
             print(
                 f"{name}: invalid: {scan.requests} valid request(s), {scan.error_count} bad line(s), {scan.size} bytes"
             )
-            for error in scan.errors:
-                print(f"{name}:{error.line}: {error.message}")
-            if scan.error_count > len(scan.errors):
-                print(f"{name}: ... and {scan.error_count - len(scan.errors)} more bad line(s)")
-            if not scan.requests and not scan.error_count:
-                print(f"{name}: holds no requests (empty or only blank lines)")
-        else:
-            print(f"{name}: ok: {scan.requests} request(s), {scan.size} bytes, {mode}")
+        for error in scan.errors:
+            print(f"{name}:{error.line}: {error.message}")
+        if scan.error_count > len(scan.errors):
+            print(f"{name}: ... and {scan.error_count - len(scan.errors)} more bad line(s)")
+        if not scan.requests and not scan.error_count:
+            print(f"{name}: holds no requests (empty or only blank lines)")
     return 1 if invalid else 0
+
+
+def _input_estimate(config: Config, tokens: int) -> str:
+    """`~N input tokens`, and their cost at batch price where `prices` has the model."""
+    text = f"~{tokens} input tokens"
+    price = config.price()
+    if price is not None:
+        usd = price.batch_cost(prompt_tokens=tokens)
+        amount = f"{usd:,.2f}" if usd >= 1 else f"{usd:.6f}".rstrip("0").rstrip(".")
+        text += f" (~${amount} at {config.model} batch price)"
+    return text
 
 
 def _not_a_regular_file(path: Path) -> str | None:

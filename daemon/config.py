@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 CONFIG_ENV = "GEMINI_BATCHD_CONFIG"
 """Environment variable naming the configuration file when `-c` is not given."""
@@ -18,7 +26,15 @@ CREDENTIAL_NAME = "gemini_api_key"
 
 
 class ConfigError(Exception):
-    """The configuration file is missing, unreadable or has a bad key or value."""
+    """The configuration file is missing, unreadable or has a bad key or value.
+
+    `problems` lists each problem; the message holds all of them on one line, so an operator
+    fixes everything in one go rather than one problem per start.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(problems))
 
 
 class _Section(BaseModel):
@@ -33,6 +49,18 @@ class ApiSettings(_Section):
     api_version: str | None = None
     timeout_seconds: float = Field(default=120, gt=0)
     retries: int = Field(default=5, ge=1, le=20)
+    lookup_grace_seconds: float = Field(default=120, ge=0)
+    backoff_initial_seconds: float = Field(default=5, gt=0)
+    backoff_max_seconds: float = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_max_not_below_initial(self) -> ApiSettings:
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError(  # names its keys in full: see _describe
+                "'api.backoff_max_seconds': must be >= api.backoff_initial_seconds"
+                f" ({self.backoff_initial_seconds:g}) (got {self.backoff_max_seconds:g})"
+            )
+        return self
 
 
 class PollSettings(_Section):
@@ -51,10 +79,45 @@ class PollSettings(_Section):
         return self
 
 
+MAX_FILE_BYTES = 100_000_000_000
+"""Default of `limits.max_file_bytes`. Inputs are streamed and split into jobs of at most
+`limits.max_job_bytes`, so size costs disk and time, not memory: 100 GB (about 50 jobs of
+2 GB) takes a 10 GB input with room to spare and still refuses a runaway writer's file."""
+
+
 class Limits(_Section):
     max_active_jobs: int = Field(default=100, ge=1)
     inline_max_bytes: int = Field(default=19_000_000, ge=1)
-    max_file_bytes: int = Field(default=2_000_000_000, ge=1)
+    max_file_bytes: int = Field(default=MAX_FILE_BYTES, ge=1)
+    max_job_bytes: int = Field(default=1_990_000_000, ge=1)
+    max_requests_per_job: int | None = Field(default=None, ge=1)
+    max_enqueued_tokens: int | None = Field(default=None, ge=1)
+
+
+class ModelPrice(_Section):
+    """USD per million tokens of one model at the standard (interactive) price."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)  # thinking tokens are billed as output
+    cached: float | None = Field(default=None, ge=0)  # None: priced as input (an upper bound)
+    batch_discount: float = Field(default=0.5, ge=0, le=1)
+
+    def batch_cost(
+        self,
+        *,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        thinking_tokens: int = 0,
+        cached_tokens: int = 0,
+    ) -> float:
+        """USD at batch price; `prompt_tokens` includes `cached_tokens`, as in usageMetadata."""
+        cached_price = self.input if self.cached is None else self.cached
+        standard = (
+            max(prompt_tokens - cached_tokens, 0) * self.input
+            + cached_tokens * cached_price
+            + (output_tokens + thinking_tokens) * self.output
+        )
+        return standard / 1_000_000 * (1 - self.batch_discount)
 
 
 class Config(_Section):
@@ -73,11 +136,18 @@ class Config(_Section):
     archive: Literal["keep", "delete"] = "keep"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     expired_resubmits: int = Field(default=0, ge=0, le=10)
+    retry_requests: int = Field(default=2, ge=0, le=10)
+    metrics_file: Path | None = Field(default=None, strict=False)
+    prices: dict[str, ModelPrice] | None = None
     api: ApiSettings = ApiSettings()
     poll: PollSettings = PollSettings()
     limits: Limits = Limits()
     inbox_settle_seconds: float = Field(default=2, ge=0)
     inbox_rescan_seconds: float = Field(default=30, gt=0)
+
+    # Where the settings came from (set by load_config); not keys of the file.
+    _source: Path | None = PrivateAttr(default=None)
+    _looked_for: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Config:
@@ -93,8 +163,32 @@ class Config(_Section):
             return self.system_prompt_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(
-                f"system_prompt_file: cannot read {self.system_prompt_file}: {exc.strerror}"
+                f"'system_prompt_file': cannot read {self.system_prompt_file}: {exc.strerror}"
             ) from exc
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"'system_prompt_file': {self.system_prompt_file} is not UTF-8 text"
+            ) from None
+
+    @property
+    def source(self) -> Path | None:
+        """The configuration file these settings came from; None when only defaults apply."""
+        return self._source
+
+    def describe_source(self) -> str:
+        """For the start-up log and `status`: the file, or why there is none."""
+        if self._source is not None:
+            return str(self._source)
+        if self._looked_for is not None:
+            return f"none: defaults ({self._looked_for} not found)"
+        return "none: defaults"
+
+    def price(self) -> ModelPrice | None:
+        """The configured price of `model` (`models/` prefix or not), if any."""
+        if not self.prices:
+            return None
+        name = self.model.removeprefix("models/")
+        return self.prices.get(name) or self.prices.get(f"models/{name}")
 
     @property
     def processing_dir(self) -> Path:
@@ -115,9 +209,14 @@ def default_config_path(explicit: str | None = None) -> Path:
 
 
 def load_config(path: Path, *, must_exist: bool = True) -> Config:
-    """Read and validate the YAML file; relative paths resolve against its folder."""
+    """Read and validate the YAML file; relative paths resolve against its folder.
+
+    Without `must_exist`, a missing file means the defaults; `Config.source` is then None so
+    the caller can say so (a daemon started in the wrong folder is otherwise a silent trap).
+    """
     raw: Any = {}
-    if path.exists() or must_exist:
+    found = path.exists() or must_exist
+    if found:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -133,18 +232,84 @@ def load_config(path: Path, *, must_exist: bool = True) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
     base = path.resolve().parent
-    return config.model_copy(
+    resolved = config.model_copy(
         update={
             "inbox": base / config.inbox,
             "outbox": base / config.outbox,
             "system_prompt_file": base / config.system_prompt_file
             if config.system_prompt_file
             else None,
+            "metrics_file": base / config.metrics_file if config.metrics_file else None,
             "api": config.api.model_copy(
                 update={"key_file": base / config.api.key_file if config.api.key_file else None}
             ),
         }
     )
+    resolved._source = path.absolute() if found else None
+    resolved._looked_for = path.absolute()
+    return resolved
+
+
+def check_paths(config: Config) -> list[str]:
+    """Every problem with the folders and files the settings name, each naming its key.
+
+    Creates the inbox and outbox where missing (the daemon needs them) and reports those it
+    cannot create or write to, and a `system_prompt_file` or `metrics_file` it cannot use.
+    """
+    problems = [
+        problem
+        for key, folder in (("inbox", config.inbox), ("outbox", config.outbox))
+        if (problem := _folder_problem(key, folder))
+    ]
+    if os.path.realpath(config.inbox) == os.path.realpath(config.outbox):
+        problems.append("'outbox': is the inbox; results would be taken as new input")
+    try:
+        config.system_instruction()
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if config.metrics_file is not None:
+        problem = _metrics_file_problem(config.metrics_file)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def raise_problems(config: Config, problems: Iterable[str], *others: str) -> None:
+    """Raise one ConfigError naming the configuration file and listing every problem.
+
+    `others` are problems not of the file itself (e.g. no API key), listed after its own.
+    """
+    own = list(problems)
+    if not own and not others:
+        return
+    where = str(config.source) if config.source is not None else "the default configuration"
+    listed = [f"{where}: " + "; ".join(own)] if own else []
+    raise ConfigError(*listed, *others)
+
+
+def _folder_problem(key: str, folder: Path) -> str | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"'{key}': {folder} is not a folder"
+    except OSError as exc:
+        return f"'{key}': cannot create {folder}: {exc.strerror or exc}"
+    if not folder.is_dir():  # e.g. a link to a file: mkdir(exist_ok) does not always say
+        return f"'{key}': {folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"'{key}': cannot write to {folder}: {os.strerror(errno.EACCES)}"
+    return None
+
+
+def _metrics_file_problem(path: Path) -> str | None:
+    if path.is_dir():
+        return f"'metrics_file': {path} is a folder"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"'metrics_file': no folder {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"'metrics_file': cannot write to {folder}: {os.strerror(errno.EACCES)}"
+    return None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -188,7 +353,7 @@ def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) ->
     return None
 
 
-def _read_key(path: Path, what: str = "api.key_file") -> str:
+def _read_key(path: Path, what: str = "'api.key_file'") -> str:
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,59 @@ _GENERATION_FIELDS = {
 
 
 _CONTENTS = TypeAdapter(list[types.Content])
+
+CHARS_PER_TOKEN = 4
+"""The token estimate: characters of text / 4, Google's rule of thumb for English prose. An
+estimate only (other languages and code take more tokens per character; images none here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """The values the API takes for one numeric generation setting."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    high_excluded: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be {self._text()}, got {_kind(value)}"
+        if self.integer and isinstance(value, float) and not value.is_integer():
+            return f"must be {self._text()} (got {value!r})"
+        too_high = self.high is not None and (
+            value >= self.high if self.high_excluded else value > self.high
+        )
+        if (self.low is not None and value < self.low) or too_high:
+            return f"must be {self._text()} (got {value!r})"
+        return None
+
+    def _text(self) -> str:
+        what = "an integer" if self.integer else "a number"
+        if self.high is None:
+            return f"{what} >= {self.low}"
+        if self.low is None:
+            return f"{what} <= {self.high}"
+        if self.high_excluded:
+            return f"{what} from {self.low} up to (not including) {self.high}"
+        return f"{what} from {self.low} to {self.high}"
+
+
+# What the API accepts for generationConfig fields (REST names). The SDK's types check only the
+# types, so without this a `temperature: 5` line fails the whole create call, not the one line.
+_GENERATION_BOUNDS = {
+    "temperature": _Bounds(0, 2),
+    "topP": _Bounds(0, 1),
+    "topK": _Bounds(1, integer=True),
+    "candidateCount": _Bounds(1, integer=True),
+    "maxOutputTokens": _Bounds(1, integer=True),
+    "presencePenalty": _Bounds(-2, 2, high_excluded=True),
+    "frequencyPenalty": _Bounds(-2, 2, high_excluded=True),
+    "logprobs": _Bounds(0, 20, integer=True),
+    "seed": _Bounds(-(2**31), 2**31 - 1, integer=True),
+}
+_THINKING_BOUNDS = {"thinkingBudget": _Bounds(-1, integer=True)}  # -1: the model decides
+_MAX_STOP_SEQUENCES = 5
 
 
 def camel(name: str) -> str:
@@ -83,8 +136,12 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class LineError:
+    """A line that cannot be sent: its number, why, and the key it gave itself if readable
+    (so that its record under `on_invalid_line: skip_line` can still be matched by key)."""
+
     line: int
     message: str
+    key: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"line": self.line, "message": self.message}
@@ -99,8 +156,14 @@ class Scan:
     sha256: str = ""
     requests: int = 0
     payload_bytes: int = 0
+    prompt_chars: int = 0
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0
+
+    @property
+    def estimated_tokens(self) -> int:
+        """Input tokens of the valid requests, estimated (see CHARS_PER_TOKEN)."""
+        return estimate_tokens(self.prompt_chars)
 
     def mode(self, inline_max_bytes: int) -> str:
         """`inline` when the requests fit in one create call, else `file` (the File API)."""
@@ -147,8 +210,28 @@ def read_requests(
                 # `é` -> `\u00e9`), and adds the default settings to each request.
                 wide = 0 if raw.isascii() else len(raw.translate(None, _ASCII))
                 scan.payload_bytes += len(raw) + 2 * wide + len(item.key) + overhead
+                scan.prompt_chars += prompt_chars(item.body)
             yield item
     scan.sha256 = digest.hexdigest()
+
+
+def prompt_chars(body: Mapping[str, Any]) -> int:
+    """Characters of text a request body sends: its contents and system instruction."""
+    total = 0
+    contents = body.get("contents")
+    system = body.get("systemInstruction")
+    for content in [*(contents if isinstance(contents, list) else []), system]:
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            text = part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str):
+                total += len(text)
+    return total
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens for `chars` characters of text, rounded up (see CHARS_PER_TOKEN)."""
+    return -(-chars // CHARS_PER_TOKEN)
 
 
 def scan_file(path: Path, defaults: Defaults) -> Scan:
@@ -172,10 +255,15 @@ def _parse_raw(
         )
     if not text.strip():
         return None
+    text = text.rstrip(" \t\r\n")  # JSON's white space: an error at the end points there
     try:
         value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
-        return LineError(number, f"not valid JSON: {exc.msg} at column {exc.colno}")
+        at_end = " (the end of the line: is a closing quote or bracket missing?)"
+        return LineError(
+            number,
+            f"not valid JSON: {exc.msg} at column {exc.colno}{at_end if exc.pos >= len(text) else ''}",
+        )
     except RecursionError:
         return LineError(number, "not valid JSON: nested too deeply")
     except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
@@ -185,16 +273,32 @@ def _parse_raw(
             json.dumps(value, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             return LineError(
-                number, "holds an unpaired surrogate escape (\\udXXX): not valid Unicode"
+                number,
+                "holds an unpaired surrogate escape (\\udXXX): not valid Unicode",
+                _given_key(value),
             )
     try:
         request = _to_request(value, number, defaults)
     except _BadLine as exc:
-        return LineError(number, str(exc))
+        return LineError(number, str(exc), _given_key(value))
     first = keys.setdefault(request.key, number)
     if first != number:
-        return LineError(number, f"duplicate key {request.key!r} (first used on line {first})")
+        return LineError(
+            number, f"duplicate key {request.key!r} (first used on line {first})", request.key
+        )
     return request
+
+
+def _given_key(value: Any) -> str | None:
+    """The key a line gives itself, where it is a usable key (not the default line number)."""
+    if not isinstance(value, dict) or value.get("key") is None:
+        return None
+    try:
+        key = _key(value["key"], 0)
+        key.encode()
+    except (_BadLine, UnicodeEncodeError):
+        return None
+    return key
 
 
 def _no_constant(name: str) -> Any:
@@ -232,6 +336,7 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
             raise _BadLine("'request.contents' must be a non-empty array")
         if not _plain_text_contents(contents):
             _check(_CONTENTS.validate_python, contents, "'request.contents'")
+        _check_bounds(body.get("generationConfig"), "'request.generationConfig'")
         config = dict(body.get("generationConfig") or {})
         config.update({v: body[k] for k, v in LIFTED_FIELDS.items() if k in body})
         _check(types.GenerateContentConfig.model_validate, config, "'request'")
@@ -284,9 +389,13 @@ def _prompt_request(
         if field_name not in _GENERATION_FIELDS:
             raise _BadLine(f"'config' has unknown generation setting {name!r}")
         if field_name == "thinkingConfig" and isinstance(setting, dict):
-            setting = {**generation["thinkingConfig"], **{camel(k): v for k, v in setting.items()}}
+            own = {camel(k): v for k, v in setting.items()}
+            # A thinking level replaces the default budget: the API refuses both at once.
+            levelled = own.get("thinkingLevel") is not None
+            setting = own if levelled else {**generation["thinkingConfig"], **own}
         generation[field_name] = setting
     if overrides:
+        _check_bounds(generation, "'config'")
         _check(types.GenerateContentConfig.model_validate, generation, "'config'")
     body: dict[str, Any] = {
         "contents": [{"role": "user", "parts": [{"text": prompt}]}],
@@ -323,6 +432,36 @@ def _key(value: Any, number: int) -> str:
     if not key:
         raise _BadLine("'key' is empty")
     return key
+
+
+def _check_bounds(config: Any, what: str) -> None:
+    """Reject generation settings the API would refuse at create time (see _GENERATION_BOUNDS)."""
+    if not isinstance(config, dict):
+        return  # not an object: the SDK's check says so
+    for name, value in config.items():
+        field_name = camel(name)
+        if value is None:
+            continue
+        if field_name == "thinkingConfig" and isinstance(value, dict):
+            thinking = {camel(k): v for k, v in value.items() if v is not None}
+            if "thinkingBudget" in thinking and "thinkingLevel" in thinking:
+                raise _BadLine(
+                    f"{what} field 'thinkingConfig': set thinkingBudget or thinkingLevel, not both"
+                )
+            for sub, bounds in _THINKING_BOUNDS.items():
+                problem = bounds.problem(thinking[sub]) if sub in thinking else None
+                if problem:
+                    raise _BadLine(f"{what} field 'thinkingConfig.{sub}': {problem}")
+        elif field_name == "stopSequences" and isinstance(value, list):
+            if len(value) > _MAX_STOP_SEQUENCES:
+                raise _BadLine(
+                    f"{what} field 'stopSequences': at most {_MAX_STOP_SEQUENCES} sequences"
+                    f" (got {len(value)})"
+                )
+        elif field_name in _GENERATION_BOUNDS:
+            problem = _GENERATION_BOUNDS[field_name].problem(value)
+            if problem:
+                raise _BadLine(f"{what} field {field_name!r}: {problem}")
 
 
 def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
@@ -15,18 +16,50 @@ from typing import Any, TextIO
 import structlog
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-_secrets: list[str] = []
+REDACTED = "[redacted]"
+MIN_SECRET_CHARS = 16
+"""A secret this long is redacted wherever it appears in a line. A shorter one would mangle
+ordinary text ("abc" in "abcdef"), and is no real API key (Google's have 39 characters): it
+is redacted only as a whole value, or where it follows `key=` or an API-key header."""
+
+_secrets: list[str] = []  # redacted anywhere
+_short_secrets: list[str] = []  # redacted as whole values (and by _KEY_CONTEXT)
+# Wherever a key is written the way HTTP carries it: redacted whatever its length, registered
+# or not. The daemon never logs its key itself; this covers what libraries and servers echo.
+_KEY_CONTEXT = re.compile(
+    r"""(?i)([?&](?:key|api_?key)="""  # a URL's query: ?key=...
+    r"""|x-goog-api-key["']?\s*[:=]\s*["']?"""  # the header, as text, JSON or a dict's repr
+    r"""|\bapi_?key["']?\s*[:=]\s*["'])"""  # api_key='...' in a repr, "apiKey": "..." in JSON
+    r"""[^\s&"',;}#]+"""
+)
 
 
-def add_secret(value: str | None) -> None:
-    """Never print `value` (an API key): it is replaced by `[redacted]` in every log line."""
-    if value and value not in _secrets:
-        _secrets.append(value)
+def add_secret(value: str | None) -> bool:
+    """Never print `value` (an API key). True when it is redacted everywhere in text; False for
+    a key shorter than MIN_SECRET_CHARS, which only whole values and key contexts hide."""
+    if not value:
+        return False
+    long_enough = len(value) >= MIN_SECRET_CHARS
+    registry = _secrets if long_enough else _short_secrets
+    if value not in registry:
+        registry.append(value)
+    return long_enough
 
 
 def redact(text: str, secrets: Iterable[str] | None = None) -> str:
-    for secret in _secrets if secrets is None else secrets:
-        text = text.replace(secret, "[redacted]")
+    """`text` without the registered secrets (or `secrets`) and without keys in key contexts."""
+    if secrets is None:
+        anywhere, whole = _secrets, _short_secrets
+    else:
+        given = [s for s in secrets if s]
+        anywhere = [s for s in given if len(s) >= MIN_SECRET_CHARS]
+        whole = [s for s in given if len(s) < MIN_SECRET_CHARS]
+    if text.strip() in whole:
+        return REDACTED
+    for secret in anywhere:
+        text = text.replace(secret, REDACTED)
+    if "key" in text.lower():
+        text = _KEY_CONTEXT.sub(rf"\1{REDACTED}", text)
     return text
 
 
@@ -44,9 +77,8 @@ def _redacted(value: Any) -> Any:
 
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Runs last before rendering, after exceptions became text, so tracebacks are covered too."""
-    if _secrets:
-        for key, value in event.items():
-            event[key] = _redacted(value)
+    for key, value in event.items():
+        event[key] = _redacted(value)
     return event
 
 

@@ -44,11 +44,23 @@ def is_candidate(name: str) -> bool:
 
 
 def why_ignored(name: str) -> str | None:
-    """Why an inbox entry of this name is not taken, or None when it is."""
+    """Why the daemon leaves an inbox entry of this name alone, or None if it takes the name
+    (for `validate`, `status` and the log; agrees with `is_candidate`)."""
     if name.startswith("."):
-        return "a dot-file (writers use dot-names while writing)"
-    if not name.endswith(INPUT_SUFFIX) or len(name) == len(INPUT_SUFFIX):
-        return f"the name does not end in {INPUT_SUFFIX!r} (lower case)"
+        return "names starting with '.' are left alone (writers use them while writing)"
+    if not name.endswith(INPUT_SUFFIX) or name == INPUT_SUFFIX:
+        stem, dot, suffix = name.rpartition(".")
+        if dot and suffix.lower() == INPUT_SUFFIX[1:]:
+            return (
+                f"only names ending in {INPUT_SUFFIX} (lower case) are taken:"
+                f" rename it {stem}{INPUT_SUFFIX}"
+            )
+        if dot and suffix.lower() == "json":
+            return (
+                f"only names ending in {INPUT_SUFFIX} (one JSON request per line) are taken:"
+                f" if it holds one request per line, rename it {stem}{INPUT_SUFFIX}"
+            )
+        return f"only names ending in {INPUT_SUFFIX} are taken"
     return name_too_long(name)
 
 

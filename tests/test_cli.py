@@ -67,7 +67,10 @@ def test_validate_good_file(project: Path, capsys: pytest.CaptureFixture[str]) -
     size = path.stat().st_size
     code, out, _ = run_cli(capsys, "validate", "good.jsonl", "-c", "config.yaml")
     assert code == 0
-    assert out.splitlines() == [f"good.jsonl: ok: 3 request(s), {size} bytes, inline"]
+    tokens = -(-len("a" + "b\nc" + "d") // 4)  # characters / 4 of the prompt texts
+    assert out.splitlines() == [
+        f"good.jsonl: ok: 3 request(s), ~{tokens} input tokens, {size} bytes, inline"
+    ]
     assert not (project / "inbox").exists() or not any((project / "inbox").iterdir())
 
 
@@ -135,6 +138,98 @@ def test_validate_over_max_file_bytes(project: Path, capsys: pytest.CaptureFixtu
     code, out, _ = run_cli(capsys, "validate", "x.jsonl")
     assert code == 1
     assert "max_file_bytes" in out
+
+
+def test_validate_follows_skip_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(project, on_invalid_line="skip_line")
+    path = project / "mixed.jsonl"
+    path.write_text(
+        '"one"\n{"prompt": "missing brace"\n"two"\n'
+        '{"key": "t", "prompt": "x", "config": {"temperature": 5}}\n"three"\n'
+    )
+    code, out, _ = run_cli(capsys, "validate", "mixed.jsonl")
+    assert code == 0
+    first, *bad = out.splitlines()
+    assert first.startswith("mixed.jsonl: ok: 3 request(s), 2 line(s) would be skipped, ~")
+    assert bad == [
+        "mixed.jsonl:2: not valid JSON: Expecting ',' delimiter at column 27"
+        " (the end of the line: is a closing quote or bracket missing?)",
+        "mixed.jsonl:4: 'config' field 'temperature': must be a number from 0 to 2 (got 5)",
+    ]
+
+
+def test_validate_under_skip_line_with_nothing_valid_is_invalid(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(project, on_invalid_line="skip_line")
+    (project / "bad.jsonl").write_text("{oops\n42\n")
+    code, out, _ = run_cli(capsys, "validate", "bad.jsonl")
+    assert code == 1
+    assert out.splitlines()[0].startswith("bad.jsonl: invalid: 0 valid request(s), 2 bad line(s)")
+    assert [line.split(":")[1] for line in out.splitlines()[1:]] == ["1", "2"]
+
+
+def test_validate_under_reject_file_rejects_a_file_with_any_bad_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "mixed.jsonl").write_text('"one"\n{"prompt": "x", "config": {"topK": 0}}\n')
+    code, out, _ = run_cli(capsys, "validate", "mixed.jsonl")
+    assert code == 1
+    assert out.splitlines() == [
+        f"mixed.jsonl: invalid: 1 valid request(s), 1 bad line(s), {(project / 'mixed.jsonl').stat().st_size} bytes",
+        "mixed.jsonl:2: 'config' field 'topK': must be an integer >= 1 (got 0)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("notes.txt", "only names ending in .jsonl are taken"),
+        ("UP.JSONL", "only names ending in .jsonl (lower case) are taken: rename it UP.jsonl"),
+        ("prompts.json", "rename it prompts.jsonl"),
+        (".hidden.jsonl", "names starting with '.' are left alone"),
+        ("n" * 240 + ".jsonl", "the name is 246 bytes long"),
+    ],
+)
+def test_validate_says_which_names_the_daemon_ignores(
+    project: Path, capsys: pytest.CaptureFixture[str], name: str, reason: str
+) -> None:
+    jsonl(project / name, "a perfectly good prompt")
+    code, out, _ = run_cli(capsys, "validate", name)
+    assert code == 1
+    assert out.startswith(f"{name}: invalid: ")
+    assert reason in out
+    assert out.rstrip().endswith("; the daemon would ignore this file")
+    assert len(out.splitlines()) == 1
+
+
+def test_validate_prices_the_estimated_input(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(
+        project,
+        model="gemini-2.5-pro",
+        system_prompt="s" * 100,
+        prices={"gemini-2.5-pro": {"input": 1.25, "output": 10.0}},
+    )
+    jsonl(project / "p.jsonl", *["x" * 300] * 1000)  # 1000 * 400 characters: 100,000 tokens
+    code, out, _ = run_cli(capsys, "validate", "p.jsonl")
+    assert code == 0
+    assert "~100000 input tokens (~$0.0625 at gemini-2.5-pro batch price)" in out
+    write_config(project, prices={"gemini-2.5-pro": {"input": 1.25, "output": 10.0}})
+    code, out, _ = run_cli(capsys, "validate", "p.jsonl")  # another model: tokens only
+    assert code == 0
+    assert "~75000 input tokens, " in out and "$" not in out
+
+
+def test_validate_prices_large_inputs_in_cents(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(project, prices={"gemini-2.5-flash": {"input": 0.3, "output": 2.5}})
+    jsonl(project / "p.jsonl", *["y" * 4000] * 10_000)  # 10 million tokens
+    code, out, _ = run_cli(capsys, "validate", "p.jsonl")
+    assert code == 0
+    assert "~10000000 input tokens (~$1.50 at gemini-2.5-flash batch price)" in out
 
 
 # ---- submit ---------------------------------------------------------------------------------------
@@ -291,6 +386,76 @@ def test_missing_system_prompt_file_exits_2(project: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "system_prompt_file" in proc.stderr.strip().splitlines()[-1]
+
+
+def run_daemon(
+    project: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--once", *args],
+        cwd=project,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_run_lists_every_configuration_problem_at_once(project: Path) -> None:
+    """Without --simulate a missing key does not hide a missing system_prompt_file; a bad inbox
+    names its key and the configuration file."""
+    (project / "blocker").write_text("a file where the outbox should be\n")
+    write_config(project, inbox="/proc/nope", outbox="blocker", system_prompt_file="nope.md")
+    proc = run_daemon(project)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"gemini-batchd: {project / 'config.yaml'}: 'inbox': cannot create /proc/nope: "
+    )
+    for fragment in (
+        f"'outbox': {project / 'blocker'} is not a folder",
+        f"'system_prompt_file': cannot read {project / 'nope.md'}",
+        "; no API key: ",
+    ):
+        assert fragment in last, last
+
+
+def test_run_checks_the_configuration_before_starting_the_simulator(project: Path) -> None:
+    write_config(project, outbox="/proc/nope/out")
+    proc = run_daemon(project, "--simulate")
+    assert proc.returncode == 2
+    assert "simulator started" not in proc.stderr
+    assert "'outbox': cannot create /proc/nope/out" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_run_names_an_unreadable_key_file_with_other_problems(project: Path) -> None:
+    write_config(project, system_prompt_file="nope.md", api={"key_file": "absent-key"})
+    proc = run_daemon(project)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "'system_prompt_file'" in last and "'api.key_file': cannot read" in last
+
+
+def test_run_logs_which_configuration_it_uses(project: Path) -> None:
+    proc = run_daemon(project, "--simulate")
+    assert proc.returncode == 0, proc.stderr
+    [event] = [json.loads(line) for line in proc.stderr.splitlines() if '"configuration"' in line]
+    assert event["file"] == str(project / "config.yaml")
+    assert event["level"] == "info"
+    lines = proc.stderr.splitlines()
+    assert min(i for i, line in enumerate(lines) if "simulator started" in line) > lines.index(
+        next(line for line in lines if '"configuration"' in line)
+    )
+
+
+def test_run_without_a_configuration_file_says_it_uses_defaults(project: Path) -> None:
+    (project / "config.yaml").unlink()
+    proc = run_daemon(project, "--simulate")
+    assert proc.returncode == 0, proc.stderr
+    [event] = [json.loads(line) for line in proc.stderr.splitlines() if '"configuration"' in line]
+    assert event["file"] == f"none: defaults ({project / 'config.yaml'} not found)"
+    assert event["level"] == "warning"
 
 
 def test_cancel_unknown_target(project: Path, capsys: pytest.CaptureFixture[str]) -> None:

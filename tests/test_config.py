@@ -1,18 +1,25 @@
-"""daemon.config: defaults, path resolution, one-line errors naming the key, API key lookup."""
+"""daemon.config: defaults, path resolution, one-line errors naming the key, every problem at
+once (paths included), where the settings came from, prices, API key lookup."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from daemon.config import (
     CONFIG_ENV,
     Config,
     ConfigError,
+    ModelPrice,
+    check_paths,
     default_config_path,
     load_config,
+    raise_problems,
     resolve_api_key,
 )
 
@@ -29,6 +36,10 @@ CONTRACT_DEFAULTS = {
     "on_invalid_line": "reject_file",
     "archive": "keep",
     "log_level": "info",
+    "expired_resubmits": 0,
+    "retry_requests": 2,
+    "metrics_file": None,
+    "prices": None,
     "inbox_settle_seconds": 2,
     "inbox_rescan_seconds": 30,
 }
@@ -38,12 +49,18 @@ CONTRACT_API = {
     "api_version": None,
     "timeout_seconds": 120,
     "retries": 5,
+    "lookup_grace_seconds": 120,
+    "backoff_initial_seconds": 5,
+    "backoff_max_seconds": 300,
 }
 CONTRACT_POLL = {"initial_seconds": 10, "max_seconds": 600, "multiplier": 2.0, "jitter": 0.1}
 CONTRACT_LIMITS = {
     "max_active_jobs": 100,
     "inline_max_bytes": 19_000_000,
-    "max_file_bytes": 2_000_000_000,
+    "max_file_bytes": 100_000_000_000,  # issue 11: a 10 GB input is accepted (it is split)
+    "max_job_bytes": 1_990_000_000,
+    "max_requests_per_job": None,
+    "max_enqueued_tokens": None,
 }
 
 
@@ -99,6 +116,35 @@ def test_missing_file_is_an_error_when_required(tmp_path: Path) -> None:
 def test_shipped_config_yaml_equals_the_defaults() -> None:
     config = load_config(ROOT / "config.yaml")
     assert_contract_defaults(config, ROOT)
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= _keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def test_shipped_config_yaml_lists_every_key() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    listed = {k for k, v in raw.items()} | {
+        f"{k}.{sub}" for k, v in raw.items() if isinstance(v, dict) for sub in v
+    }
+    assert listed == _keys(Config)
+
+
+def test_every_default_is_in_the_tests_tables() -> None:
+    """A new key gets its default pinned here (and in config.yaml, checked above)."""
+    tables = (
+        set(CONTRACT_DEFAULTS)
+        | {"inbox", "outbox", "api", "poll", "limits"}
+        | {f"api.{k}" for k in CONTRACT_API}
+        | {f"poll.{k}" for k in CONTRACT_POLL}
+        | {f"limits.{k}" for k in CONTRACT_LIMITS}
+    )
+    assert tables == _keys(Config)
 
 
 def test_every_contract_key_is_accepted(tmp_path: Path) -> None:
@@ -222,6 +268,39 @@ def test_unknown_key_is_named(tmp_path: Path, text: str, key: str) -> None:
         ("limits:\n  max_active_jobs: 0\n", "limits.max_active_jobs"),
         ("inbox_settle_seconds: -1\n", "inbox_settle_seconds"),
         ("inbox_rescan_seconds: 0\n", "inbox_rescan_seconds"),
+        ("retry_requests: -1\n", "retry_requests"),
+        ("retry_requests: 11\n", "retry_requests"),
+        ("retry_requests: 1.5\n", "retry_requests"),
+        ("retry_requests: true\n", "retry_requests"),
+        ("metrics_file: [a]\n", "metrics_file"),
+        ("metrics_file: 5\n", "metrics_file"),
+        ("prices: 3\n", "prices"),
+        ("prices: [a]\n", "prices"),
+        ("prices:\n  m: 1\n", "prices.m"),
+        ("prices:\n  m: {input: 1}\n", "prices.m.output"),
+        ("prices:\n  m: {input: -1, output: 1}\n", "prices.m.input"),
+        ("prices:\n  m: {input: 1, output: '2'}\n", "prices.m.output"),
+        ("prices:\n  m: {input: 1, output: 2, cached: -0.1}\n", "prices.m.cached"),
+        ("prices:\n  m: {input: 1, output: 2, batch_discount: 1.5}\n", "prices.m.batch_discount"),
+        ("prices:\n  m: {input: 1, output: 2, discount: 0.5}\n", "prices.m.discount"),
+        ("prices:\n  m: {input: .inf, output: 2}\n", "prices.m.input"),
+        ("limits:\n  max_job_bytes: 0\n", "limits.max_job_bytes"),
+        ("limits:\n  max_job_bytes: 1.5e9\n", "limits.max_job_bytes"),
+        ("limits:\n  max_requests_per_job: 0\n", "limits.max_requests_per_job"),
+        ("limits:\n  max_requests_per_job: many\n", "limits.max_requests_per_job"),
+        ("limits:\n  max_enqueued_tokens: 0\n", "limits.max_enqueued_tokens"),
+        ("limits:\n  max_enqueued_tokens: 1.5\n", "limits.max_enqueued_tokens"),
+        ("limits:\n  max_file_bytes: 0\n", "limits.max_file_bytes"),
+        ("api:\n  lookup_grace_seconds: -1\n", "api.lookup_grace_seconds"),
+        ("api:\n  lookup_grace_seconds: soon\n", "api.lookup_grace_seconds"),
+        ("api:\n  backoff_initial_seconds: 0\n", "api.backoff_initial_seconds"),
+        ("api:\n  backoff_max_seconds: -5\n", "api.backoff_max_seconds"),
+        (
+            "api:\n  backoff_initial_seconds: 10\n  backoff_max_seconds: 5\n",
+            "api.backoff_max_seconds",
+        ),
+        ("api:\n  backoff_initial_seconds: 600\n", "api.backoff_max_seconds"),
+        ("expired_resubmits: 11\n", "expired_resubmits"),
     ],
 )
 def test_bad_value_is_a_one_line_error_naming_the_dotted_key(
@@ -352,3 +431,189 @@ def test_empty_credential_file_is_an_error_naming_it(tmp_path: Path) -> None:
     env = {"CREDENTIALS_DIRECTORY": creds_dir(tmp_path, "\n")}
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
         resolve_api_key(key_config(tmp_path), env)
+
+
+# ---- new keys: values ------------------------------------------------------------------------
+
+
+def test_new_keys_are_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "retry_requests: 0\nmetrics_file: metrics/gemini.prom\n"
+            "limits:\n  max_job_bytes: 1000\n  max_requests_per_job: 10\n"
+            "  max_enqueued_tokens: 5000\n  max_file_bytes: 10000000000\n"
+            "api:\n  lookup_grace_seconds: 0.2\n  backoff_initial_seconds: 0.05\n"
+            "  backoff_max_seconds: 0.05\n",
+        )
+    )
+    assert config.retry_requests == 0
+    assert config.metrics_file == tmp_path.resolve() / "metrics/gemini.prom"
+    assert config.limits.max_job_bytes == 1000
+    assert config.limits.max_requests_per_job == 10
+    assert config.limits.max_enqueued_tokens == 5000
+    assert config.limits.max_file_bytes == 10_000_000_000
+    assert config.api.lookup_grace_seconds == 0.2
+    assert config.api.backoff_initial_seconds == config.api.backoff_max_seconds == 0.05
+
+
+def test_a_10_gb_input_is_within_the_default_limit() -> None:
+    assert Config().limits.max_file_bytes >= 10 * 1024**3
+
+
+def test_absolute_metrics_file_is_kept(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f"metrics_file: {tmp_path / 'x.prom'}\n"))
+    assert config.metrics_file == tmp_path / "x.prom"
+
+
+def test_prices(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "model: models/gemini-2.5-flash\n"
+            "prices:\n"
+            "  gemini-2.5-flash: {input: 0.30, output: 2.5, cached: 0.03}\n"
+            "  gemini-2.5-pro: {input: 1, output: 10, batch_discount: 0}\n",
+        )
+    )
+    assert config.prices is not None
+    flash = config.prices["gemini-2.5-flash"]
+    assert flash == ModelPrice(input=0.3, output=2.5, cached=0.03, batch_discount=0.5)
+    assert config.price() == flash  # the `models/` prefix does not matter
+    pro = config.prices["gemini-2.5-pro"]
+    assert pro.cached is None and pro.batch_discount == 0
+    assert config.model_copy(update={"model": "gemini-2.0"}).price() is None
+    assert Config().price() is None
+
+
+def test_batch_cost() -> None:
+    price = ModelPrice(input=1.0, output=10.0, cached=0.25, batch_discount=0.5)
+    assert price.batch_cost(prompt_tokens=1_000_000) == pytest.approx(0.5)
+    assert price.batch_cost(output_tokens=100_000, thinking_tokens=100_000) == pytest.approx(1.0)
+    # cached tokens are part of the prompt count, billed at the cached price
+    assert price.batch_cost(prompt_tokens=1_000_000, cached_tokens=1_000_000) == pytest.approx(
+        0.125
+    )
+    no_cached_price = ModelPrice(input=1.0, output=10.0, batch_discount=0)
+    assert no_cached_price.batch_cost(
+        prompt_tokens=2_000_000, cached_tokens=1_000_000
+    ) == pytest.approx(2.0)
+
+
+def test_all_bad_new_keys_named_at_once(tmp_path: Path) -> None:
+    message = error_of(
+        tmp_path,
+        "retry_requests: -1\nlimits:\n  max_job_bytes: 0\napi:\n  lookup_grace_seconds: -1\n"
+        "prices:\n  m: {input: 1}\n",
+    )
+    for key in ("retry_requests", "limits.max_job_bytes", "api.lookup_grace_seconds", "prices.m"):
+        assert f"'{key}" in message, key
+
+
+# ---- where the settings came from ------------------------------------------------------------
+
+
+def test_source_is_the_file_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("config.yaml"))
+    assert config.source == tmp_path / "config.yaml"
+    assert config.source.is_absolute()
+    assert config.describe_source() == str(tmp_path / "config.yaml")
+
+
+def test_no_file_means_defaults_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("config.yaml"), must_exist=False)
+    assert config.source is None
+    assert config.describe_source() == f"none: defaults ({tmp_path / 'config.yaml'} not found)"
+    assert Config().describe_source() == "none: defaults"
+
+
+def test_source_survives_copies(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    copy = config.model_copy(update={"poll": config.poll.model_copy(update={"max_seconds": 2.0})})
+    assert copy.source == config.source
+
+
+# ---- every problem at once: paths and files --------------------------------------------------
+
+
+def path_problems(tmp_path: Path, text: str) -> list[str]:
+    return check_paths(load_config(write(tmp_path, text)))
+
+
+def test_good_paths_have_no_problems_and_folders_are_created(tmp_path: Path) -> None:
+    (tmp_path / "prompt.md").write_text("be brief")
+    problems = path_problems(
+        tmp_path,
+        "inbox: a/in\noutbox: b/out\nsystem_prompt_file: prompt.md\nmetrics_file: m.prom\n",
+    )
+    assert problems == []
+    assert (tmp_path / "a/in").is_dir() and (tmp_path / "b/out").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("inbox: /proc/nope\n", "'inbox': cannot create /proc/nope: "),
+        ("outbox: /proc/nope/deeper\n", "'outbox': cannot create /proc/nope/deeper: "),
+        ("inbox: blocker\n", "'inbox': {tmp}/blocker is not a folder"),
+        ("outbox: blocker/sub\n", "'outbox': cannot create {tmp}/blocker/sub: Not a directory"),
+        ("inbox: spool\noutbox: spool/\n", "'outbox': is the inbox"),
+        ("system_prompt_file: absent.md\n", "'system_prompt_file': cannot read {tmp}/absent.md"),
+        ("system_prompt_file: latin1.md\n", "'system_prompt_file': {tmp}/latin1.md is not UTF-8"),
+        ("system_prompt_file: .\n", "'system_prompt_file': cannot read"),
+        ("metrics_file: nodir/m.prom\n", "'metrics_file': no folder {tmp}/nodir"),
+        ("metrics_file: .\n", "'metrics_file': {tmp} is a folder"),
+    ],
+)
+def test_path_problems_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be\n")
+    (tmp_path / "latin1.md").write_bytes(b"caf\xe9\n")
+    [problem] = path_problems(tmp_path, text)
+    assert problem.startswith(expected.format(tmp=tmp_path.resolve())), problem
+
+
+def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_access = os.access
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        if Path(path).name == "in":
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)  # the tests run as root: pretend
+    [problem] = path_problems(tmp_path, "inbox: in\n")
+    assert problem.startswith(f"'inbox': cannot write to {tmp_path.resolve() / 'in'}: ")
+
+
+def test_all_path_problems_are_listed_together(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("x")
+    config = load_config(
+        write(tmp_path, "inbox: /proc/nope\noutbox: blocker\nsystem_prompt_file: absent.md\n")
+    )
+    problems = check_paths(config)
+    assert [p.split(":")[0] for p in problems] == ["'inbox'", "'outbox'", "'system_prompt_file'"]
+    with pytest.raises(ConfigError) as info:
+        raise_problems(config, problems, "no API key: set api.key_file")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'config.yaml'}: 'inbox': cannot create /proc/nope: ")
+    for fragment in ("'outbox'", "'system_prompt_file'", "; no API key"):
+        assert fragment in message
+    assert info.value.problems[-1] == "no API key: set api.key_file"
+
+
+def test_raise_problems_without_problems_returns(tmp_path: Path) -> None:
+    raise_problems(load_config(write(tmp_path, "")), [])
+
+
+def test_raise_problems_under_defaults_says_so(tmp_path: Path) -> None:
+    config = load_config(tmp_path / "absent.yaml", must_exist=False)
+    with pytest.raises(ConfigError, match=r"^the default configuration: 'inbox'"):
+        raise_problems(config, ["'inbox': bad"])
+    with pytest.raises(ConfigError, match=r"^no API key$"):
+        raise_problems(config, [], "no API key")

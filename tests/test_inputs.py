@@ -1,4 +1,5 @@
-"""daemon.inputs: the four line forms, keys, bad lines, per-line settings and the Scan summary."""
+"""daemon.inputs: the four line forms, keys, bad lines (JSON columns, the keys they keep),
+per-line settings and their ranges, the token estimate and the Scan summary."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 
 from daemon.config import load_config
 from daemon.inputs import (
+    CHARS_PER_TOKEN,
     MAX_REPORTED_ERRORS,
     Defaults,
     LineError,
     Request,
     Scan,
     camel,
+    estimate_tokens,
+    prompt_chars,
     prompt_request,
     read_requests,
     scan_file,
@@ -53,13 +57,17 @@ def one_request(tmp_path: Path, line: Any, defaults: Defaults = DEFAULTS) -> Req
     return item
 
 
-def one_error(tmp_path: Path, line: Any) -> str:
+def one_line_error(tmp_path: Path, line: Any) -> LineError:
     items = parse(tmp_path, [line])
     assert len(items) == 1
     item = items[0]
     assert isinstance(item, LineError), item
     assert item.line == 1
-    return item.message
+    return item
+
+
+def one_error(tmp_path: Path, line: Any) -> str:
+    return one_line_error(tmp_path, line).message
 
 
 def user_text(request: Request) -> str:
@@ -487,3 +495,204 @@ def test_pathological_lines_are_line_errors_not_crashes(
 
 def test_escaped_surrogate_pair_is_fine(tmp_path: Path) -> None:
     assert user_text(one_request(tmp_path, b'"\\ud83d\\ude00"')) == "\U0001f600"
+
+
+# ---- JSON errors point at the right column ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "column", "reason"),
+    [
+        (b'{"prompt": "missing brace"', 27, "Expecting ',' delimiter"),
+        (b'{"prompt": "missing brace"\r', 27, "Expecting ',' delimiter"),
+        (b'{"prompt": "missing brace"   ', 27, "Expecting ',' delimiter"),
+        (b'{"prompt" "x"}', 11, "Expecting ':' delimiter"),
+        (b'{"prompt": "x",}', 16, "Expecting property name"),
+        (b'"unterminated', 1, "Unterminated string"),
+        (b'{"prompt": "x"} trailing', 17, "Extra data"),
+        (b"  {oops", 4, "Expecting property name"),
+        ('{"prompt": "日本語", x}'.encode(), 19, "Expecting"),  # characters, not bytes
+        (b"\xef\xbb\xbf{,", 2, "Expecting property name"),  # after the byte order mark
+    ],
+)
+def test_json_errors_name_line_column_and_reason(
+    tmp_path: Path, raw: bytes, column: int, reason: str
+) -> None:
+    message = one_error(tmp_path, raw)
+    assert message.startswith(f"not valid JSON: {reason}"), message
+    assert f"at column {column}" in message
+
+
+def test_json_error_at_the_end_of_the_line_says_so(tmp_path: Path) -> None:
+    assert "end of the line" in one_error(tmp_path, b'{"prompt": "missing brace"')
+    assert "end of the line" not in one_error(tmp_path, b'{"prompt" "x"}')
+
+
+def test_json_error_line_numbers_in_a_file(tmp_path: Path) -> None:
+    items = parse(tmp_path, b'"ok"\n\n{"prompt": "missing brace"\n"ok"\n')
+    errors = [i for i in items if isinstance(i, LineError)]
+    assert [(e.line, "at column 27" in e.message) for e in errors] == [(3, True)]
+
+
+# ---- per-line settings are range-checked like the configuration file --------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "expected"),
+    [
+        ({"temperature": 5}, "temperature", "from 0 to 2 (got 5)"),
+        ({"temperature": -0.1}, "temperature", "from 0 to 2"),
+        ({"temperature": True}, "temperature", "got a boolean"),
+        ({"top_p": 1.5}, "topP", "from 0 to 1"),
+        ({"topK": 0}, "topK", "an integer >= 1"),
+        ({"topK": 2.5}, "topK", "an integer >= 1"),
+        ({"candidate_count": 0}, "candidateCount", ">= 1"),
+        ({"maxOutputTokens": 0}, "maxOutputTokens", ">= 1"),
+        ({"max_output_tokens": -5}, "maxOutputTokens", ">= 1"),
+        ({"max_output_tokens": 10.5}, "maxOutputTokens", "an integer"),
+        ({"presence_penalty": 2}, "presencePenalty", "up to (not including) 2"),
+        ({"frequencyPenalty": -3}, "frequencyPenalty", "from -2"),
+        ({"logprobs": 21}, "logprobs", "from 0 to 20"),
+        ({"seed": 2**40}, "seed", "an integer"),
+        ({"thinking_config": {"thinking_budget": -2}}, "thinkingConfig.thinkingBudget", ">= -1"),
+        ({"thinkingConfig": {"thinkingBudget": 1.5}}, "thinkingConfig.thinkingBudget", "integer"),
+        ({"stop_sequences": ["a", "b", "c", "d", "e", "f"]}, "stopSequences", "at most 5"),
+        (
+            {"thinkingConfig": {"thinkingBudget": 10, "thinking_level": "LOW"}},
+            "thinkingConfig",
+            "not both",
+        ),
+    ],
+)
+def test_config_values_out_of_range_are_line_errors(
+    tmp_path: Path, config: dict[str, Any], field: str, expected: str
+) -> None:
+    message = one_error(tmp_path, {"prompt": "x", "config": config})
+    assert message.startswith(f"'config' field '{field}': "), message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"temperature": 0},
+        {"temperature": 2},
+        {"temperature": 1},
+        {"top_p": 0},
+        {"topP": 1.0},
+        {"topK": 40},
+        {"topK": 40.0},
+        {"candidateCount": 1},
+        {"maxOutputTokens": 1},
+        {"presencePenalty": -2},
+        {"frequency_penalty": 1.99},
+        {"logprobs": 0},
+        {"seed": -1},
+        {"thinking_config": {"thinking_budget": -1}},
+        {"thinking_config": {"thinking_budget": 0}},
+        {"stop_sequences": ["a", "b", "c", "d", "e"]},
+        {"temperature": None},
+    ],
+)
+def test_config_values_in_range_pass(tmp_path: Path, config: dict[str, Any]) -> None:
+    one_request(tmp_path, {"prompt": "x", "config": config})
+
+
+def test_thinking_level_replaces_the_default_budget(tmp_path: Path) -> None:
+    request = one_request(
+        tmp_path, {"prompt": "x", "config": {"thinking_config": {"thinking_level": "LOW"}}}
+    )
+    assert request.body["generationConfig"]["thinkingConfig"] == {"thinkingLevel": "LOW"}
+
+
+def test_native_generation_config_is_range_checked(tmp_path: Path) -> None:
+    contents = [{"role": "user", "parts": [{"text": "x"}]}]
+    for config, field in (
+        ({"temperature": 5}, "temperature"),
+        ({"max_output_tokens": 0}, "maxOutputTokens"),
+        ({"thinkingConfig": {"thinkingBudget": -7}}, "thinkingConfig.thinkingBudget"),
+    ):
+        line = {"key": "k", "request": {"contents": contents, "generationConfig": config}}
+        message = one_error(tmp_path, line)
+        assert message.startswith(f"'request.generationConfig' field '{field}': "), message
+    good = {"contents": contents, "generationConfig": {"temperature": 2, "topK": 3}}
+    assert one_request(tmp_path, {"key": "k", "request": good}).body == good
+
+
+def test_validated_lines_of_a_file_and_the_daemon_agree(tmp_path: Path) -> None:
+    """`validate` and the daemon read lines through the same function: one verdict."""
+    path = write(tmp_path, [{"prompt": "x", "config": {"temperature": 5}}, "fine"])
+    scan = scan_file(path, DEFAULTS)
+    assert (scan.requests, scan.error_count) == (1, 1)
+    assert "temperature" in scan.errors[0].message
+
+
+# ---- a bad line keeps the key it gave itself ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ({"key": "r", "request": {"contents": []}}, "r"),
+        ({"key": "r", "prompt": ""}, "r"),
+        ({"key": 7, "prompt": "x", "config": {"temperature": 5}}, "7"),
+        ({"key": "r", "prompt": "x", "bogus": 1}, "r"),
+        (b'{"key": "r", "prompt": "\\ud800"}', "r"),
+        ({"prompt": ""}, None),  # no key of its own: the line number is the record's `line`
+        ({"key": "", "prompt": "x"}, None),
+        ({"key": True, "prompt": "x"}, None),
+        ({"key": ["r"], "prompt": "x"}, None),
+        (b'{"key": "\\udc00", "prompt": "x"}', None),  # cannot be written as UTF-8
+        (b'{"key": "r", "prompt": "x"', None),  # not JSON: nothing is readable
+        (b'["r", 1]', None),
+        (b"42", None),
+    ],
+)
+def test_line_error_keeps_a_readable_key(tmp_path: Path, line: Any, key: str | None) -> None:
+    assert one_line_error(tmp_path, line).key == key
+
+
+def test_duplicate_line_keeps_its_key(tmp_path: Path) -> None:
+    items = parse(tmp_path, [{"key": "a", "prompt": "x"}, {"key": "a", "prompt": "y"}])
+    error = items[1]
+    assert isinstance(error, LineError)
+    assert (error.line, error.key) == (2, "a")
+    assert "duplicate key 'a'" in error.message
+
+
+# ---- the token estimate ------------------------------------------------------------------------
+
+
+def test_prompt_chars_count_contents_and_system_instruction() -> None:
+    body = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"data": "zz"}}]},
+            {"role": "model", "parts": [{"text": "ef"}]},
+            "not an object",
+        ],
+        "systemInstruction": {"parts": [{"text": "123"}]},
+    }
+    assert prompt_chars(body) == 9
+    assert prompt_chars({}) == 0
+    assert prompt_chars({"contents": "x", "systemInstruction": 5}) == 0
+
+
+def test_estimate_tokens_rounds_up() -> None:
+    assert CHARS_PER_TOKEN == 4
+    assert [estimate_tokens(n) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+
+
+def test_scan_estimates_the_input_tokens_of_valid_requests(tmp_path: Path) -> None:
+    defaults = Defaults(system_prompt="12345678")  # 8 characters, sent with every prompt line
+    path = write(
+        tmp_path,
+        [
+            "a" * 40,
+            ["b" * 10, "c" * 10],  # joined with a newline: 21 characters
+            {"key": "n", "request": {"contents": [{"parts": [{"text": "d" * 12}]}]}},
+            {"prompt": ""},  # invalid: not counted
+        ],
+    )
+    scan = scan_file(path, defaults)
+    assert scan.prompt_chars == (40 + 8) + (21 + 8) + 12
+    assert scan.estimated_tokens == estimate_tokens(89) == 23

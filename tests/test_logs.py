@@ -29,7 +29,7 @@ def restore_logging() -> Iterator[None]:
         for name in ("httpx", "httpx2", "google_genai", "watchdog", "tenacity")
     }
     config = structlog.get_config()
-    secrets = list(logs._secrets)
+    secrets, short_secrets = list(logs._secrets), list(logs._short_secrets)
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -37,6 +37,7 @@ def restore_logging() -> Iterator[None]:
         logging.getLogger(name).setLevel(old)
     structlog.configure(**config)
     logs._secrets[:] = secrets
+    logs._short_secrets[:] = short_secrets
 
 
 class FakeStream(io.StringIO):
@@ -224,6 +225,84 @@ def test_redaction_also_on_the_console() -> None:
     logs.get().info("x", value="s3cr3t-key")
     assert "s3cr3t-key" not in stream.getvalue()
     assert "[redacted]" in stream.getvalue()
+
+
+def test_short_secret_does_not_mangle_other_text() -> None:
+    """A short key (no real one is) is not searched for inside words: `ab` must not turn
+    `cabbage` into `c[redacted]bage`; where it is a whole value or follows `key=`, it is hidden."""
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream, environ={})
+    assert logs.add_secret("ab") is False
+    log = logs.get()
+    log.info("cabbage and kebab", file="ab.jsonl", value="ab", padded=" ab\n")
+    log.warning(
+        "GET https://host/v1beta/batches?key=ab&pageSize=1", headers={"x-goog-api-key": "ab"}
+    )
+    first, second = json_lines(stream)
+    assert first["event"] == "cabbage and kebab"
+    assert first["file"] == "ab.jsonl"
+    assert first["value"] == first["padded"] == "[redacted]"
+    assert second["event"] == "GET https://host/v1beta/batches?key=[redacted]&pageSize=1"
+    assert second["headers"] == {"x-goog-api-key": "[redacted]"}
+
+
+def test_secret_of_plausible_length_is_redacted_anywhere() -> None:
+    secret = "k" * logs.MIN_SECRET_CHARS
+    assert logs.add_secret(secret) is True
+    assert logs.add_secret(secret) is True  # registering twice is harmless
+    assert logs._secrets.count(secret) == 1
+    assert logs.redact(f"x{secret}y") == "x[redacted]y"
+    assert logs.add_secret(None) is False and logs.add_secret("") is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("https://h/v1/files/x:download?alt=media&key=SOMEKEY", "...&key=[redacted]"),
+        ("https://h/v1/batches?key=SOMEKEY#frag", "...?key=[redacted]#frag"),
+        ("{'x-goog-api-key': 'SOMEKEY', 'a': 1}", "{'x-goog-api-key': '[redacted]', 'a': 1}"),
+        ("X-Goog-Api-Key: SOMEKEY\r\nHost: h", "X-Goog-Api-Key: [redacted]\r\nHost: h"),
+        ('{"apiKey": "SOMEKEY"}', '{"apiKey": "[redacted]"}'),
+        ("Client(api_key='SOMEKEY')", "Client(api_key='[redacted]')"),
+        ("duplicate key 'a' (first used on line 2)", "duplicate key 'a' (first used on line 2)"),
+        ("monkey=3&donkey=4", "monkey=3&donkey=4"),
+        ("a key=value pair in prose", "a key=value pair in prose"),
+    ],
+)
+def test_keys_in_key_contexts_are_redacted_whether_registered_or_not(
+    text: str, expected: str
+) -> None:
+    result = logs.redact(text)
+    assert "SOMEKEY" not in result
+    if expected.startswith("..."):
+        assert result.endswith(expected[3:]), result
+    else:
+        assert result == expected
+
+
+def test_redact_with_explicit_secrets_follows_the_length_rule() -> None:
+    assert logs.redact("cabbage", ["ab"]) == "cabbage"
+    assert logs.redact("ab", ["ab"]) == "[redacted]"
+    long_key = "AIza" + "x" * 35
+    assert logs.redact(f"refused {long_key}!", [long_key]) == "refused [redacted]!"
+
+
+def test_the_run_command_never_logs_the_key_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `run` logs at start names where settings come from, never the key (however short)."""
+    from daemon import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("inbox: /proc/nope\n")
+    monkeypatch.setenv("GEMINI_API_KEY", "k1")
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    stream = FakeStream(tty=False)
+    configure = logs.configure
+    monkeypatch.setattr(logs, "configure", lambda level, **_: configure(level, stream, {}))
+    assert cli.main(["run", "--once", "-c", "config.yaml"]) == 2
+    assert "k1" not in stream.getvalue()
+    assert [e["event"] for e in json_lines(stream)] == ["configuration"]
 
 
 # ---- the lifecycle events of each file, end to end ------------------------------------

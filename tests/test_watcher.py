@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.watcher import InboxWatcher, is_candidate, name_too_long, open_for_writing
+from daemon.watcher import (
+    InboxWatcher,
+    is_candidate,
+    name_too_long,
+    open_for_writing,
+    why_ignored,
+)
 from tests.harness import FakeClock, wait_for
 
 SETTLE = 2.0
@@ -286,3 +292,28 @@ def test_names_too_long_for_the_sidecar_are_not_candidates(
     watcher.note(long_name, complete=True)
     assert watcher.ready() == []
     assert watcher.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("a.jsonl", None),
+        ("with space.jsonl", None),
+        ("notes.txt", "only names ending in .jsonl are taken"),
+        ("README", "only names ending in .jsonl are taken"),
+        ("a.jsonl.tmp", "only names ending in .jsonl are taken"),
+        ("UP.JSONL", "(lower case) are taken: rename it UP.jsonl"),
+        ("Mixed.Jsonl", "rename it Mixed.jsonl"),
+        ("prompts.json", "if it holds one request per line, rename it prompts.jsonl"),
+        (".hidden.jsonl", "names starting with '.' are left alone"),
+        (".jsonl", "names starting with '.'"),
+        ("n" * 240 + ".jsonl", "the name is 246 bytes long"),
+    ],
+)
+def test_why_ignored_explains_and_agrees_with_is_candidate(name: str, fragment: str | None) -> None:
+    reason = why_ignored(name)
+    assert (reason is None) == is_candidate(Path(name))
+    if fragment is None:
+        assert reason is None
+    else:
+        assert reason is not None and fragment in reason
