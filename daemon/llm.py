@@ -1,25 +1,35 @@
 """The library API of the original design, kept: `GeminiLLM` and the `LLMService` facade.
 
-Built on the daemon's backend, but results are matched to requests by key (never by
-position) and one failed request does not discard the others.
+Built on the daemon's backend, but results are matched to requests by key (by position
+only where the API echoed no key at all and the counts agree), results are read from the
+API's raw JSON through `wire` and `records`, and one failed request does not discard the others.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import errno
+import logging
 import os
+import re
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import pydantic
 from google import genai
 from google.genai import types
 
-from .backend import BackendError, GeminiBackend, inline_lookup, job_error_message
+from . import records, wire
+from .backend import BackendError, GeminiBackend, api_call
 from .inputs import Defaults, prompt_request
-from .results import answer_text, line_key, parse_json_text
+
+log = logging.getLogger(__name__)
+
+_MAX_REPAIRS = 8
+"""Rounds of dropping unreadable fields before a response is given up as empty."""
 
 
 class LLMProviderError(Exception):
@@ -34,7 +44,7 @@ class BatchProvider(Protocol):
     name: str
 
     def create_batch_job(
-        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool = False
+        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool | None = None
     ) -> str: ...
     def get_batch_job(self, batch_job_name: str) -> Any: ...
     def fetch_batch_results(self, batch_job_name: str) -> list[Any]: ...
@@ -81,16 +91,19 @@ class GeminiLLM:
         )
 
     def create_batch_job(
-        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool = False
+        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool | None = None
     ) -> str:
-        """Submit one request per prompt sequence; returns the job name (`batches/...`)."""
+        """Submit one request per prompt sequence; returns the job name (`batches/...`).
+
+        `filter_json`: None keeps the instance's setting; True or False decides for this job.
+        """
         if not batch_payload:
             raise ValueError("the batch payload is empty")
         defaults = Defaults(
             self.system_prompt,
             self.temperature,
             self.thinking_budget,
-            filter_json or self.filter_json,
+            self.filter_json if filter_json is None else filter_json,
         )
         requests = [
             # A bare string is one prompt, not a sequence of one-character prompts.
@@ -114,24 +127,48 @@ class GeminiLLM:
         self._backend.cancel_job(batch_job_name)
 
     def fetch_batch_results(self, batch_job_name: str) -> list[Any]:
-        """Results in input order, matched by key: parsed JSON with `filter_json`, else responses."""
-        job = self.get_batch_job(batch_job_name)
+        """Results in input order, matched by key: parsed JSON with `filter_json`, else responses.
+
+        Reads the job's raw JSON (not the SDK's models), so fields the SDK does not know never
+        fail a fetch; a blocked answer counts as a failed request.
+        """
+        job = self._remote_job(batch_job_name)
         if not job.done:
-            raise ValueError(f"batch job {batch_job_name} is not done yet (state {_state(job)})")
-        if job.state is not types.JobState.JOB_STATE_SUCCEEDED:
-            message = job_error_message(job) or "no message from the API"
-            raise LLMProviderError(f"batch job {batch_job_name} ended {_state(job)}: {message}")
-        entries = self._entries(job)
-        keys, filter_json = self._jobs.get(
-            batch_job_name, (_ordered_keys(entries), self.filter_json)
-        )
+            raise ValueError(f"batch job {batch_job_name} is not done yet (state {job.state})")
+        if not job.succeeded:
+            message = job.error_message or "no message from the API"
+            raise LLMProviderError(f"batch job {batch_job_name} ended {job.state}: {message}")
+        known = self._jobs.get(batch_job_name)
+        if job.responses_file is not None:
+            entries = self._file_entries(job.responses_file)
+            keys = known[0] if known else _ordered_keys(list(entries))
+        else:
+            items = job.inline_responses or []
+            keys = known[0] if known else _inline_keys(items)
+            match = wire.match_inline(keys, items)
+            if match.by_position:
+                log.warning(
+                    "%s: the API echoed no request keys; matched %d responses by position",
+                    batch_job_name,
+                    len(keys),
+                )
+            entries = match.entries
+        filter_json = known[1] if known else self.filter_json
         results: list[Any] = []
         failed: list[str] = []
-        for key in keys:
-            value, problem = _result(entries.get(key), filter_json)
-            results.append(value)
-            if problem:
-                failed.append(f"{key} ({problem})")
+        for line, key in enumerate(keys, 1):
+            entry = entries.get(key)
+            record = records.record_for(
+                key, line, entry, filter_json=filter_json, include_response=False
+            )
+            if record["status"] != "ok":
+                results.append(None)
+                failed.append(f"{key} ({_problem(record['error'])})")
+            elif filter_json:
+                results.append(record["json"])
+            else:
+                assert entry is not None and entry.response is not None
+                results.append(sdk_response(entry.response))
         if failed:
             raise LLMProviderError(
                 f"{len(failed)} of {len(keys)} requests failed in {batch_job_name}: {', '.join(failed)}",
@@ -139,61 +176,159 @@ class GeminiLLM:
             )
         return results
 
-    def _entries(self, job: types.BatchJob) -> dict[str, dict[str, Any]]:
-        entries: dict[str, dict[str, Any]] = {}
-        if job.dest and job.dest.file_name:
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "responses.jsonl"
-                self._backend.download(job.dest.file_name, path)
-                with path.open("rb") as handle:
-                    for raw in handle:
-                        key = line_key(raw)
-                        if key is not None:
-                            entries.setdefault(key, json.loads(raw))
-            return entries
-        return inline_lookup(job)
+    def _remote_job(self, name: str) -> wire.RemoteJob:
+        """The job as the API sent it: one GET through the SDK's HTTP client, read by wire."""
+        with api_call(f"get {name}"):
+            reply = self.client._api_client.request("get", name, {}, None)
+            return wire.parse_operation(wire.parse_json(reply.body))
+
+    def _file_entries(self, file_name: str) -> dict[str, wire.Entry]:
+        """Key -> Entry of a downloaded responses file (first line of a key wins)."""
+        entries: dict[str, wire.Entry] = {}
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "responses.jsonl"
+            self._backend.download(file_name, path)
+            with path.open("rb") as handle:
+                for raw in handle:
+                    key = wire.line_key(raw)
+                    if key is None or key in entries:
+                        continue
+                    try:
+                        obj = wire.parse_json(raw)
+                    except wire.BadReply:
+                        continue
+                    if isinstance(obj, Mapping):
+                        entries[key] = wire.entry_from_obj(obj)
+        return entries
 
 
-def _result(entry: dict[str, Any] | None, filter_json: bool) -> tuple[Any, str | None]:
-    if entry is None:
-        return None, "no response"
-    if "response" not in entry:
-        error = entry.get("error") or {}
-        return None, f"{error.get('code', '')} {error.get('message', 'failed')}".strip()
-    if not filter_json:
-        return types.GenerateContentResponse.model_validate(entry["response"]), None
-    text = answer_text(entry["response"])
-    if text is None:
-        return None, "no candidate"
+def _problem(error: Mapping[str, Any]) -> str:
+    """`request: 400 Bad prompt`, `blocked: the answer was withheld: SAFETY`, ..."""
+    code = error.get("code")
+    message = f"{code} {error['message']}" if code is not None else error["message"]
+    return f"{error['stage']}: {message}"
+
+
+def sdk_response(raw: Mapping[str, Any]) -> types.GenerateContentResponse:
+    """The SDK's model of a raw response, built tolerantly: a newer API never fails a fetch.
+
+    The SDK's own forward-compatible reader drops unknown fields; a field whose value the SDK
+    cannot read (a changed type) is dropped too, and as a last resort the response is empty.
+    """
+    data = copy.deepcopy(dict(raw))
+    for _ in range(_MAX_REPAIRS):
+        try:
+            return _validate_response(data)
+        except pydantic.ValidationError as exc:
+            if not _drop_invalid_fields(data, exc):
+                break
+    return types.GenerateContentResponse()
+
+
+def _validate_response(data: dict[str, Any]) -> types.GenerateContentResponse:
     try:
-        return parse_json_text(text), None
-    except (ValueError, RecursionError) as exc:
-        return None, f"unparseable JSON: {exc}"
+        return types.GenerateContentResponse._from_response(response=data, kwargs={})
+    except pydantic.ValidationError:
+        raise
+    except Exception:  # the SDK's private reader changed or tripped: plain validation
+        return types.GenerateContentResponse.model_validate(data)
 
 
-def _ordered_keys(entries: dict[str, dict[str, Any]]) -> list[str]:
+def _drop_invalid_fields(data: dict[str, Any], exc: pydantic.ValidationError) -> bool:
+    """Remove the deepest existing field at each error location; False when none was found."""
+    doomed: list[tuple[Any, Any]] = []
+    seen: set[tuple[int, Any]] = set()
+    for error in exc.errors():
+        parent: Any = None
+        step: Any = None
+        node: Any = data
+        for part in error["loc"]:
+            if not _has_child(node, part):
+                break
+            parent, step, node = node, part, node[part]
+        if parent is not None and (id(parent), step) not in seen:
+            seen.add((id(parent), step))
+            doomed.append((parent, step))
+    for parent, step in doomed:
+        if isinstance(parent, dict):
+            parent.pop(step, None)
+    # List items go last, highest index first, so earlier indices stay valid.
+    for parent, step in sorted(
+        ((p, s) for p, s in doomed if isinstance(p, list)), key=lambda ps: -ps[1]
+    ):
+        del parent[step]
+    return bool(doomed)
+
+
+def _has_child(node: Any, step: Any) -> bool:
+    if isinstance(node, dict):
+        return step in node
+    return isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+
+
+def _inline_keys(items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys of a job another process created: the echoed keys, else 1..n (by position)."""
+    keys = [k for k in (wire.entry_key(item) for item in items) if k is not None]
+    return (
+        _ordered_keys(list(dict.fromkeys(keys)))
+        if keys
+        else [str(i) for i in range(1, len(items) + 1)]
+    )
+
+
+def _ordered_keys(keys: list[str]) -> list[str]:
     """For a job this process did not create: numeric keys in numeric order, others as returned."""
-    keys = list(entries)
     return sorted(keys, key=int) if all(k.isdigit() for k in keys) else keys
 
 
-def _state(job: types.BatchJob) -> str:
-    return job.state.value if job.state else "unknown"
-
-
 def _prompt_or_file(value: str | Path | None) -> str | None:
-    """A path to a file holding the prompt, or the prompt text itself."""
+    """A path to a file holding the prompt, or the prompt text itself.
+
+    A value that looks like a path but names no file is a mistake, not a prompt: it raises
+    FileNotFoundError rather than sending the path to the model as its instructions.
+    """
     if value is None:
         return None
     if isinstance(value, Path):  # clearly meant as a file: a missing one is an error
         return value.read_text(encoding="utf-8")
-    path = Path(value)
+    text = str(value)
+    if "\n" in text or len(text) >= 4096:
+        return text
+    path = Path(text).expanduser()
     try:
-        if len(str(value)) < 4096 and path.is_file():
+        if path.is_file():
             return path.read_text(encoding="utf-8")
     except OSError:
         pass
-    return str(value)
+    if looks_like_path(text):
+        raise FileNotFoundError(
+            errno.ENOENT, "system_prompt looks like a file path, but there is no such file", text
+        )
+    return text
+
+
+PROMPT_FILE_SUFFIXES = frozenset(
+    {".md", ".markdown", ".txt", ".text", ".prompt", ".j2", ".jinja", ".tmpl", ".yaml", ".yml"}
+)
+"""Suffixes that mark a path even when the value has spaces (`My Prompts/categorise.md`)."""
+
+_SUFFIX = re.compile(r"[^\s./\\]\.[A-Za-z0-9]{1,10}$")
+
+
+def looks_like_path(value: str) -> bool:
+    """One line that reads as a file name rather than as an instruction to the model.
+
+    Without whitespace: it has a path separator or a file suffix (`prompts/cat`, `cat.md`).
+    With whitespace (prompts have it, few paths do): a separator and a known prompt-file suffix,
+    so that `Answer yes/no.` stays a prompt.
+    """
+    if "\n" in value or not value.strip():
+        return False
+    separators = {"/", os.sep, os.altsep or "/"}
+    has_separator = any(sep in value for sep in separators)
+    if not any(ch.isspace() for ch in value):
+        return has_separator or _SUFFIX.search(value) is not None
+    return has_separator and Path(value.strip()).suffix.lower() in PROMPT_FILE_SUFFIXES
 
 
 class LLMService:
@@ -217,8 +352,9 @@ class LLMService:
             ) from None
 
     def create_batch_job(
-        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool = False
+        self, batch_payload: Sequence[Sequence[str]], *, filter_json: bool | None = None
     ) -> tuple[str, str]:
+        """`filter_json`: None keeps each provider's own setting; True or False decides."""
         for name, provider in self._providers.items():
             if not hasattr(provider, "create_batch_job"):
                 continue

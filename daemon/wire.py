@@ -37,24 +37,25 @@ class BadReply(ValueError):
 
 # ---- JSON ----------------------------------------------------------------------------------------
 
-# orjson turns integers wider than 64 bits into floats; a body holding a run of 20 digits may carry
-# one, so it goes to the stdlib parser, which keeps every integer exact.
-_LONG_DIGITS_BYTES = re.compile(rb"\d{20}")
-_LONG_DIGITS_TEXT = re.compile(r"\d{20}")
+# orjson turns integers wider than 64 bits into floats: a body holding a run of 20 digits may
+# carry one, so it goes to the stdlib parser, which keeps every integer exact. The run is found
+# by mapping every byte to "0" (digit) or " " and searching: a regex is ten times slower.
+_DIGIT_MASK = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_NUMBER = b"0" * 20
 _HTML_TITLE = re.compile(r"<title[^>]*>([^<]{1,80})", re.IGNORECASE)
 
 
 def _loads(body: str | bytes) -> Any:
     if _fast_loads is not None:
-        if isinstance(body, str):
-            long_number = _LONG_DIGITS_TEXT.search(body) is not None
-        else:
-            long_number = _LONG_DIGITS_BYTES.search(body) is not None
-        if not long_number:
+        try:
+            data = body.encode() if isinstance(body, str) else body
+        except UnicodeEncodeError:  # lone surrogates: only the stdlib parser takes them
+            data = None
+        if data is not None and _LONG_NUMBER not in data.translate(_DIGIT_MASK):
             try:
-                return _fast_loads(body)
+                return _fast_loads(data)
             except ValueError:
-                pass  # the stdlib parser decides (it accepts NaN and lone surrogates, orjson not)
+                pass  # the stdlib parser decides (it accepts NaN, orjson does not)
     return json.loads(body)
 
 

@@ -21,7 +21,7 @@ def usage(**counts: int) -> dict[str, int]:
 
 
 def response(
-    *parts: dict[str, Any],
+    *parts: Any,
     finish: str | None = "STOP",
     usage_metadata: dict[str, Any] | None = None,
     model_version: str | None = "gemini-2.5-flash-001",
@@ -393,7 +393,8 @@ def test_prompt_blocked_names_the_reason_message_and_categories() -> None:
 
 
 def test_no_candidate_without_a_block_reason_is_a_request_error() -> None:
-    for body in ({"candidates": []}, {"usageMetadata": {"promptTokenCount": 2}}):
+    bodies: list[dict[str, Any]] = [{"candidates": []}, {"usageMetadata": {"promptTokenCount": 2}}]
+    for body in bodies:
         rec = record(Entry("k1", body, None))
         assert rec["status"] == "error"
         assert rec["error"] == {"stage": "request", "message": "the response has no candidate"}
