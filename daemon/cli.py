@@ -24,7 +24,7 @@ from .config import (
     raise_problems,
     resolve_api_key,
 )
-from .jobrecord import FileState, JobRecord, SidecarError
+from .jobrecord import FileState, JobRecord, JobState, SidecarError
 from .spool import CANCEL_SUFFIX, SIDECAR_SUFFIX, is_candidate, name_too_long, why_ignored
 
 if TYPE_CHECKING:  # google-genai takes a second to import: only `run` and `cancel` need it
@@ -476,27 +476,36 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config, _ = _config(args)
     target: str = args.target
     record, sidecar = _find_record(config, target)
-    job_name = record.job_name if record else target if target.startswith("batches/") else None
-    if record is None and job_name is None:
+    if record is not None:
+        job_names = [
+            j.job_name
+            for j in record.jobs
+            if j.job_name and j.state in (JobState.SUBMITTING, JobState.RUNNING)
+        ]
+    else:
+        job_names = [target] if target.startswith("batches/") else []
+    if record is None and not job_names:
         raise CommandError(
             f"{target}: no file of that name is queued or in flight, and it is not a job name"
         )
-    if job_name:
-        from .backend import BackendError
+    if job_names:
+        from .failures import classify
 
         api_key = resolve_api_key(config)
         if not api_key:
             raise CommandError("no API key to cancel the job with (see api.key_file)")
-        try:
-            make_backend(config, api_key).cancel_job(job_name)
-        except BackendError as exc:
-            raise CommandError(logs.redact(str(exc), [api_key])) from None
-        print(f"cancelled {job_name}")
+        backend = make_backend(config, api_key)
+        for job_name in job_names:
+            try:
+                backend.cancel_job(job_name)
+            except Exception as exc:
+                raise CommandError(classify(exc, f"cancel {job_name}").message) from None
+            print(f"cancelled {job_name}")
     if record is not None and sidecar is not None:
-        # Tell the daemon: it polls the job at once (or fails a file that has no job yet, or
-        # cancels the job itself once a create call under way has returned).
+        # Tell the daemon: it polls the jobs at once (or fails a file that has no job yet, or
+        # cancels a job itself once a create call under way has returned).
         atomic.write_bytes(sidecar.with_name(record.input + CANCEL_SUFFIX), b"")
-        if not job_name:
+        if not job_names:
             creating = record.state in (FileState.UPLOADING, FileState.SUBMITTING)
             print(
                 f"{record.input}: its job is being created; the daemon will cancel it"
@@ -515,7 +524,8 @@ def _find_record(config: Config, target: str) -> tuple[JobRecord | None, Path | 
             record = jobrecord.load(sidecar)
         except (OSError, SidecarError):
             continue
-        if target in (record.job_name, record.input) or name == record.input:
+        names = {j.job_name for j in record.jobs if j.job_name}
+        if target == record.input or name == record.input or target in names:
             return record, sidecar
     return None, None
 

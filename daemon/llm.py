@@ -22,9 +22,10 @@ import pydantic
 from google import genai
 from google.genai import types
 
-from . import records, wire
-from .backend import BackendError, GeminiBackend, api_call
+from . import publish, records, wire
+from .backend import Backend
 from .inputs import Defaults, prompt_request
+from .plan import request_line
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class GeminiLLM:
         self.temperature = temperature
         self.thinking_budget = thinking_budget
         key = api_key or os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY") or ""
-        self._backend = GeminiBackend(key, client=client)
+        self._backend = Backend(key, client=client)
         self._jobs: dict[
             str, tuple[list[str], bool]
         ] = {}  # job name -> (keys in order, filter_json)
@@ -112,15 +113,18 @@ class GeminiLLM:
             )
             for i, prompts in enumerate(batch_payload, 1)
         ]
-        job = self._backend.create_job(
-            self.model, f"gemini-batchd-lib/{uuid.uuid4().hex[:16]}", requests
-        )
-        assert job.name
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "requests.jsonl"
+            source.write_bytes(b"".join(request_line(r) for r in requests))
+            job = self._backend.create_job(
+                self.model, f"gemini-batchd-lib/{uuid.uuid4().hex[:16]}", source, inline=True
+            )
         self._jobs[job.name] = ([r.key for r in requests], defaults.filter_json)
         return job.name
 
     def get_batch_job(self, batch_job_name: str) -> types.BatchJob:
-        return self._backend.get_job(batch_job_name)
+        """The job as the SDK reads it (`job.done`, `job.state`)."""
+        return self.client.batches.get(name=batch_job_name)
 
     def cancel_batch_job(self, batch_job_name: str) -> None:
         """Cancel the job (it is not deleted: its record stays visible in the API)."""
@@ -132,43 +136,35 @@ class GeminiLLM:
         Reads the job's raw JSON (not the SDK's models), so fields the SDK does not know never
         fail a fetch; a blocked answer counts as a failed request.
         """
-        job = self._remote_job(batch_job_name)
+        job = self._backend.get_job(batch_job_name)
         if not job.done:
             raise ValueError(f"batch job {batch_job_name} is not done yet (state {job.state})")
         if not job.succeeded:
             message = job.error_message or "no message from the API"
             raise LLMProviderError(f"batch job {batch_job_name} ended {job.state}: {message}")
         known = self._jobs.get(batch_job_name)
-        if job.responses_file is not None:
-            entries = self._file_entries(job.responses_file)
-            keys = known[0] if known else _ordered_keys(list(entries))
-        else:
-            items = job.inline_responses or []
-            keys = known[0] if known else _inline_keys(items)
-            match = wire.match_inline(keys, items)
-            if match.by_position:
-                log.warning(
-                    "%s: the API echoed no request keys; matched %d responses by position",
-                    batch_job_name,
-                    len(keys),
-                )
-            entries = match.entries
-        filter_json = known[1] if known else self.filter_json
-        results: list[Any] = []
-        failed: list[str] = []
-        for line, key in enumerate(keys, 1):
-            entry = entries.get(key)
-            record = records.record_for(
-                key, line, entry, filter_json=filter_json, include_response=False
-            )
-            if record["status"] != "ok":
-                results.append(None)
-                failed.append(f"{key} ({_problem(record['error'])})")
-            elif filter_json:
-                results.append(record["json"])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "answers.jsonl"
+            if job.responses_file is not None:
+                self._backend.download(job.responses_file, path)
+                keys = known[0] if known else _ordered_keys(_file_keys(path))
             else:
-                assert entry is not None and entry.response is not None
-                results.append(sdk_response(entry.response))
+                items = job.inline_responses or []
+                keys = known[0] if known else _inline_keys(items)
+                lines, by_position = publish.inline_lines(items, keys)
+                if by_position:
+                    log.warning(
+                        "%s: the API echoed no request keys; matched %d responses by position",
+                        batch_job_name,
+                        len(keys),
+                    )
+                publish.save_answers(path, lines)
+            answers = publish.Answers([path])
+            try:
+                filter_json = known[1] if known else self.filter_json
+                results, failed = _results(keys, answers, filter_json)
+            finally:
+                answers.close()
         if failed:
             raise LLMProviderError(
                 f"{len(failed)} of {len(keys)} requests failed in {batch_job_name}: {', '.join(failed)}",
@@ -176,30 +172,35 @@ class GeminiLLM:
             )
         return results
 
-    def _remote_job(self, name: str) -> wire.RemoteJob:
-        """The job as the API sent it: one GET through the SDK's HTTP client, read by wire."""
-        with api_call(f"get {name}"):
-            reply = self.client._api_client.request("get", name, {}, None)
-            return wire.parse_operation(wire.parse_json(reply.body))
 
-    def _file_entries(self, file_name: str) -> dict[str, wire.Entry]:
-        """Key -> Entry of a downloaded responses file (first line of a key wins)."""
-        entries: dict[str, wire.Entry] = {}
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "responses.jsonl"
-            self._backend.download(file_name, path)
-            with path.open("rb") as handle:
-                for raw in handle:
-                    key = wire.line_key(raw)
-                    if key is None or key in entries:
-                        continue
-                    try:
-                        obj = wire.parse_json(raw)
-                    except wire.BadReply:
-                        continue
-                    if isinstance(obj, Mapping):
-                        entries[key] = wire.entry_from_obj(obj)
-        return entries
+def _results(
+    keys: list[str], answers: publish.Answers, filter_json: bool
+) -> tuple[list[Any], list[str]]:
+    """Each key's result in order (None where it failed), and the failed keys described."""
+    results: list[Any] = []
+    failed: list[str] = []
+    for line, key in enumerate(keys, 1):
+        entry = answers.get(key)
+        record = records.record_for(key, line, entry, filter_json=filter_json, include_response=False)
+        if record["status"] != "ok":
+            results.append(None)
+            failed.append(f"{key} ({_problem(record['error'])})")
+        elif filter_json:
+            results.append(record["json"])
+        else:
+            assert entry is not None and entry.response is not None
+            results.append(sdk_response(entry.response))
+    return results, failed
+
+
+def _file_keys(path: Path) -> list[str]:
+    keys = []
+    with path.open("rb") as handle:
+        for raw in handle:
+            key = wire.line_key(raw)
+            if key is not None:
+                keys.append(key)
+    return list(dict.fromkeys(keys))
 
 
 def _problem(error: Mapping[str, Any]) -> str:
@@ -375,4 +376,4 @@ class LLMService:
         self._provider(provider_name).cancel_batch_job(batch_job_name)
 
 
-__all__ = ["BackendError", "GeminiLLM", "LLMProviderError", "LLMService"]
+__all__ = ["GeminiLLM", "LLMProviderError", "LLMService"]

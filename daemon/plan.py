@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from .inputs import Defaults, LineError, Request, Scan, read_requests
-
-CHARS_PER_TOKEN = 4
-"""The documented token estimate: characters of prompt text / 4 (English prose averages ~4)."""
-
-NON_TEXT_PART_TOKENS = 258
-"""Estimate for a non-text part (an image is 258 tokens at the API's default resolution)."""
+from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, prompt_chars, read_requests
 
 
 @dataclass(frozen=True)
@@ -75,35 +69,12 @@ def request_line(request: Request) -> bytes:
     return dumps({"key": request.key, "request": request.body}) + b"\n"
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """Input tokens of a request body, estimated from its text (see CHARS_PER_TOKEN)."""
-    chars = 0
-    extra = 0
-    for content in _contents(body):
-        parts = content.get("parts") if isinstance(content, dict) else None
-        for part in parts if isinstance(parts, list) else []:
-            text = part.get("text") if isinstance(part, dict) else None
-            if isinstance(text, str):
-                chars += len(text)
-            else:
-                extra += NON_TEXT_PART_TOKENS
-    return -(-chars // CHARS_PER_TOKEN) + extra
-
-
-def _contents(body: dict[str, Any]) -> Iterator[Any]:
-    contents = body.get("contents")
-    yield from contents if isinstance(contents, list) else []
-    system = body.get("systemInstruction")
-    if system is not None:
-        yield system
-
-
 def write_plan(
     source: Path,
     defaults: Defaults,
     limits: JobLimits,
     index_path: Path,
-    job_path: Any,
+    job_path: Callable[[int], Path],
     *,
     keep_invalid: bool,
 ) -> Plan:
@@ -125,7 +96,7 @@ def write_plan(
                         index.write(dumps([item.line, item.key, None, 0, item.message]) + b"\n")
                     continue
                 line = request_line(item)
-                tokens = estimate_tokens(item.body)
+                tokens = estimate_tokens(prompt_chars(item.body))
                 if limits.max_job_tokens is not None and tokens > limits.max_job_tokens:
                     plan.too_big = plan.too_big or (
                         f"line {item.line} alone is about {tokens} input tokens, over "

@@ -38,26 +38,22 @@ log = logs.get()
 
 
 def inline_lines(items: list[dict[str, Any]], keys: Iterable[str]) -> tuple[list[bytes], bool]:
-    """An inline job's answers as responses-file lines, in the API's order.
-
-    Answers carry their request's key in `metadata.key`. Where no answer carries one at all and
-    there are as many answers as requests, they are matched by position (the API documents
-    inline answers in request order); the flag says so. Otherwise keyless answers are dropped
-    (their requests are then reported missing).
-    """
-    entries = [wire.entry_from_obj(item) if isinstance(item, dict) else None for item in items]
+    """An inline job's answers as responses-file lines, in request order; the flag says they
+    carried no keys and were matched by position (see `wire.match_inline`)."""
     expected = list(keys)
-    positional = bool(entries) and all(e is None or e.key is None for e in entries)
-    positional = positional and len(entries) == len(expected)
+    matched = wire.match_inline(expected, items)
     lines = []
-    for number, (item, entry) in enumerate(zip(items, entries, strict=True)):
+    for key in expected:
+        entry = matched.entries.get(key)
         if entry is None:
             continue
-        key = expected[number] if positional else entry.key
-        if key is None:
-            continue
-        lines.append(dumps({"key": key, **{k: v for k, v in item.items() if k != "metadata"}}))
-    return lines, positional
+        line: dict[str, Any] = {"key": key}
+        if entry.response is not None:
+            line["response"] = entry.response
+        if entry.error is not None:
+            line["error"] = entry.error
+        lines.append(dumps(line))
+    return lines, matched.by_position
 
 
 def read_entries(path: Path) -> Iterator[wire.Entry]:
@@ -257,6 +253,14 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
             "job_name": first.job_name,
             "job_state": first.job_state,
         }
+        log.warning(
+            "failed",
+            file=t.name,
+            job=first.job_name,
+            stage=record.error["stage"],
+            job_state=first.job_state,
+            reason=record.error["message"],
+        )
     answered = any(j.succeeded for j in record.jobs if j.round == 1)
     want_results = answered and t.work("index").exists()
     want_report = record.error is not None
@@ -327,7 +331,7 @@ def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
     tally = write_results(target, merge, progress=progress)
     record.ok, record.errors = tally.ok, tally.error_count
     record.tokens = dict(tally.tokens)
-    bound = log.bind(file=t.name, output=target.name)
+    bound = log.bind(file=t.name, job=record.job_name, output=target.name)
     if tally.total and not tally.ok:
         bound.warning("every request failed", errors=tally.errors)
     bound.info("results written", ok=tally.ok, errors=tally.errors, tokens=tally.tokens)
@@ -367,7 +371,8 @@ def archive(ctx: Context, t: Tracked) -> Next:
     log.info(
         "archived",
         file=t.name,
-        outcome=record.state.value,
+        job=record.job_name,
+        outcome=record.state.value.lower(),
         output=record.output,
         report=record.report,
         archived_as=record.archived_as,

@@ -3,8 +3,9 @@ again as new jobs of the same file, up to `retry_requests` more rounds, with bac
 
 from __future__ import annotations
 
-from . import plan, publish, records, wire
+from . import publish, records, wire
 from .context import Context, Tracked
+from .inputs import estimate_tokens
 from .jobrecord import JobEntry
 from .keymap import KeyMap
 
@@ -58,7 +59,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                         out.write(raw)
                         current_job.requests += 1
                         current_job.bytes += len(raw)
-                        current_job.tokens += max(1, len(raw) // plan.CHARS_PER_TOKEN)
+                        current_job.tokens += estimate_tokens(len(raw))
         finally:
             if out is not None:
                 out.close()

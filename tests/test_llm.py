@@ -14,7 +14,7 @@ from google import genai
 from google.genai import types
 
 from daemon import simulator
-from daemon.backend import GeminiBackend
+from daemon.backend import Backend
 from daemon.llm import GeminiLLM, LLMProviderError, LLMService, sdk_response
 from daemon.simulator import Simulator
 from tests import recorded
@@ -552,9 +552,9 @@ def test_recorded_payloads_through_the_file_api_never_raise(
     ]
     source = tmp_path / "requests.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    backend = GeminiBackend("test-key", client=client)
+    backend = Backend("test-key", client=client)
     file_name = backend.upload(source, "live shapes")
-    job = backend.create_job("gemini-2.5-flash", "live shapes", file_name)
+    job = backend.create_job("gemini-2.5-flash", "live shapes", file_name, inline=False)
     assert job.name
     finish(clock)
     with pytest.raises(LLMProviderError) as info:

@@ -1,0 +1,37 @@
+"""In-process system tests: the daemon's Service in the test's thread, the simulator on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.simulator import Simulator
+from tests.inprocess import Daemon, WallClock
+
+
+@pytest.fixture
+def clock() -> WallClock:
+    return WallClock()
+
+
+@pytest.fixture
+def sim(clock: WallClock) -> Iterator[Simulator]:
+    """A simulator on the test's clock: jobs pend 5 s and run 20 s of fake time."""
+    with Simulator(pending_seconds=5, running_seconds=20, seed=7, clock=clock) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, sim: Simulator, clock: WallClock) -> Iterator[type[Daemon]]:
+    made: list[Daemon] = []
+
+    def make(**overrides: object) -> Daemon:
+        daemon = Daemon(tmp_path, sim, clock, **overrides)
+        made.append(daemon)
+        return daemon
+
+    yield make  # type: ignore[misc]
+    for daemon in made:
+        daemon.stop()

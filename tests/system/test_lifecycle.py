@@ -1,0 +1,77 @@
+"""A file's whole life, in-process: inline and File API jobs, parts, follow-up rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.simulator import Fault, Simulator
+
+LINES: list[Any] = [
+    "hello",
+    ["first part", "second part"],
+    {"key": "k3", "prompt": "json please [[sim:fenced]]", "filter_json": True},
+    {"key": "native", "request": {"contents": [{"role": "user", "parts": [{"text": "raw"}]}]}},
+]
+
+
+def test_inline_file_gets_results_in_order(make_daemon: Any) -> None:
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    records = daemon.results("a.jsonl")
+    assert [r["key"] for r in records] == ["1", "2", "k3", "native"]
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert records[2]["json"]["echo"].startswith("json please")
+    assert all(r["attempts"] == 1 for r in records)
+    assert (daemon.inbox / "done" / "a.jsonl").exists()
+    car = daemon.sidecar("a.jsonl")
+    assert car["state"] == "DONE" and car["ok"] == 4 and car["errors"] == 0
+    assert not list((daemon.inbox / "processing").iterdir())
+
+
+def test_file_api_path(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon(limits={"inline_max_bytes": 10})
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 4
+    assert not sim.files, "uploads and responses files are deleted"
+
+
+def test_parts_are_merged_in_order(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon(limits={"max_requests_per_job": 3, "max_active_jobs": 2})
+    daemon.drop("big.jsonl", [f"prompt {i}" for i in range(10)])
+    daemon.run_all()
+    records = daemon.results("big.jsonl")
+    assert [r["key"] for r in records] == [str(i) for i in range(1, 11)]
+    assert len(sim.jobs) == 4
+    assert len(daemon.sidecar("big.jsonl")["jobs"]) == 4
+
+
+def test_failed_requests_are_retried_in_rounds(make_daemon: Any, sim: Simulator) -> None:
+    sim.fail_keys = {"2": 503}
+    daemon = make_daemon(retry_requests=2)
+    daemon.drop("r.jsonl", ["a", "b", "c"])
+    daemon.run_all()
+    records = daemon.results("r.jsonl")
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert records[1]["attempts"] == 3 and records[0]["attempts"] == 1
+    assert len(sim.jobs) == 3
+
+
+def test_lost_create_reply_adopts_the_job(make_daemon: Any, sim: Simulator) -> None:
+    sim.add_fault(Fault("POST", ":batchGenerateContent", status=503, after=True))
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 4
+    assert len(sim.jobs) == 1
+
+
+def test_restart_mid_flight_resumes(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("a.jsonl") == "RUNNING")
+    daemon.restart()
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 4
+    assert len(sim.jobs) == 1
