@@ -36,6 +36,9 @@ BATCH_MIME_TYPE = "application/jsonl"
 TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
 """Statuses the SDK retries by itself within one call (never for a create)."""
 
+MIN_TRANSFER_RATE = 128 * 1024
+"""Bytes per second an upload or download may not fall below: its deadline grows with its size."""
+
 T = TypeVar("T")
 
 
@@ -66,15 +69,14 @@ class Backend:
             jitter=1.0,
             http_status_codes=list(TRANSIENT_HTTP_CODES),
         )
-        self.client = client or genai.Client(
-            api_key=api_key,
-            http_options=http.http_options(
-                base_url=base_url,
-                api_version=api_version,
-                timeout_seconds=timeout_seconds,
-                retry_options=retry,
-            ),
+        options = http.http_options(
+            base_url=base_url,
+            api_version=api_version,
+            timeout_seconds=timeout_seconds,
+            retry_options=retry,
         )
+        self._own_http = options.httpx_client if client is None else None
+        self.client = client or genai.Client(api_key=api_key, http_options=options)
         self._http = self.client._api_client
         version = self._http._http_options.api_version or ""
         self.endpoint = f"{(self._http._http_options.base_url or '').rstrip('/')}/{version}"
@@ -91,8 +93,8 @@ class Backend:
 
         return self._deadline(call)
 
-    def _deadline(self, call: Callable[[], T]) -> T:
-        with http.deadline(self.timeout):
+    def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
+        with http.deadline(self.timeout + size / MIN_TRANSFER_RATE):
             return call()
 
     def create_job(
@@ -152,7 +154,7 @@ class Backend:
                 raise wire.BadReply("the upload reply names no file")
             return uploaded.name
 
-        return self._deadline(call)
+        return self._deadline(call, path.stat().st_size)
 
     def find_files(self, display_name: str) -> list[str]:
         """Uploaded files with this display name (an upload whose reply was lost)."""
@@ -166,20 +168,22 @@ class Backend:
 
         return self._deadline(call)
 
-    def download(self, name: str, destination: Path) -> None:
-        """Stream a file (a job's responses) to disk."""
+    def download(self, name: str, destination: Path, expected_bytes: int = 0) -> None:
+        """Stream a file (a job's responses) to disk; `expected_bytes` stretches the deadline."""
 
         def call() -> None:
             with destination.open("wb") as handle:
                 self.client.files.download(file=name, destination=handle)
 
-        self._deadline(call)
+        self._deadline(call, expected_bytes)
 
     def delete_file(self, name: str) -> None:
         self._deadline(lambda: self.client.files.delete(name=name))
 
     def close(self) -> None:
         self.client.close()
+        if self._own_http is not None:
+            self._own_http.close()
 
 
 def _inlined(source: Path) -> Iterator[dict[str, Any]]:

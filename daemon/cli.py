@@ -227,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return service.run()
     finally:
+        service.backend.close()
         if simulator is not None:
             simulator.stop()
 

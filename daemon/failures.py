@@ -122,6 +122,8 @@ def _api_failure(exc: errors.APIError, action: str) -> Failure:
         return Failure(Kind.TRANSIENT, text, code, status, reason)
     if code == 429:
         return Failure(Kind.QUOTA, text, code, status, reason)
+    if code == 403 and "may not exist" in message:  # what the API says of an unknown file
+        return Failure(Kind.NOT_FOUND, text, code, status, reason)
     if code in (401, 403) or reason in API_KEY_REASONS or status in OPERATOR_STATUSES:
         return Failure(Kind.AUTH, text, code, status, reason)
     if code == 400 and "api key" in message.lower():

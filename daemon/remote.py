@@ -257,6 +257,7 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                     ctx.backend.download,
                     job.results_file,
                     temp,
+                    expected_bytes=4 * job.bytes,
                 )
                 os.replace(temp, answers)
             finally:

@@ -24,8 +24,8 @@ from pathlib import Path
 from . import atomic, claims, logs
 from .backend import Backend
 from .config import Config, ConfigError
-from .context import Context, LeftAlone, Next, Pool, Tracked
-from .failures import Health, RetryPolicy
+from .context import CallFailed, Context, LeftAlone, Next, Pool, Tracked
+from .failures import Call, Health, RetryPolicy
 from .inputs import Defaults
 from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
 from .notify import Notifier, SystemdStatus
@@ -153,6 +153,8 @@ class Service:
         self._once_names: set[str] = set()
         self.outcomes: list[Outcome] = []
         self._said: dict[str, float] = {}
+        self._probing = False
+        self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self._apply_config(config)
         self.ctx = self._context()
@@ -295,6 +297,7 @@ class Service:
             self._next_rescan = self.clock() + self.config.inbox_rescan_seconds
         self._claim_ready(limit=CLAIM_BATCH)
         self._take_cancel_requests()
+        self._probe_if_paused()
         self._grant_slots()
         for name in self.scheduler.pop_due():
             self._dispatch(name)
@@ -446,6 +449,29 @@ class Service:
                 t.due[job.index] = self.clock()
             if not t.busy:
                 self.scheduler.schedule(name, 0)
+
+    def _probe_if_paused(self) -> None:
+        """While paused, one cheap call now and then finds out when the key works again."""
+        if not self.health.paused or self._probing or self._stop:
+            return
+        if self.clock() < self._next_probe:
+            return
+        self._next_probe = self.clock() + self.policy.pause_seconds
+        self._probing = True
+
+        def probe() -> None:
+            try:
+                self.ctx.call(Call.PROBE, "check the API key", self.backend.probe)
+            except CallFailed:
+                pass
+            finally:
+                self._probing = False
+                self.scheduler.wake()
+
+        if self._pools:
+            threading.Thread(target=probe, name="probe", daemon=True).start()
+        else:
+            probe()
 
     # ---- job slots -----------------------------------------------------------------
 

@@ -141,6 +141,7 @@ class Daemon:
     def restart(self) -> None:
         """A crash without the crash: forget everything in memory, start a new service."""
         self.service.shutdown()
+        self.service.backend.close()
         for t in list(self.service.files.values()):
             os.close(t.lock_fd)
         self.service = self._service()
@@ -150,6 +151,7 @@ class Daemon:
         if self.started:
             self.service.shutdown()
             self.started = False
+        self.service.backend.close()
 
     def state(self) -> dict[str, str]:
         return {name: t.record.state.value for name, t in self.service.files.items()}

@@ -1,0 +1,73 @@
+"""The failure model in-process: what time or an operator can fix never fails a file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.simulator import Fault, Simulator
+
+LINES = ["one", ["two", "parts"], {"key": "three", "prompt": "three"}]
+
+
+def test_a_rejected_key_pauses_new_work_and_resumes(make_daemon: Any, sim: Simulator) -> None:
+    sim.api_key = "a-different-key"
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.drop("b.jsonl", LINES)
+    daemon.run_until(lambda: daemon.service.health.paused)
+    for _ in range(20):
+        daemon.tick()
+        daemon.clock.advance(5)
+    assert "API key" in (daemon.service.health.paused or "")
+    assert "paused" in daemon.service.status_text()
+    assert not sim.jobs
+    assert set(daemon.state().values()) <= {"QUEUED", "SUBMITTING"}
+    sim.api_key = None
+    daemon.run_all()
+    assert daemon.service.health.paused is None
+    for name in ("a.jsonl", "b.jsonl"):
+        assert [r["status"] for r in daemon.results(name)] == ["ok"] * 3
+    assert len(sim.jobs) == 2
+
+
+def test_one_404_on_a_poll_is_not_a_failure(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("a.jsonl") == "RUNNING")
+    sim.add_fault(Fault("GET", "batches/", status=404, times=1))
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
+
+
+def test_a_job_gone_for_good_fails_the_file(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("a.jsonl") == "RUNNING")
+    for name in list(sim.jobs):
+        sim.forget_job(name)
+    started = daemon.clock.now
+    daemon.run_all()
+    report = daemon.report("a.jsonl")
+    assert report["stage"] == "job" and "no longer exists" in report["message"]
+    assert daemon.clock.now - started >= daemon.config.poll.max_seconds
+
+
+def test_an_unknown_model_is_refused_with_a_report(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon(model="does-not-exist")
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    report = daemon.report("a.jsonl")
+    assert report["stage"] == "submission"
+    assert report["errors"] == [] and report["error_count"] == 0
+    assert not sim.jobs
+
+
+def test_transient_faults_on_every_call_are_retried(make_daemon: Any, sim: Simulator) -> None:
+    for status in (429, 500, 503, 0):
+        sim.add_fault(Fault("POST", ":batchGenerateContent", status=status))
+        sim.add_fault(Fault("GET", "batches/", status=status))
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
+    assert len(sim.jobs) == 1
