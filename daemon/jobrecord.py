@@ -268,6 +268,8 @@ class JobRecord:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if "jobs" not in data:
+                data = _from_version_1(data)
             known = {f.name for f in fields(cls)}
             jobs = data.get("jobs") or []
             record = cls(**{k: v for k, v in data.items() if k in known and k != "jobs"})
@@ -280,6 +282,49 @@ class JobRecord:
         except (ValueError, TypeError, KeyError) as exc:
             raise SidecarError(f"{source}: unreadable sidecar: {exc}") from exc
         return record
+
+
+_V1_JOB_STATES = {
+    "uploading": JobState.UPLOADING,
+    "submitting": JobState.SUBMITTING,
+    "running": JobState.RUNNING,
+    "writing": JobState.ENDED,
+}
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar written before files had several jobs: its one job becomes `jobs[0]`.
+
+    Its work files do not exist yet; the first step rebuilds them from the claimed input.
+    """
+    state = str(data.get("state", "claimed")).lower()
+    data = dict(data)
+    if state in ("claimed", "queued"):
+        data["state"] = FileState.CLAIMED.value  # validated again: nothing remote exists yet
+        return data
+    job_state = _V1_JOB_STATES.get(state)
+    if job_state is not None and not (state == "writing" and data.get("error")):
+        job = {
+            "index": 1,
+            "requests": data.get("requests") or 0,
+            "mode": data.get("mode") or "inline",
+            "state": job_state.value,
+            "display_name": data.get("display_name"),
+            "uploaded_file": data.get("uploaded_file"),
+            "job_name": data.get("job_name"),
+            "job_state": data.get("job_state"),
+            "polls": data.get("polls") or 0,
+            "next_poll_at": data.get("next_poll_at"),
+            "expired_resubmits": data.get("expired_resubmits") or 0,
+        }
+        if state == "submitting" and data.get("create_calls"):
+            job["create_pending_since"] = data.get("updated_at") or isotime()
+        data["jobs"] = [job]
+        data["state"] = FileState.RUNNING.value if state == "writing" else state.upper()
+        data["rounds"] = 1
+    else:
+        data["state"] = state.upper()
+    return data
 
 
 def save(record: JobRecord, path: Path) -> None:

@@ -181,7 +181,9 @@ def _results(
     failed: list[str] = []
     for line, key in enumerate(keys, 1):
         entry = answers.get(key)
-        record = records.record_for(key, line, entry, filter_json=filter_json, include_response=False)
+        record = records.record_for(
+            key, line, entry, filter_json=filter_json, include_response=False
+        )
         if record["status"] != "ok":
             results.append(None)
             failed.append(f"{key} ({_problem(record['error'])})")

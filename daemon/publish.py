@@ -27,7 +27,7 @@ from .context import Context, Next, Tracked
 from .faults import crash_point
 from .jobrecord import FileState, JobRecord, JobState, isotime
 from .keymap import KeyMap
-from .plan import IndexEntry, dumps, read_index
+from .plan import IndexEntry, JobLimits, dumps, read_index, write_plan
 from .records import Tally
 from .spool import SIDECAR_SUFFIX
 
@@ -233,6 +233,26 @@ def remove_quietly(paths: Iterable[Path]) -> None:
 # ---- the steps of a finished file ------------------------------------------------
 
 
+def rebuild_work_files(ctx: Context, t: Tracked) -> None:
+    """A file taken over from an older version (or whose work files were deleted): write its
+    index and its one job's request file again from the claimed input."""
+    record = t.record
+    if t.work("index").exists() or len(record.jobs) > 1:
+        return
+    log.warning("rebuilding the work files of a file in flight", file=t.name)
+    limits = JobLimits(2**62, None, None, ctx.config.limits.inline_max_bytes)
+    found = write_plan(
+        claimed_input(t.spool, record),
+        t.defaults,
+        limits,
+        t.work("index"),
+        lambda n: t.work(f"j{n}.req"),
+        keep_invalid=ctx.config.on_invalid_line == "skip_line",
+    )
+    if record.sha256 and found.scan.sha256 != record.sha256:
+        log.warning("the claimed input changed since it was validated", file=t.name)
+
+
 def publish_step(ctx: Context, t: Tracked) -> Next:
     """Write the results and/or the error report under names chosen (and recorded) first."""
     record = t.record
@@ -262,6 +282,12 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
             reason=record.error["message"],
         )
     answered = any(j.succeeded for j in record.jobs if j.round == 1)
+    if (
+        answered
+        and not t.work("index").exists()
+        and os.path.lexists(claimed_input(t.spool, record))
+    ):
+        rebuild_work_files(ctx, t)
     want_results = answered and t.work("index").exists()
     want_report = record.error is not None
     if (want_results and record.output is None) or (want_report and record.report is None):

@@ -122,6 +122,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
 def drive(ctx: Context, t: Tracked) -> Next:
     """The file's jobs are in flight: run each job's step that is due."""
     record = t.record
+    publish.rebuild_work_files(ctx, t)
     now = ctx.clock()
     wait = Next.finished()
     for job in record.jobs:
