@@ -6,7 +6,10 @@ import base64
 import http.client
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -19,8 +22,9 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+from daemon import cli
 from daemon.simulator import Fault, Simulator
-from tests.harness import FakeClock
+from tests.harness import ROOT, FakeClock
 
 MODEL = "gemini-2.5-flash"
 
@@ -1044,3 +1048,111 @@ def test_quota_fails_jobs_over_the_enqueued_tokens(
     clock.advance(10)
     assert sim.enqueued_tokens == 0
 
+
+# ---- the standalone `simulator` command (issue 10, item 19) ------------------------------------
+
+ALL_FLAGS = [
+    "simulator",
+    "--api-key", "secret", "--pending-seconds", "0.5", "--running-seconds", "7",
+    "--outcome", "FAILED", "--fail-keys", "a,b=429", "--fail-keys-times", "c=503:2,d:1",
+    "--missing-keys", "m,n", "--missing-keys-times", "o:3", "--shuffle", "--seed", "9",
+    "--extra-fields", "--no-echo-metadata", "--errors-as-status", "--list-lag", "4",
+    "--expire-after", "60", "--quota-tokens", "1000", "--quota-mode", "fail",
+    "--reject-key-for", "30:403",
+]  # fmt: skip
+
+
+def test_simulator_flags_set_every_knob() -> None:
+    args = cli._parser().parse_args(ALL_FLAGS)
+    with cli.simulator_from_args(args) as simulator:
+        assert (simulator.api_key, simulator.pending_seconds) == ("secret", 0.5)
+        assert (simulator.running_seconds, simulator.outcome) == (7, "FAILED")
+        assert simulator.fail_keys == {"a": 500, "b": 429}
+        assert simulator.fail_keys_times == {"c": (503, 2), "d": (500, 1)}
+        assert simulator.missing_keys == {"m", "n"} and simulator.missing_keys_times == {"o": 3}
+        assert simulator.shuffle_output and simulator.extra_fields and simulator.errors_as_status
+        assert not simulator.echo_metadata
+        assert (simulator.list_lag_seconds, simulator.expire_after_seconds) == (4, 60)
+        assert (simulator.enqueued_token_limit, simulator.quota_mode) == (1000, "fail")
+        client = make_client(simulator, key="secret")
+        with pytest.raises(errors.ClientError) as caught:
+            client.batches.list()  # --reject-key-for: 403 from the start, for 30 seconds
+        assert caught.value.code == 403
+
+    defaults = cli.simulator_from_args(cli._parser().parse_args(["simulator"]))
+    assert defaults.api_key is None and defaults.outcome == "SUCCEEDED"
+    assert defaults.fail_keys == {} and defaults.missing_keys == set()
+    assert defaults.enqueued_token_limit is None and defaults.echo_metadata
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--fail-keys", "a=abc"],
+        ["--fail-keys", "a=200"],
+        ["--fail-keys-times", "a"],
+        ["--missing-keys-times", "a:x"],
+        ["--reject-key-for", "5:500"],
+        ["--reject-key-for", "soon"],
+        ["--quota-mode", "maybe"],
+    ],
+)
+def test_simulator_flag_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli._parser().parse_args(["simulator", *flags])
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def simulator_process(*flags: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "GOOGLE_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon", "simulator", *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_simulator_command_serves_what_its_flags_say() -> None:
+    proc = simulator_process(
+        "--api-key", "secret", "--pending-seconds", "0", "--running-seconds", "0",
+        "--fail-keys", "b=429", "--no-echo-metadata", "--extra-fields",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        options = types.HttpOptions(base_url=url, api_version="v1beta")
+        wrong = genai.Client(api_key="wrong", http_options=options)  # kept: see make_client
+        with pytest.raises(errors.ClientError) as caught:
+            wrong.batches.list()
+        assert caught.value.code == 400
+        client = genai.Client(api_key="secret", http_options=options)
+        job = client.batches.create(model=MODEL, src=[inline("a", "x"), inline("b", "y")])
+        done = client.batches.get(name=job.name or "")
+        assert done.dest and done.dest.inlined_responses
+        first, second = done.dest.inlined_responses
+        assert first.metadata is None and first.response and first.response.text
+        assert second.error and second.error.code == 429
+        request = urllib.request.Request(f"{url}/v1beta/{job.name}")
+        request.add_header("x-goog-api-key", "secret")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert "futureField" in json.loads(response.read())["metadata"]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+def test_simulator_command_on_a_busy_port() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = simulator_process("--port", str(port))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"port {port}" in err and "in use" in err
