@@ -1,30 +1,62 @@
 """A loopback simulator of the Gemini Batch API, speaking Google's REST protocol.
 
 The real google-genai SDK works against it unchanged (``HttpOptions(base_url=sim.base_url)``),
-so the daemon and its tests exercise the same code paths as in production, offline.
+so the daemon and its tests exercise the same code paths as in production, offline. This
+module owns the API state (jobs, files, keys, quota) and the routes; `simwire` owns replies,
+faults and the HTTP server, `simanswers` what the model answers to each request.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
+import math
 import random
 import re
-import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from .simanswers import (
+    estimate_tokens,
+    pick,
+    prompt_text,
+    request_error,
+    simulate_response,
+)
+from .simwire import (
+    NO_KEY_MESSAGE,
+    STATUS_NAMES,
+    ApiError,
+    Fault,
+    Reply,
+    ReplyServer,
+    error_reply,
+    json_reply,
+    key_error,
+    status_name,
+    with_unknown_fields,
+)
+
+__all__ = [
+    "STATUS_NAMES",
+    "ApiError",
+    "Fault",
+    "Simulator",
+    "estimate_tokens",
+    "simulate_response",
+    "status_name",
+]
 
 JSON = dict[str, Any]
 
@@ -36,180 +68,40 @@ SUCCEEDED = "BATCH_STATE_SUCCEEDED"
 FAILED = "BATCH_STATE_FAILED"
 CANCELLED = "BATCH_STATE_CANCELLED"
 EXPIRED = "BATCH_STATE_EXPIRED"
+ACTIVE_STATES = frozenset({PENDING, RUNNING})
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, EXPIRED})
-ALL_STATES = frozenset({PENDING, RUNNING}) | FINAL_STATES
+ALL_STATES = ACTIVE_STATES | FINAL_STATES
 
-STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
-    409: "ALREADY_EXISTS",
-    412: "FAILED_PRECONDITION",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
+JOB_ERRORS = {
+    FAILED: (13, "The batch job failed (simulated)."),
+    CANCELLED: (1, "The batch job was cancelled."),
+    EXPIRED: (4, "The batch job expired: it did not complete within 48 hours of its creation."),
 }
+"""The operation's ``error`` (google.rpc code, message) of each unsuccessful final state."""
+_QUOTA_CODE = 8  # google.rpc.Code RESOURCE_EXHAUSTED, in an operation's error
+QUOTA_MODES = ("refuse", "fail")
 
 _BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 _OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 _PATH = re.compile(r"^/(?:(upload|download)/)?(v1beta|v1alpha|v1)/(.+)$")
-_MARKER = re.compile(r"\[\[sim:([a-z_]+)(?:=([^\]]*))?\]\]")
-_WRITE_CHUNK = 1 << 20
 _UPLOAD_GRANULARITY = 8 * 1024 * 1024
 _FILE_TTL = timedelta(hours=48)
 _DEFAULT_PAGE_SIZE = 50
-
-
-def status_name(code: int) -> str:
-    """Canonical google.rpc status name for an HTTP-style code."""
-    return STATUS_NAMES.get(code, "INTERNAL" if code >= 500 else "UNKNOWN")
+_RATE_LIMITS_URL = "https://ai.google.dev/gemini-api/docs/rate-limits#batch-api"
 
 
 @dataclass
-class Fault:
-    """An injected HTTP failure for the next `times` requests that match.
+class KeyRejection:
+    """A window of the simulator's clock in which every keyed call gets a key error."""
 
-    ``status`` 0 drops the connection without a response. ``after`` does the work first,
-    then fails the response (a lost response: e.g. the job exists but the client saw an error).
-    """
-
-    method: str | None = None
-    path_contains: str | None = None
-    status: int = 503
-    times: int = 1
-    after: bool = False
-    message: str = "Simulated fault injected by the test."
-
-    def matches(self, method: str, path: str) -> bool:
-        """Whether this fault applies to a request (method compared case-insensitively)."""
-        if self.method is not None and self.method.upper() != method.upper():
-            return False
-        return self.path_contains is None or self.path_contains in path
-
-
-class ApiError(Exception):
-    """Raised by handlers to answer with a Google-style error body."""
-
-    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason
-
-
-@dataclass
-class _Response:
     status: int
-    body: bytes = b""
-    content_type: str = "application/json; charset=UTF-8"
-    headers: dict[str, str] = field(default_factory=dict)
+    start: float
+    end: float | None
+    message: str | None = None
 
-
-def _json_response(
-    obj: JSON, status: int = 200, headers: dict[str, str] | None = None
-) -> _Response:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return _Response(status, body, headers=headers or {})
-
-
-def _error_response(code: int, message: str, reason: str | None = None) -> _Response:
-    err: JSON = {"code": code, "message": message, "status": status_name(code)}
-    if reason:
-        err["details"] = [
-            {
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": reason,
-                "domain": "googleapis.com",
-                "metadata": {"service": "generativelanguage.googleapis.com"},
-            }
-        ]
-    return _json_response({"error": err}, code)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _pick(obj: Any, camel: str) -> Any:
-    """Read a field in either casing: the real server accepts camelCase and snake_case."""
-    if not isinstance(obj, dict):
-        return None
-    if camel in obj:
-        return obj[camel]
-    return obj.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
-
-
-def _texts(contents: Any) -> list[str]:
-    """All text parts of a Content list (or a bare string / single Content)."""
-    if isinstance(contents, str):
-        return [contents]
-    if isinstance(contents, dict):
-        contents = [contents]
-    out: list[str] = []
-    for content in contents if isinstance(contents, list) else []:
-        for part in _pick(content, "parts") or []:
-            text = _pick(part, "text")
-            if isinstance(text, str):
-                out.append(text)
-    return out
-
-
-def _word_count(text: str) -> int:
-    return len(text.split())
-
-
-def simulate_response(request: JSON, model: str, response_id: str) -> JSON:
-    """The deterministic GenerateContentResponse (or ``{"error": ...}``) for one request.
-
-    Prompt markers script behaviour per request: ``[[sim:error=CODE]]``, ``[[sim:fenced]]``,
-    ``[[sim:thought]]``, ``[[sim:finish=REASON]]`` (``[[sim:missing]]`` is handled by the caller).
-    """
-    prompt = "\n".join(_texts(_pick(request, "contents")))
-    markers = {m.group(1): m.group(2) or "" for m in _MARKER.finditer(prompt)}
-    if "error" in markers:
-        code = int(markers["error"]) if markers["error"].isdigit() else 500
-        return {"error": _request_error(code, "Simulated error requested by the prompt.")}
-    system_words = _word_count(" ".join(_texts(_pick(request, "systemInstruction"))))
-    prompt_tokens = _word_count(prompt) + system_words
-    config = _pick(request, "generationConfig") or {}
-    mime = str(_pick(config, "responseMimeType") or "").lower()
-    payload = {"echo": prompt, "words": prompt_tokens}
-    if "fenced" in markers:
-        body = json.dumps(payload, separators=(",", ":"))[:-1] + ",}"
-        text = f"Here you go:\n```json\n{body}\n```\nLet me know if you need more."
-    elif mime.startswith("application/json"):
-        text = json.dumps(payload, separators=(",", ":"))
-    else:
-        text = f"Simulated answer: {prompt}"
-    parts: list[JSON] = [{"text": text}]
-    usage: JSON = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": _word_count(text)}
-    if "thought" in markers:
-        parts.insert(0, {"text": "thinking...", "thought": True})
-        usage["thoughtsTokenCount"] = 1
-    usage["totalTokenCount"] = sum(usage.values())
-    candidate: JSON = {
-        "content": {"role": "model", "parts": parts},
-        "finishReason": markers.get("finish") or "STOP",
-        "index": 0,
-    }
-    return {
-        "response": {
-            "candidates": [candidate],
-            "usageMetadata": usage,
-            "modelVersion": f"{model.removeprefix('models/')}-sim-001",
-            "responseId": response_id,
-        }
-    }
-
-
-def _request_error(code: int, message: str) -> JSON:
-    return {"code": code, "message": message, "status": status_name(code)}
+    def covers(self, now: float) -> bool:
+        """Whether the window is open at clock time `now` (start included, end excluded)."""
+        return self.start <= now and (self.end is None or now < self.end)
 
 
 @dataclass
@@ -245,8 +137,11 @@ class _Job:
     outcome: str
     entries: list[tuple[_Request, JSON]]  # output order; missing requests left out
     kinds: list[str]  # per input request: ok | error | missing
+    tokens: int = 0  # the enqueued-token estimate
+    expire_after: float | None = None
     forced_state: str | None = None
     forced_at: float = 0.0
+    error_code: int | None = None  # overrides JOB_ERRORS for its final state
     error_message: str | None = None
 
     @property
@@ -293,14 +188,33 @@ class _Call:
         return obj
 
 
-Route = Callable[[_Call], _Response]
+Route = Callable[[_Call], Reply]
 
 
 class Simulator:
     """An in-process Gemini Batch API on a loopback port, with knobs for tests.
 
     State is computed lazily from the injected clock, so tests need no sleeps and no
-    background threads run besides the HTTP server.
+    background threads run besides the HTTP server. Every knob is also a plain attribute
+    that a test may change while the simulator runs:
+
+    - ``pending_seconds``, ``running_seconds``: each new job's timing.
+    - ``outcome``: the final state of new jobs (SUCCEEDED when None).
+    - ``shuffle_output``: entries in a seeded random order instead of input order.
+    - ``api_key``: the only key accepted (any key when None).
+    - ``fail_keys``: key -> error code, on every submission of that key.
+    - ``missing_keys``: keys whose entry is left out of every job.
+    - ``fail_keys_times``: key -> (code, n): fail the first n submissions of that key
+      (counted across jobs), answer it after that.
+    - ``missing_keys_times``: key -> n: leave out the first n submissions' entries.
+    - ``list_lag_seconds``: a new job appears in ``batches.list`` only this long after its
+      creation; GET by name works at once.
+    - ``expire_after_seconds``: a job still pending or running this long after its creation
+      becomes EXPIRED (no results; the operation's ``error`` says why).
+    - ``enqueued_token_limit``, ``quota_mode``: the enqueued-token quota (see `_admit`).
+    - ``extra_fields``: unknown fields in every object of every JSON reply and result line.
+    - ``echo_metadata``: False leaves ``metadata`` out of inline responses.
+    - ``errors_as_status``: result lines carry a failed request's error as ``"status"``.
     """
 
     def __init__(
@@ -312,16 +226,39 @@ class Simulator:
         seed: int = 0,
         api_key: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        outcome: str | None = None,
+        shuffle_output: bool = False,
+        fail_keys: dict[str, int] | None = None,
+        missing_keys: set[str] | None = None,
+        fail_keys_times: dict[str, tuple[int, int]] | None = None,
+        missing_keys_times: dict[str, int] | None = None,
+        list_lag_seconds: float = 0.0,
+        expire_after_seconds: float | None = None,
+        enqueued_token_limit: int | None = None,
+        quota_mode: str = "refuse",
+        extra_fields: bool = False,
+        echo_metadata: bool = True,
+        errors_as_status: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.pending_seconds = pending_seconds
         self.running_seconds = running_seconds
-        self.outcome: str | None = None
-        self.shuffle_output = False
+        self.outcome = outcome
+        self.shuffle_output = shuffle_output
         self.api_key = api_key
-        self.fail_keys: dict[str, int] = {}
-        self.missing_keys: set[str] = set()
+        self.fail_keys: dict[str, int] = dict(fail_keys or {})
+        self.missing_keys: set[str] = set(missing_keys or ())
+        self.fail_keys_times: dict[str, tuple[int, int]] = dict(fail_keys_times or {})
+        self.missing_keys_times: dict[str, int] = dict(missing_keys_times or {})
+        self.list_lag_seconds = list_lag_seconds
+        self.expire_after_seconds = expire_after_seconds
+        self.enqueued_token_limit = enqueued_token_limit
+        self.quota_mode = quota_mode
+        self.extra_fields = extra_fields
+        self.echo_metadata = echo_metadata
+        self.errors_as_status = errors_as_status
         self.clock = clock
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -329,10 +266,13 @@ class Simulator:
         self._files: dict[str, _StoredFile] = {}
         self._uploads: dict[str, _Upload] = {}
         self._faults: list[Fault] = []
+        self._rejections: list[KeyRejection] = []
         self._log: list[tuple[str, str, int]] = []
         self._created_by_name: dict[str, int] = {}
+        self._submissions: Counter[str] = Counter()
+        self._peak_enqueued = 0
         self._create_calls = 0
-        self._server: _Server | None = None
+        self._server: ReplyServer | None = None
         self._thread: threading.Thread | None = None
         self._routes: list[tuple[str, re.Pattern[str], Route]] = [
             ("POST", re.compile(r"models/([^/:]+):batchGenerateContent"), self._create),
@@ -352,7 +292,7 @@ class Simulator:
         """Serve in a daemon thread; after a stop() it comes back on the same port and state."""
         if self._server is not None:
             return self
-        self._server = _Server((self.host, self.port), self)
+        self._server = ReplyServer((self.host, self.port), self.handle)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -368,9 +308,7 @@ class Simulator:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
+        server.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -396,8 +334,38 @@ class Simulator:
     # -- knobs and observation -------------------------------------------------------------
 
     def add_fault(self, fault: Fault) -> None:
+        """Queue a fault; faults are matched in the order they were added."""
         with self._lock:
             self._faults.append(fault)
+
+    def reject_key(
+        self,
+        status: int = 400,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        seconds: float | None = None,
+        message: str | None = None,
+    ) -> KeyRejection:
+        """Answer every keyed call with a key error from `start` (default now) until `end`.
+
+        On the simulator's clock; `seconds` sets ``end = start + seconds``; no end means until
+        `accept_key`. 400 is Google's INVALID_ARGUMENT / API_KEY_INVALID ("API key not valid.
+        Please pass a valid API key."), 401 UNAUTHENTICATED, 403 PERMISSION_DENIED.
+        """
+        key_error(status)  # checks the status
+        with self._lock:
+            begin = self.clock() if start is None else start
+            if seconds is not None:
+                end = begin + seconds
+            rejection = KeyRejection(status, begin, end, message)
+            self._rejections.append(rejection)
+        return rejection
+
+    def accept_key(self) -> None:
+        """End every key rejection window (a key fixed by the operator)."""
+        with self._lock:
+            self._rejections.clear()
 
     @property
     def jobs(self) -> dict[str, JSON]:
@@ -408,11 +376,13 @@ class Simulator:
 
     @property
     def create_calls(self) -> int:
+        """Create requests received, faulted and refused ones included."""
         with self._lock:
             return self._create_calls
 
     @property
     def requests_log(self) -> list[tuple[str, str, int]]:
+        """(method, path with query, status) of every request; status 0: connection dropped."""
         with self._lock:
             return list(self._log)
 
@@ -427,21 +397,38 @@ class Simulator:
         with self._lock:
             return {n: f.data for n, f in self._files.items()}
 
+    @property
+    def key_submissions(self) -> dict[str, int]:
+        """How many created jobs carried each request key (what the ``*_times`` knobs count)."""
+        with self._lock:
+            return dict(self._submissions)
+
+    @property
+    def enqueued_tokens(self) -> int:
+        """Estimated tokens of the jobs pending or running now (see `estimate_tokens`)."""
+        with self._lock:
+            return self._enqueued(self.clock())
+
+    @property
+    def peak_enqueued_tokens(self) -> int:
+        """The most estimated tokens ever pending or running at once."""
+        with self._lock:
+            return self._peak_enqueued
+
     def jobs_created_for(self, display_name: str) -> int:
         """Jobs ever created with this display name (deleted ones included)."""
         with self._lock:
             return self._created_by_name.get(display_name, 0)
 
     def set_job_state(self, name: str, state: str, message: str | None = None) -> None:
-        """Force a job's state; FAILED jobs carry ``message`` as their error."""
+        """Force a job's state; FAILED, CANCELLED and EXPIRED jobs carry ``message`` as error."""
         state = "BATCH_STATE_" + state.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_")
         if state not in ALL_STATES:
             raise ValueError(f"unknown batch state {state!r}")
         with self._lock:
             job = self._jobs[name]
             job.forced_state, job.forced_at = state, self.clock()
-            if state == FAILED:
-                job.error_message = message or "The batch job failed (simulated)."
+            job.error_code, job.error_message = None, message
 
     def forget_job(self, name: str) -> None:
         """Drop a job without an API call: later GETs answer 404."""
@@ -450,7 +437,7 @@ class Simulator:
 
     # -- request handling ------------------------------------------------------------------
 
-    def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> _Response | None:
+    def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> Reply | None:
         """Answer one HTTP request; None means drop the connection."""
         url = urlsplit(raw_path)
         path = unquote(url.path)
@@ -459,16 +446,17 @@ class Simulator:
             if route == self._create:
                 self._create_calls += 1
             fault = self._take_fault(method, raw_path)
-        response: _Response | None
-        if fault is not None and not fault.after:
-            response = self._fault_response(fault)
+            extra = self.extra_fields
+        reply: Reply | None
+        if fault is None:
+            reply = self._run(route, call).serialise(extra)
+        elif fault.does_work:
+            reply = fault.shape(self._run(route, call).serialise(extra), extra)
         else:
-            response = self._run(route, call)
-            if fault is not None:
-                response = self._fault_response(fault)
+            reply = fault.shape(None, extra)
         with self._lock:
-            self._log.append((method, raw_path, response.status if response else 0))
-        return response
+            self._log.append((method, raw_path, reply.status if reply else 0))
+        return reply
 
     def _resolve(
         self, method: str, path: str, query: str, headers: Message, body: bytes
@@ -483,7 +471,7 @@ class Simulator:
                 return route, call
         return None, call
 
-    def _run(self, route: Route | None, call: _Call) -> _Response:
+    def _run(self, route: Route | None, call: _Call) -> Reply:
         try:
             if route is None:
                 raise ApiError(404, f"Method not found: {call.method} {call.path}")
@@ -491,24 +479,22 @@ class Simulator:
                 self._check_key(call)
             return route(call)
         except ApiError as exc:
-            return _error_response(exc.code, exc.message, exc.reason)
+            return error_reply(exc.code, exc.message, exc.details)
         except Exception as exc:  # a simulator bug must still answer like a server
             log.exception("simulator handler failed")
-            return _error_response(500, f"Internal error in the simulator: {exc}")
+            return error_reply(500, f"Internal error in the simulator: {exc}")
 
     def _check_key(self, call: _Call) -> None:
         key = call.headers.get("x-goog-api-key") or call.param("key")
         if not key:
-            raise ApiError(
-                403,
-                "Method doesn't allow unregistered callers (callers without established "
-                "identity). Please use API Key or other form of API consumer identity to call "
-                "this API.",
-            )
+            raise ApiError(403, NO_KEY_MESSAGE)
+        with self._lock:
+            now = self.clock()
+            rejection = next((r for r in self._rejections if r.covers(now)), None)
+        if rejection is not None:
+            raise key_error(rejection.status, rejection.message)
         if self.api_key is not None and key != self.api_key:
-            raise ApiError(
-                400, "API key not valid. Please pass a valid API key.", "API_KEY_INVALID"
-            )
+            raise key_error(400)
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self._faults:
@@ -519,13 +505,9 @@ class Simulator:
                 return fault
         return None
 
-    @staticmethod
-    def _fault_response(fault: Fault) -> _Response | None:
-        return _error_response(fault.status, fault.message) if fault.status else None
-
     # -- batches ---------------------------------------------------------------------------
 
-    def _create(self, call: _Call) -> _Response:
+    def _create(self, call: _Call) -> Reply:
         model = f"models/{call.args[0]}"
         if "does-not-exist" in model:
             raise ApiError(
@@ -536,9 +518,9 @@ class Simulator:
         batch = call.json().get("batch")
         if not isinstance(batch, dict):
             raise ApiError(400, "Invalid value at 'batch': a batch is required.")
-        config = _pick(batch, "inputConfig")
-        inline = _pick(config, "requests")
-        file_name = _pick(config, "fileName")
+        config = pick(batch, "inputConfig")
+        inline = pick(config, "requests")
+        file_name = pick(config, "fileName")
         if (inline is None) == (file_name is None):
             raise ApiError(400, "batch.input_config must set exactly one of requests, file_name.")
         if inline is not None:
@@ -546,26 +528,81 @@ class Simulator:
         else:
             requests = self._file_requests(str(file_name))
         for i, req in enumerate(requests):
-            contents = _pick(req.request, "contents")
+            contents = pick(req.request, "contents")
             if not contents or not isinstance(contents, list | str):
                 raise ApiError(400, f"requests[{i}]: GenerateContentRequest.contents is required.")
-        display_name = str(_pick(batch, "displayName") or "")
+        display_name = str(pick(batch, "displayName") or "")
         with self._lock:
-            job = self._new_job(display_name, model, requests, None if inline else file_name)
-            return _json_response(self._operation(job, call.version, self.clock(), fresh=True))
+            now = self.clock()
+            tokens = sum(estimate_tokens(req.request) for req in requests)
+            quota_error = self._admit(model, tokens, now)
+            job = self._new_job(
+                display_name, model, requests, None if inline else file_name, tokens, quota_error
+            )
+            self._peak_enqueued = max(self._peak_enqueued, self._enqueued(now))
+            return json_reply(self._operation(job, call.version, now, fresh=True))
+
+    def _admit(self, model: str, tokens: int, now: float) -> str | None:
+        """The enqueued-token quota: None if a new job of `tokens` fits, else the error message.
+
+        The budget is ``enqueued_token_limit`` estimated tokens (`estimate_tokens`: characters
+        of the prompt and system texts / 4) over all pending and running jobs; it frees as jobs
+        end. Over it, ``quota_mode`` "refuse" answers the create with 429 RESOURCE_EXHAUSTED;
+        "fail" creates the job, which then FAILS with the same message.
+        """
+        limit = self.enqueued_token_limit
+        if limit is None:
+            return None
+        enqueued = self._enqueued(now)
+        if enqueued + tokens <= limit:
+            return None
+        message = (
+            f"Enqueued token quota exceeded for model {model.removeprefix('models/')}: "
+            f"{enqueued} tokens are enqueued and this batch adds about {tokens}; the limit is "
+            f"{limit}. Retry when running batch jobs have finished. For more information on "
+            f"this error, head to: {_RATE_LIMITS_URL}"
+        )
+        if self.quota_mode == "fail":
+            return message
+        if self.quota_mode != "refuse":
+            raise ApiError(
+                500, f"simulator quota_mode {self.quota_mode!r} is not one of {QUOTA_MODES}"
+            )
+        violation = {
+            "quotaMetric": "generativelanguage.googleapis.com/batch_enqueued_tokens",
+            "quotaId": "BatchEnqueuedTokensPerModel",
+            "quotaDimensions": {"model": model.removeprefix("models/")},
+            "quotaValue": str(limit),
+        }
+        details = [
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [violation],
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.Help",
+                "links": [
+                    {"description": "Learn more about Gemini API quotas", "url": _RATE_LIMITS_URL}
+                ],
+            },
+        ]
+        raise ApiError(429, message, details=details)
+
+    def _enqueued(self, now: float) -> int:
+        return sum(j.tokens for j in self._jobs.values() if self._state(j, now)[0] in ACTIVE_STATES)
 
     @staticmethod
     def _inline_requests(inline: Any) -> list[_Request]:
-        items = _pick(inline, "requests")
+        items = pick(inline, "requests")
         if not isinstance(items, list) or not items:
             raise ApiError(400, "batch.input_config.requests.requests must not be empty.")
         out: list[_Request] = []
         for i, item in enumerate(items):
-            request = _pick(item, "request")
+            request = pick(item, "request")
             if not isinstance(request, dict):
                 raise ApiError(400, f"requests[{i}].request is required.")
-            metadata = _pick(item, "metadata")
-            key = _pick(metadata, "key")
+            metadata = pick(item, "metadata")
+            key = pick(metadata, "key")
             meta = metadata if isinstance(metadata, dict) else None
             out.append(_Request(None if key is None else str(key), request, meta))
         return out
@@ -583,7 +620,7 @@ class Simulator:
                 item = json.loads(line)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"{file_name} line {number}: invalid JSON ({exc}).") from exc
-            request = _pick(item, "request")
+            request = pick(item, "request")
             if not isinstance(request, dict):
                 raise ApiError(400, f"{file_name} line {number}: a 'request' object is required.")
             key = item.get("key")
@@ -593,25 +630,23 @@ class Simulator:
         return out
 
     def _new_job(
-        self, display_name: str, model: str, requests: list[_Request], input_file: str | None
+        self,
+        display_name: str,
+        model: str,
+        requests: list[_Request],
+        input_file: str | None,
+        tokens: int,
+        quota_error: str | None,
     ) -> _Job:
         """Register a job, fixing its timing, outcome and per-request output now."""
         job_id = uuid.uuid4().hex[:24]
         entries: list[tuple[_Request, JSON]] = []
         kinds: list[str] = []
         for i, req in enumerate(requests):
-            key = req.key or ""
-            prompt = "\n".join(_texts(_pick(req.request, "contents")))
-            if key in self.missing_keys or "[[sim:missing]]" in prompt:
-                kinds.append("missing")
-                continue
-            if key in self.fail_keys:
-                code = self.fail_keys[key]
-                entry: JSON = {"error": _request_error(code, f"Simulated failure of {key!r}.")}
-            else:
-                entry = simulate_response(req.request, model, f"sim-{job_id[:8]}-{i}")
-            kinds.append("error" if "error" in entry else "ok")
-            entries.append((req, entry))
+            kind, entry = self._entry(req, model, f"sim-{job_id[:8]}-{i}", quota_error is None)
+            kinds.append(kind)
+            if entry is not None:
+                entries.append((req, entry))
         if self.shuffle_output:
             self._rng.shuffle(entries)
         outcome = SUCCEEDED
@@ -619,69 +654,113 @@ class Simulator:
             outcome = "BATCH_STATE_" + self.outcome.upper().removeprefix("BATCH_STATE_")
             if outcome not in FINAL_STATES:
                 raise ApiError(500, f"simulator outcome {self.outcome!r} is not a final state")
+        now = self.clock()
         job = _Job(
             id=job_id,
             display_name=display_name,
             model=model,
             requests=requests,
             input_file=input_file,
-            created=self.clock(),
+            created=now,
             created_wall=datetime.now(timezone.utc),
             pending_seconds=self.pending_seconds,
             running_seconds=self.running_seconds,
             outcome=outcome,
             entries=entries,
             kinds=kinds,
+            tokens=tokens,
+            expire_after=self.expire_after_seconds,
         )
-        if outcome == FAILED:
-            job.error_message = "The batch job failed (simulated)."
+        if quota_error is not None:
+            job.forced_state, job.forced_at = FAILED, now
+            job.error_code, job.error_message = _QUOTA_CODE, quota_error
         self._jobs[job.name] = job
         self._created_by_name[display_name] = self._created_by_name.get(display_name, 0) + 1
         return job
 
+    def _entry(
+        self, req: _Request, model: str, response_id: str, runs: bool
+    ) -> tuple[str, JSON | None]:
+        """One request's kind (ok | error | missing) and output entry (None when missing).
+
+        `runs` is False for a job the quota fails: its requests do not count as submitted.
+        """
+        key = req.key or ""
+        seen = self._submissions[key]
+        if runs and req.key is not None:
+            self._submissions[key] += 1
+        if (
+            key in self.missing_keys
+            or "[[sim:missing]]" in prompt_text(req.request)
+            or seen < self.missing_keys_times.get(key, 0)
+        ):
+            return "missing", None
+        code: int | None = self.fail_keys.get(key)
+        if code is None and key in self.fail_keys_times:
+            times_code, times = self.fail_keys_times[key]
+            code = times_code if seen < times else None
+        if code is not None:
+            entry: JSON = {"error": request_error(code, f"Simulated failure of {key!r}.")}
+        else:
+            entry = simulate_response(req.request, model, response_id)
+        return ("error" if "error" in entry else "ok"), entry
+
     def _job(self, call: _Call) -> _Job:
         job = self._jobs.get(f"batches/{call.args[0]}")
         if job is None:
-            raise ApiError(404, f"Requested entity was not found: batches/{call.args[0]}")
+            raise ApiError(404, "Requested entity was not found.")
         return job
 
-    def _get_batch(self, call: _Call) -> _Response:
+    def _get_batch(self, call: _Call) -> Reply:
         with self._lock:
-            return _json_response(self._operation(self._job(call), call.version, self.clock()))
+            return json_reply(self._operation(self._job(call), call.version, self.clock()))
 
-    def _list_batches(self, call: _Call) -> _Response:
+    def _list_batches(self, call: _Call) -> Reply:
         with self._lock:
             now = self.clock()
-            jobs = list(reversed(self._jobs.values()))
+            lag = self.list_lag_seconds
+            jobs = [j for j in reversed(self._jobs.values()) if now - j.created >= lag]
             page, token = _paginate(jobs, call)
             ops = [self._operation(job, call.version, now, listing=True) for job in page]
-        return _json_response(_page_body("operations", ops, token))
+        return json_reply(_page_body("operations", ops, token))
 
-    def _cancel_batch(self, call: _Call) -> _Response:
+    def _cancel_batch(self, call: _Call) -> Reply:
         with self._lock:
             job = self._job(call)
             now = self.clock()
             if self._state(job, now)[0] not in FINAL_STATES:
                 job.forced_state, job.forced_at = CANCELLED, now
-        return _json_response({})
+                job.error_code = job.error_message = None
+        return json_reply({})
 
-    def _delete_batch(self, call: _Call) -> _Response:
+    def _delete_batch(self, call: _Call) -> Reply:
         with self._lock:
             del self._jobs[self._job(call).name]
-        return _json_response({})
+        return json_reply({})
 
     @staticmethod
-    def _state(job: _Job, now: float) -> tuple[str, float]:
-        """The job's state and the clock time it entered that state."""
-        if job.forced_state is not None:
-            return job.forced_state, job.forced_at
-        elapsed = now - job.created
+    def _natural_state(job: _Job, at: float) -> tuple[str, float]:
+        """Where the job's own timeline is at clock time `at`, and since when."""
+        elapsed = at - job.created
         if elapsed < job.pending_seconds:
             return PENDING, job.created
         started = job.created + job.pending_seconds
         if elapsed < job.pending_seconds + job.running_seconds:
             return RUNNING, started
         return job.outcome, started + job.running_seconds
+
+    @classmethod
+    def _state(cls, job: _Job, now: float) -> tuple[str, float]:
+        """The job's state and the clock time it entered that state (expiry included)."""
+        deadline = math.inf if job.expire_after is None else job.created + job.expire_after
+        if job.forced_state is not None:
+            state, since = job.forced_state, job.forced_at
+            if state in ACTIVE_STATES and now >= deadline:
+                return EXPIRED, max(deadline, since)
+            return state, since
+        if now >= deadline and cls._natural_state(job, deadline)[0] in ACTIVE_STATES:
+            return EXPIRED, deadline
+        return cls._natural_state(job, now)
 
     def _stats(self, job: _Job, state: str, since: float, now: float) -> JSON:
         total = len(job.requests)
@@ -694,9 +773,17 @@ class Simulator:
             "requestCount": total,
             "successfulRequestCount": kinds.count("ok"),
             "failedRequestCount": total if state == FAILED else kinds.count("error"),
-            "pendingRequestCount": total - done if state in (PENDING, RUNNING) else 0,
+            "pendingRequestCount": total - done if state in ACTIVE_STATES else 0,
         }
         return {k: str(v) for k, v in counts.items() if v}
+
+    @staticmethod
+    def _job_error(job: _Job, state: str) -> JSON | None:
+        """The operation's ``error`` for an unsuccessful final state."""
+        if state not in JOB_ERRORS:
+            return None
+        code, message = JOB_ERRORS[state]
+        return {"code": job.error_code or code, "message": job.error_message or message}
 
     def _operation(
         self, job: _Job, version: str, now: float, *, fresh: bool = False, listing: bool = False
@@ -719,14 +806,16 @@ class Simulator:
         }
         if not job.display_name:
             del meta["displayName"]
+        if job.input_file is not None:
+            meta["inputConfig"] = {"fileName": job.input_file}
         op: JSON = {"name": job.name, "metadata": meta}
         if state not in FINAL_STATES:
             return op
         meta["endTime"] = wall(since)
         op["done"] = True
-        if state == FAILED:
-            op["error"] = {"code": 13, "message": job.error_message or "The batch job failed."}
-        if state != SUCCEEDED:
+        error = self._job_error(job, state)
+        if error is not None:
+            op["error"] = error
             return op
         output: JSON
         if job.input_file is not None:
@@ -741,16 +830,23 @@ class Simulator:
         op["response"] = {"@type": _OUTPUT_TYPE, **output}
         return op
 
-    @staticmethod
-    def _inline_entry(req: _Request, entry: JSON) -> JSON:
-        return {**entry, "metadata": req.metadata} if req.metadata is not None else dict(entry)
+    def _inline_entry(self, req: _Request, entry: JSON) -> JSON:
+        if req.metadata is None or not self.echo_metadata:
+            return dict(entry)
+        return {**entry, "metadata": req.metadata}
 
     def _ensure_output_file(self, job: _Job, end_time: str) -> None:
         if job.output_file in self._files:
             return
         lines = []
         for req, entry in job.entries:
-            line = {"key": req.key, **entry} if req.key is not None else dict(entry)
+            line: JSON = {"key": req.key} if req.key is not None else {}
+            if "error" in entry and self.errors_as_status:
+                line["status"] = entry["error"]
+            else:
+                line.update(entry)
+            if self.extra_fields:
+                line = with_unknown_fields(line)
             lines.append(json.dumps(line, separators=(",", ":")) + "\n")
         self._files[job.output_file] = _StoredFile(
             name=job.output_file,
@@ -763,6 +859,7 @@ class Simulator:
 
     def _record(self, job: _Job, now: float) -> JSON:
         state = self._state(job, now)[0]
+        error = self._job_error(job, state)
         return {
             "name": job.name,
             "display_name": job.display_name,
@@ -772,8 +869,9 @@ class Simulator:
             "input_file": job.input_file,
             "output_file": job.output_file if job.input_file else None,
             "outcome": job.outcome,
-            "error": job.error_message if state == FAILED else None,
+            "error": error["message"] if error else None,
             "create_time": _iso(job.created_wall),
+            "tokens": job.tokens,
         }
 
     # -- files -----------------------------------------------------------------------------
@@ -820,21 +918,21 @@ class Simulator:
             )
         return stored
 
-    def _get_file(self, call: _Call) -> _Response:
+    def _get_file(self, call: _Call) -> Reply:
         with self._lock:
-            return _json_response(self._file_json(self._stored(call), call.version))
+            return json_reply(self._file_json(self._stored(call), call.version))
 
-    def _delete_file(self, call: _Call) -> _Response:
+    def _delete_file(self, call: _Call) -> Reply:
         with self._lock:
             del self._files[self._stored(call).name]
-        return _json_response({})
+        return json_reply({})
 
-    def _download(self, call: _Call) -> _Response:
+    def _download(self, call: _Call) -> Reply:
         with self._lock:
             data = self._stored(call).data
-        return _Response(200, data, content_type="application/octet-stream")
+        return Reply(200, data, content_type="application/octet-stream")
 
-    def _upload(self, call: _Call) -> _Response:
+    def _upload(self, call: _Call) -> Reply:
         """The resumable protocol: a ``start`` call, then chunks posted to the upload URL."""
         upload_id = call.param("upload_id")
         command = {
@@ -858,7 +956,7 @@ class Simulator:
                 )
             upload.data += call.body
             if "finalize" not in command:
-                return _Response(200, headers={"X-Goog-Upload-Status": "active"})
+                return Reply(200, headers={"X-Goog-Upload-Status": "active"})
             if upload.size is not None and len(upload.data) != upload.size:
                 raise ApiError(
                     400, f"Upload finalized at {len(upload.data)} of {upload.size} bytes."
@@ -869,20 +967,20 @@ class Simulator:
             stored.created = datetime.now(timezone.utc)
             self._files[stored.name] = stored
             body = {"file": self._file_json(stored, call.version)}
-        return _json_response(body, headers={"X-Goog-Upload-Status": "final"})
+        return json_reply(body, headers={"X-Goog-Upload-Status": "final"})
 
-    def _start_upload(self, call: _Call) -> _Response:
-        meta = _pick(call.json(), "file") or {}
-        name = str(_pick(meta, "name") or f"files/{uuid.uuid4().hex[:12]}")
+    def _start_upload(self, call: _Call) -> Reply:
+        meta = pick(call.json(), "file") or {}
+        name = str(pick(meta, "name") or f"files/{uuid.uuid4().hex[:12]}")
         if not name.startswith("files/"):
             name = f"files/{name}"
-        mime = _pick(meta, "mimeType") or call.headers.get("X-Goog-Upload-Header-Content-Type")
-        size = call.headers.get("X-Goog-Upload-Header-Content-Length") or _pick(meta, "sizeBytes")
+        mime = pick(meta, "mimeType") or call.headers.get("X-Goog-Upload-Header-Content-Type")
+        size = call.headers.get("X-Goog-Upload-Header-Content-Length") or pick(meta, "sizeBytes")
         if not mime:
             raise ApiError(400, "The file's mime type is required.")
         stored = _StoredFile(
             name=name,
-            display_name=_pick(meta, "displayName"),
+            display_name=pick(meta, "displayName"),
             mime_type=str(mime),
             data=b"",
             created=datetime.now(timezone.utc),
@@ -900,7 +998,11 @@ class Simulator:
             "X-Goog-Upload-Status": "active",
             "X-Goog-Upload-Chunk-Granularity": str(_UPLOAD_GRANULARITY),
         }
-        return _Response(200, headers=headers)
+        return Reply(200, headers=headers)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _paginate(items: list[Any], call: _Call) -> tuple[list[Any], str | None]:
@@ -923,82 +1025,3 @@ def _page_body(key: str, items: list[JSON], token: str | None) -> JSON:
     if token:
         body["nextPageToken"] = token
     return body
-
-
-class _Server(ThreadingHTTPServer):
-    """The HTTP server, tracking open connections so stop() can cut them."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
-        self.sim = sim
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def track(self, conn: socket.socket, open_: bool) -> None:
-        with self._conns_lock:
-            (self._conns.add if open_ else self._conns.discard)(conn)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with exact Content-Length, so httpx keeps connections alive."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "gemini-batch-sim/1"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes
-
-    @property
-    def sim_server(self) -> _Server:
-        return cast(_Server, self.server)
-
-    def setup(self) -> None:
-        super().setup()
-        self.sim_server.track(self.connection, True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.sim_server.track(self.connection, False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)  # httpx always sends one
-        body = self.rfile.read(length) if length > 0 else b""
-        response = self.sim_server.sim.handle(self.command, self.path, self.headers, body)
-        if response is None:  # injected fault: drop the connection without a response
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            view = memoryview(response.body)
-            for start in range(0, len(view), _WRITE_CHUNK):
-                self.wfile.write(view[start : start + _WRITE_CHUNK])
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
