@@ -13,10 +13,14 @@ import threading
 CRASH_ENV = "GEMINI_BATCHD_CRASH_AT"
 POINTS = (
     "after_claim",  # input moved into processing/, sidecar not yet written
-    "before_create",  # sidecar says SUBMITTING, create not yet sent
+    "after_upload",  # File API: the input is uploaded, the sidecar does not know its name yet
+    "before_create",  # the sidecar records a create in doubt, create not yet sent
     "after_create",  # the job exists, the sidecar does not know its name yet
+    "in_lookup",  # a create in doubt is being looked up (the grace period)
     "while_polling",  # a poll has returned, its result not yet saved
-    "while_fetching",  # the job finished; results not yet written
+    "while_fetching",  # the job finished; its answers not yet saved
+    "after_collect",  # a job's answers saved and its remote files deleted
+    "after_round",  # follow-up jobs planned for failed requests, none created yet
     "mid_write",  # half the results records written to the temp file
     "after_write",  # outbox file published; input not yet archived
 )
