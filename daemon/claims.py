@@ -219,8 +219,13 @@ class Recovery:
                     Path(entry.path).unlink(missing_ok=True)
                     release(fd)
                 continue
-            match = spool.WORK_FILE.match(entry_name)
-            if match is None or match.group(1) in claims:
+        try:
+            work = list(os.scandir(folder.workdir))
+        except FileNotFoundError:
+            return
+        for entry in work:
+            match = spool.WORK_FILE.match(entry.name.lstrip("."))
+            if match is not None and match.group(1) in claims:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS:

@@ -5,8 +5,10 @@ For an input `inbox/NAME.jsonl` the daemon keeps, in `inbox/processing/`:
 - `NAME.jsonl`, the claimed input, and `NAME.jsonl.job.json`, its sidecar (the contract's names);
 - `.NAME.jsonl.lock`, whose flock makes one process the owner of the name;
 - `NAME.jsonl.cancel`, a cancel request from `gemini-batchd cancel`;
-- work files of one claim, `.{claim_id}.{what}`: a hard link to the claimed input (`input`), the
-  compact index of its lines (`index`), and each job's requests (`jN.req`) and answers (`jN.out`).
+- work files of one claim in `.work/{claim_id}.{what}`: a hard link to the claimed input
+  (`input`), the compact index of its lines (`index`), and each job's requests (`jN.req`) and
+  answers (`jN.out`). A folder of their own, because processing/ is watched with inotify for
+  cancel requests and every write there would wake the watcher.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ NAME_MAX = 255
 NAME_MARGIN = 16
 """Room left for `-N` suffixes and longer pids and clock readings in derived names."""
 
-WORK_FILE = re.compile(r"^\.([0-9a-f]{12})\.([a-z0-9.]+)$")
-"""`.{claim_id}.{what}`: a work file of one claim."""
+WORK_FILE = re.compile(r"^([0-9a-f]{12})\.([a-z0-9.]+)$")
+"""`{claim_id}.{what}` in `processing/.work/`: a work file of one claim."""
 
 HOST = socket.gethostname().replace(".", "_")
 
@@ -93,9 +95,10 @@ class Spool:
         self.processing = inbox / "processing"
         self.done = inbox / "done"
         self.failed = inbox / "failed"
+        self.workdir = self.processing / ".work"
 
     def folders(self) -> tuple[Path, ...]:
-        return (self.inbox, self.processing, self.done, self.failed, self.outbox)
+        return (self.inbox, self.processing, self.workdir, self.done, self.failed, self.outbox)
 
     def heal(self) -> list[Path]:
         """Create whichever folder is missing (an operator's `rm -rf`); returns those created."""
@@ -121,17 +124,17 @@ class Spool:
         return self.processing / (name + CANCEL_SUFFIX)
 
     def work(self, claim_id: str, what: str) -> Path:
-        return self.processing / f".{claim_id}.{what}"
+        return self.workdir / f"{claim_id}.{what}"
 
     def work_files(self, claim_id: str) -> Iterator[Path]:
         """Every work file of a claim (and temp files written for them)."""
-        prefix = f".{claim_id}."
+        prefix = f"{claim_id}."
         try:
-            entries = list(os.scandir(self.processing))
+            entries = list(os.scandir(self.workdir))
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.name.startswith(prefix):
+            if entry.name.startswith(prefix) or entry.name.startswith("." + prefix):
                 yield Path(entry.path)
 
     def results_target(self, name: str) -> Path:
