@@ -7,18 +7,21 @@ far (to reject duplicates) move from memory to a temporary file on disk when the
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
 from .config import Config
-from .keymap import KeyMap
+from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
 """Bad lines listed one by one in a report; the rest are only counted."""
@@ -99,6 +102,7 @@ _THINKING_BOUNDS = {"thinkingBudget": _Bounds(-1, integer=True)}  # -1: the mode
 _MAX_STOP_SEQUENCES = 5
 
 
+@functools.lru_cache(maxsize=1024)
 def camel(name: str) -> str:
     """`response_mime_type` -> `responseMimeType`; camelCase names pass unchanged."""
     head, *rest = name.split("_")
@@ -124,14 +128,16 @@ class Defaults:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One prompt line, ready to send: its key, physical line number and REST request body."""
+class Request(NamedTuple):
+    """One prompt line, ready to send: its key, physical line number and REST request body.
+
+    (A named tuple: millions are made, and a frozen dataclass costs several times as much.)"""
 
     key: str
     line: int
     body: dict[str, Any]
     filter_json: bool
+    chars: int  # characters of text it sends (prompt and system instruction): the token estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +196,8 @@ def read_requests(
     """
     scan = scan if scan is not None else Scan(path)
     digest = hashlib.sha256()
-    keys = KeyMap()
-    overhead = 160 + (len(json.dumps(defaults.system_prompt)) if defaults.system_prompt else 0)
+    keys = KeySet()
+    overhead = payload_overhead(defaults)
     with path.open("rb") as handle, contextlib.closing(keys):
         for number, raw in enumerate(handle, start=1):
             digest.update(raw)
@@ -199,20 +205,29 @@ def read_requests(
             item = _parse_raw(raw, number, defaults, keys)
             if item is None:
                 continue
-            if isinstance(item, LineError):
+            if type(item) is Request:
+                scan.requests += 1
+                scan.payload_bytes += payload_bytes(raw, item.key, overhead)
+                scan.prompt_chars += item.chars
+            else:
+                assert isinstance(item, LineError)
                 scan.error_count += 1
                 if len(scan.errors) < MAX_REPORTED_ERRORS:
                     scan.errors.append(item)
-            else:
-                scan.requests += 1
-                # Size of this request in the inline create call. The SDK sends JSON with
-                # non-ASCII characters escaped (at most 2 more bytes per non-ASCII byte:
-                # `é` -> `\u00e9`), and adds the default settings to each request.
-                wide = 0 if raw.isascii() else len(raw.translate(None, _ASCII))
-                scan.payload_bytes += len(raw) + 2 * wide + len(item.key) + overhead
-                scan.prompt_chars += prompt_chars(item.body)
             yield item
     scan.sha256 = digest.hexdigest()
+
+
+def payload_overhead(defaults: Defaults) -> int:
+    """Bytes an inline create call adds to each request: metadata and the default settings."""
+    return 160 + (len(json.dumps(defaults.system_prompt)) if defaults.system_prompt else 0)
+
+
+def payload_bytes(raw: bytes, key: str, overhead: int) -> int:
+    """Size of a line's request in an inline create call. The SDK sends JSON with non-ASCII
+    characters escaped (at most 2 more bytes per non-ASCII byte: `é` -> `\\u00e9`)."""
+    wide = 0 if raw.isascii() else len(raw.translate(None, _ASCII))
+    return len(raw) + 2 * wide + len(key) + overhead
 
 
 def prompt_chars(body: Mapping[str, Any]) -> int:
@@ -242,19 +257,52 @@ def scan_file(path: Path, defaults: Defaults) -> Scan:
     return scan
 
 
+_DIGITS = b"0123456789"
+_LONG_NUMBER = re.compile(rb"\d{19}")
+"""orjson reads integers beyond 64 bits as floats: lines with such numbers take the slow path."""
+
+
 def _parse_raw(
-    raw: bytes, number: int, defaults: Defaults, keys: KeyMap
+    raw: bytes, number: int, defaults: Defaults, keys: KeySet
 ) -> Request | LineError | None:
     if number == 1 and raw.startswith(_BOM):
         raw = raw[len(_BOM) :]
+    if not raw.strip():
+        return None
+    value: Any = _NOT_PARSED
+    digits = len(raw) - len(raw.translate(None, _DIGITS))
+    if digits < 19 or _LONG_NUMBER.search(raw) is None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            value = orjson.loads(raw)  # fast, strict; anything it refuses is explained below
+    if value is _NOT_PARSED:
+        parsed = _parse_slowly(raw, number)
+        if isinstance(parsed, LineError):
+            return parsed
+        value = parsed
+    try:
+        request = _to_request(value, number, defaults)
+    except _BadLine as exc:
+        return LineError(number, str(exc), _given_key(value))
+    auto = not isinstance(value, dict) or value.get("key") is None
+    first = keys.add(request.key, number, auto=auto)
+    if first is not None:
+        return LineError(
+            number, f"duplicate key {request.key!r} (first used on line {first})", request.key
+        )
+    return request
+
+
+_NOT_PARSED = object()
+
+
+def _parse_slowly(raw: bytes, number: int) -> Any:
+    """The standard parser, for what orjson refused: it names the column and the reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return LineError(
             number, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
         )
-    if not text.strip():
-        return None
     text = text.rstrip(" \t\r\n")  # JSON's white space: an error at the end points there
     try:
         value = _DECODER.decode(text)
@@ -277,16 +325,7 @@ def _parse_raw(
                 "holds an unpaired surrogate escape (\\udXXX): not valid Unicode",
                 _given_key(value),
             )
-    try:
-        request = _to_request(value, number, defaults)
-    except _BadLine as exc:
-        return LineError(number, str(exc), _given_key(value))
-    first = keys.setdefault(request.key, number)
-    if first != number:
-        return LineError(
-            number, f"duplicate key {request.key!r} (first used on line {first})", request.key
-        )
-    return request
+    return value
 
 
 def _given_key(value: Any) -> str | None:
@@ -340,7 +379,7 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         config = dict(body.get("generationConfig") or {})
         config.update({v: body[k] for k, v in LIFTED_FIELDS.items() if k in body})
         _check(types.GenerateContentConfig.model_validate, config, "'request'")
-        return Request(key, number, body, filter_json)
+        return Request(key, number, body, filter_json, prompt_chars(body))
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
     _no_unknown(value, _PROMPT_FIELDS, "a prompt line")
@@ -404,7 +443,7 @@ def _prompt_request(
     system = system if system is not None else defaults.system_prompt
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
-    return Request(key, number, body, filter_json)
+    return Request(key, number, body, filter_json, len(prompt) + len(system or ""))
 
 
 def _prompt_text(value: Any, what: str) -> str:
@@ -469,7 +508,10 @@ def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:
 
     Verdicts are remembered by value: files repeat the same few configs, and pydantic is slow.
     """
-    memo = what + json.dumps(value, sort_keys=True, default=repr)
+    try:
+        memo = what + orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # an integer beyond 64 bits
+        memo = what + json.dumps(value, sort_keys=True, default=repr)
     if memo in _VERDICTS:
         message = _VERDICTS[memo]
     else:
@@ -510,6 +552,8 @@ def _plain_text_contents(contents: list[Any]) -> bool:
 
 
 def _no_unknown(value: dict[str, Any], allowed: set[str], what: str) -> None:
+    if value.keys() <= allowed:
+        return
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise _BadLine(

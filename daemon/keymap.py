@@ -34,6 +34,11 @@ class KeyMap:
     def spilled(self) -> bool:
         return self._db is not None
 
+    @property
+    def size(self) -> int:
+        """Roughly how many bytes of keys it holds (0: empty)."""
+        return self._size
+
     def setdefault(self, key: str, value: int) -> int:
         """Store `value` under `key` unless the key is there; return the stored value."""
         if self._db is None:
@@ -102,3 +107,35 @@ class KeyMap:
         if self._pending and self._db is not None:
             self._db.executemany("INSERT OR IGNORE INTO kv VALUES (?, ?)", self._pending)
             self._pending = []
+
+
+class KeySet:
+    """The keys of one input file and the line each was first used on: duplicates found with
+    little memory. A line without a key gets its line number as key; such keys cost one bit
+    each (they can only clash with a key a line gives itself); given keys go in a `KeyMap`."""
+
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        self._given = KeyMap(memory_bytes=memory_bytes)
+        self._numbered = bytearray()  # bit n: line n has no key of its own
+
+    def add(self, key: str, line: int, *, auto: bool) -> int | None:
+        """Record `key` of `line`; the line it was first used on if that is another line."""
+        if auto:
+            byte = line >> 3
+            if byte >= len(self._numbered):
+                self._numbered.extend(bytes(max(byte + 1 - len(self._numbered), 4096)))
+            self._numbered[byte] |= 1 << (line & 7)
+            return self._given.get(key) if self._given.size else None
+        if key.isdigit() and key[0] != "0" and len(key) < 19:
+            number = int(key)
+            if number < line and self._is_numbered(number):
+                return number
+        first = self._given.setdefault(key, line)
+        return None if first == line else first
+
+    def _is_numbered(self, line: int) -> bool:
+        byte = line >> 3
+        return byte < len(self._numbered) and bool(self._numbered[byte] & (1 << (line & 7)))
+
+    def close(self) -> None:
+        self._given.close()

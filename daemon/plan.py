@@ -17,11 +17,11 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
-from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, prompt_chars, read_requests
+from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,13 @@ def write_plan(
     try:
         with index_path.open("wb") as index:
             for item in read_requests(source, defaults, scan):
-                if isinstance(item, LineError):
+                if type(item) is not Request:
+                    assert isinstance(item, LineError)
                     if keep_invalid:
                         index.write(dumps([item.line, item.key, None, 0, item.message]) + b"\n")
                     continue
                 line = request_line(item)
-                tokens = estimate_tokens(prompt_chars(item.body))
+                tokens = estimate_tokens(item.chars)
                 if limits.max_job_tokens is not None and tokens > limits.max_job_tokens:
                     plan.too_big = plan.too_big or (
                         f"line {item.line} alone is about {tokens} input tokens, over "
@@ -131,8 +132,7 @@ def _fits(job: PlannedJob, size: int, tokens: int, limits: JobLimits) -> bool:
     return limits.max_job_tokens is None or job.tokens + tokens <= limits.max_job_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
+class IndexEntry(NamedTuple):
     """One input line as the index recorded it: a request (part >= 1) or an invalid line."""
 
     line: int

@@ -125,36 +125,95 @@ class Answers:
             self._spill.unlink(missing_ok=True)
 
 
+class OutOfOrder(Exception):
+    """Answers did not come back in request order: match them through an index instead."""
+
+
+class AnswerStream:
+    """Answers read in step with the requests, for the usual case that they come back in
+    request order (some perhaps missing): no index, no seeking. `finish` raises `OutOfOrder`
+    if an answer was left behind, which proves the order assumption wrong."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._handles = [path.open("rb") for path in files]
+        self._lines = itertools.chain.from_iterable(self._handles)
+        self._raw = b""
+        self._key: str | None = None
+        self._advance()
+
+    def _advance(self) -> None:
+        for raw in self._lines:
+            key = wire.line_key(raw)
+            if key is not None:
+                self._raw, self._key = raw, key
+                return
+        self._raw, self._key = b"", None
+
+    def get(self, key: str) -> wire.Entry | None:
+        if key != self._key:
+            return None  # missing, or out of order: `finish` tells
+        raw = self._raw
+        self._advance()
+        with contextlib.suppress(orjson.JSONDecodeError):
+            value = orjson.loads(raw)
+            if isinstance(value, dict):
+                return wire.entry_from_obj(value)
+        return None
+
+    def finish(self) -> None:
+        if self._key is not None:
+            raise OutOfOrder(f"the answer for {self._key!r} came out of request order")
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
+
+
 @dataclass
 class Merge:
     """What the records of one input are made of."""
 
     index: Path
-    answers: list[Path]  # answer files of every job that has one, in job order
+    answers: list[Path]  # answer files of the first round's jobs, in part order
+    later: list[Path] = field(default_factory=list)  # of follow-up rounds, in order: they win
     part_errors: dict[int, str] = field(default_factory=dict)  # part -> why its job failed
     attempts: Mapping[str, int] = field(default_factory=dict)  # key -> jobs that carried it (> 1)
     include_response: bool = False
     spill: Path | None = None
 
 
-def iter_records(merge: Merge, tally: Tally) -> Iterator[dict[str, Any]]:
-    """The outbox records in input order: each request with its answer, matched by key."""
-    answers = Answers(merge.answers, merge.spill)
+def iter_records(merge: Merge, tally: Tally, *, in_order: bool) -> Iterator[dict[str, Any]]:
+    """The outbox records in input order: each request with its answer, matched by key.
+
+    `in_order`: read the first round's answers in step with the requests (`AnswerStream`);
+    raises `OutOfOrder` at the end if they were not in request order.
+    """
+    first: AnswerStream | Answers
+    first = AnswerStream(merge.answers) if in_order else Answers(merge.answers, merge.spill)
+    later = Answers(merge.later) if merge.later else None
     try:
         for item in read_index(merge.index):
-            record = _record(item, answers, merge)
+            record = _record(item, first, later, merge)
             tally.add(record)
             yield record
+        if isinstance(first, AnswerStream):
+            first.finish()
     finally:
-        answers.close()
+        first.close()
+        if later is not None:
+            later.close()
 
 
-def _record(item: IndexEntry, answers: Answers, merge: Merge) -> dict[str, Any]:
+def _record(
+    item: IndexEntry, first: AnswerStream | Answers, later: Answers | None, merge: Merge
+) -> dict[str, Any]:
     if item.invalid is not None:
         return records.invalid_record(item.line, item.key, item.invalid)
     assert item.key is not None
     attempts = merge.attempts.get(item.key, 1)
-    entry = answers.get(item.key)
+    entry = first.get(item.key)
+    if later is not None:
+        entry = later.get(item.key) or entry
     if entry is None and item.part in merge.part_errors:
         return records.job_failed_record(
             item.key, item.line, merge.part_errors[item.part], attempts
@@ -172,18 +231,26 @@ def _record(item: IndexEntry, answers: Answers, merge: Merge) -> dict[str, Any]:
 def write_results(target: Path, merge: Merge, *, progress: Any = None) -> Tally:
     """Write the results file so it appears complete or not at all (FileExistsError if taken).
 
-    `progress(n)` is called after the n-th record has been handed to the writer.
+    Answers are first read in request order; if they were not, the file is written again
+    through an index. `progress(n)` is called after the n-th record has been handed over.
     """
-    tally = Tally()
+    for in_order in (True, False):
+        tally = Tally()
 
-    def lines() -> Iterator[bytes]:
-        for number, record in enumerate(iter_records(merge, tally), start=1):
-            yield dumps(record) + b"\n"
-            if progress is not None:
-                progress(number)
+        def lines(in_order: bool = in_order, tally: Tally = tally) -> Iterator[bytes]:
+            records_ = iter_records(merge, tally, in_order=in_order)
+            for number, record in enumerate(records_, start=1):
+                yield dumps(record) + b"\n"
+                if progress is not None:
+                    progress(number)
 
-    atomic.write_file(target, lines(), replace=False)
-    return tally
+        try:
+            atomic.write_file(target, lines(), replace=False)
+        except OutOfOrder as exc:
+            log.info("answers out of request order; matching them by key", reason=str(exc))
+            continue
+        return tally
+    raise AssertionError("unreachable: the indexed pass cannot be out of order")
 
 
 def write_report(target: Path, report: Mapping[str, Any]) -> None:
@@ -336,9 +403,11 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
 
 def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
     record = t.record
+    answered = [j for j in record.jobs if t.job_file(j, "out").exists()]
     merge = Merge(
         index=t.work("index"),
-        answers=[t.job_file(j, "out") for j in record.jobs if t.job_file(j, "out").exists()],
+        answers=[t.job_file(j, "out") for j in sorted(answered, key=lambda j: j.part) if j.round == 1],
+        later=[t.job_file(j, "out") for j in answered if j.round > 1],
         part_errors={
             j.part: j.error or "the job failed"
             for j in record.jobs

@@ -73,20 +73,20 @@ MISSING_MESSAGE = "no response came back for this key"
 
 def _first_candidate(response: Mapping[str, Any]) -> Mapping[str, Any] | None:
     candidates = response.get("candidates")
-    if isinstance(candidates, list) and candidates and isinstance(candidates[0], Mapping):
+    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
         return candidates[0]
     return None
 
 
 def _candidate_text(candidate: Mapping[str, Any]) -> str:
     content = candidate.get("content")
-    parts = content.get("parts") if isinstance(content, Mapping) else None
+    parts = content.get("parts") if isinstance(content, dict) else None
     if not isinstance(parts, list):
         return ""
     return "".join(
         part["text"]
         for part in parts
-        if isinstance(part, Mapping)
+        if isinstance(part, dict)
         and isinstance(part.get("text"), str)
         and not part.get("thought")
     )
@@ -101,9 +101,13 @@ def answer_text(response: Mapping[str, Any]) -> str | None:
 def usage(response: Mapping[str, Any]) -> dict[str, int] | None:
     """Token counts as integers (absent ones 0); None when the API sent no `usageMetadata`."""
     meta = response.get("usageMetadata")
-    if not isinstance(meta, Mapping):
+    if not isinstance(meta, dict):
         return None
-    return {name: count(meta.get(api_name)) for name, api_name in USAGE_FIELDS}
+    counts = {}
+    for name, api_name in USAGE_FIELDS:
+        value = meta.get(api_name, 0)
+        counts[name] = value if type(value) is int and value >= 0 else count(value)
+    return counts
 
 
 def _str_field(obj: Mapping[str, Any], name: str) -> str | None:
@@ -316,13 +320,15 @@ class Tally:
             self.ok += 1
         else:
             error = record.get("error")
-            stage = error.get("stage") if isinstance(error, Mapping) else None
+            stage = error.get("stage") if isinstance(error, dict) else None
             stage = stage if isinstance(stage, str) else "unknown"
             self.errors[stage] = self.errors.get(stage, 0) + 1
         counts = record.get("usage")
-        if isinstance(counts, Mapping):
-            for name in USAGE_KEYS:
-                self.tokens[name] += count(counts.get(name))
+        if isinstance(counts, dict):
+            tokens = self.tokens
+            for name, value in counts.items():  # made by `usage`: known names, int values
+                if name in tokens:
+                    tokens[name] += value if type(value) is int else count(value)
 
     def as_dict(self) -> dict[str, Any]:
         return {

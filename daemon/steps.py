@@ -100,7 +100,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             requests=job.requests,
             bytes=job.bytes,
             tokens=job.tokens,
-            mode="inline" if job.bytes <= limits.inline_max_bytes else "file",
+            mode=scan.mode(limits.inline_max_bytes),
         )
         for job in found.jobs
     ]

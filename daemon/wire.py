@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 try:  # a C parser several times faster than json for large result files; optional
     import orjson
@@ -90,6 +90,8 @@ def _describe_bad_body(body: str | bytes, exc: BaseException) -> str:
 
 def count(value: Any) -> int:
     """A non-negative count from an int, a float or an int64 string; anything else is 0."""
+    if type(value) is int:  # the common case, first
+        return value if value > 0 else 0
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
@@ -289,12 +291,12 @@ def _json_type(value: Any) -> str:
 # ---- per-request entries ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One request's outcome, from a responses-file line or an inline output item.
 
     `response` is the GenerateContentResponse exactly as sent; `error` the request's
     google.rpc.Status, normalised to `code` (int), `message`, `status` and `details` where present.
+    (A named tuple: one is made per request, and a frozen dataclass costs several times more.)
     """
 
     key: str | None
@@ -309,9 +311,9 @@ def entry_from_obj(obj: Mapping[str, Any]) -> Entry:
     if raw_error is None:
         raw_error = obj.get("status")
     return Entry(
-        key=entry_key(obj),
-        response=response if isinstance(response, dict) else None,
-        error=_status(raw_error),
+        entry_key(obj),
+        response if isinstance(response, dict) else None,
+        None if raw_error is None else _status(raw_error),
     )
 
 

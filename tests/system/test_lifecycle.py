@@ -76,3 +76,18 @@ def test_restart_mid_flight_resumes(make_daemon: Any, sim: Simulator) -> None:
     daemon.run_all()
     assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 4
     assert len(sim.jobs) == 1
+
+
+def test_shuffled_and_missing_answers_are_matched_by_key(make_daemon: Any, sim: Simulator) -> None:
+    sim.shuffle_output = True
+    sim.missing_keys = {"3"}
+    daemon = make_daemon(retry_requests=0, limits={"inline_max_bytes": 10})
+    daemon.drop("s.jsonl", [f"prompt {i}" for i in range(1, 41)])
+    daemon.run_all()
+    records = daemon.results("s.jsonl")
+    assert [r["key"] for r in records] == [str(i) for i in range(1, 41)]
+    for record in records:
+        if record["key"] == "3":
+            assert record["error"]["stage"] == "missing"
+        else:
+            assert record["text"] == f"Simulated answer: prompt {record['key']}"
