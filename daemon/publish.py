@@ -59,11 +59,16 @@ def inline_lines(items: list[dict[str, Any]], keys: Iterable[str]) -> tuple[list
 def read_entries(path: Path) -> Iterator[wire.Entry]:
     """The answers of an answers file, one at a time."""
     with path.open("rb") as handle:
-        for raw in handle:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                value = orjson.loads(raw)
-                if isinstance(value, dict):
-                    yield wire.entry_from_obj(value)
+        yield from read_entries_of(handle)
+
+
+def read_entries_of(lines: Iterable[bytes]) -> Iterator[wire.Entry]:
+    """The answers among answer lines (lines that are not JSON objects are skipped)."""
+    for raw in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            value = orjson.loads(raw)
+            if isinstance(value, dict):
+                yield wire.entry_from_obj(value)
 
 
 def request_keys(request_file: Path) -> Iterator[str]:

@@ -3,6 +3,8 @@ again as new jobs of the same file, up to `retry_requests` more rounds, with bac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import publish, records, wire
 from .context import Context, Tracked
 from .inputs import estimate_tokens
@@ -10,10 +12,34 @@ from .jobrecord import JobEntry
 from .keymap import KeyMap
 
 
+def all_final(answers: Path, requests: int) -> bool:
+    """Whether every request has an answer another try would not change (the usual case),
+    found without remembering keys: answers with a response are final; errors are parsed."""
+    final = 0
+    try:
+        with answers.open("rb") as handle:
+            for raw in handle:
+                if b'"response"' in raw and b'"error"' not in raw and b'"status"' not in raw:
+                    final += 1
+                    continue
+                for entry in publish.read_entries_of([raw]):
+                    if entry.key is not None and not records.is_retryable(entry):
+                        final += 1
+    except FileNotFoundError:
+        return False
+    return final >= requests
+
+
 def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
     """Requests of round `current` that failed retryably or went missing, as new jobs."""
     record = t.record
-    jobs = [j for j in record.jobs if j.round == current and j.succeeded]
+    jobs = [
+        j
+        for j in record.jobs
+        if j.round == current and j.succeeded and not all_final(t.job_file(j, "out"), j.requests)
+    ]
+    if not jobs:
+        return []
     final = KeyMap()  # keys answered for good (ok, or an error another try will not fix)
     try:
         for job in jobs:
