@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -314,6 +315,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         reload_config=reload,
         make_backend=lambda c: make_backend(c, api_key, base_url),
     )
+    # Everything the daemon imports lives as long as it does: keep those objects out of the
+    # garbage collector's full passes, which otherwise walk them all again and again.
+    gc.collect()
+    gc.freeze()
     # Handlers only set flags and poke the wake-up pipe; the main loop does the work.
     signal.set_wakeup_fd(service.scheduler.wakeup.fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
