@@ -70,7 +70,7 @@ def _scenario(spacing: float, tag: str) -> list[float]:
         common.simulator(pending=3600) as sim,
     ):
         root = Path(tmp)
-        config = common.spool(root, sim.base_url)
+        config = common.spool(root, sim.base_url, limits={"max_active_jobs": max(100, FILES)})
         with common.running_daemon(config, root) as (_, log):
             try:
                 time.sleep(1)

@@ -34,10 +34,14 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{prefix}.{_HOST}.{os.getpid()}.{time.monotonic_ns()}.tmp")
 
 
-def write_file(target: Path, chunks: Iterable[bytes], *, replace: bool = True) -> None:
+def write_file(
+    target: Path, chunks: Iterable[bytes], *, replace: bool = True, durable: bool = True
+) -> None:
     """Write `chunks` so that `target` appears complete or not at all.
 
     `replace=False` never overwrites: an existing `target` raises FileExistsError.
+    `durable=False` skips the fsyncs: still atomic for readers and across a crash of the
+    process, but a power failure may bring back the previous version.
     """
     tmp = temp_name(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -46,20 +50,22 @@ def write_file(target: Path, chunks: Iterable[bytes], *, replace: bool = True) -
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if replace:
             os.replace(tmp, target)
         else:
             os.link(tmp, target)
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def write_bytes(target: Path, data: bytes) -> None:
+def write_bytes(target: Path, data: bytes, *, durable: bool = True) -> None:
     """Atomically replace `target` with `data` (sidecars, cancel markers)."""
-    write_file(target, [data])
+    write_file(target, [data], durable=durable)
 
 
 def free_name(target: Path) -> Path:

@@ -61,8 +61,11 @@ def release(fd: int) -> None:
         os.close(fd)
 
 
-def claim(folder: Spool, path: Path, arrival_ns: int) -> Claimed | None:
-    """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits)."""
+def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -> Claimed | None:
+    """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits).
+
+    `durable=False` leaves the fsync of processing/ to the caller (one for a batch of claims).
+    """
     name = path.name
     fd = lock_name(folder, name)
     if fd is None:
@@ -80,7 +83,8 @@ def claim(folder: Spool, path: Path, arrival_ns: int) -> Claimed | None:
             os.link(target, folder.work(record.claim_id, "input"), follow_symlinks=False)
         st = target.lstat()
         record.inode = [st.st_dev, st.st_ino]
-        atomic.fsync_dir(folder.processing)
+        if durable:
+            atomic.fsync_dir(folder.processing)
     except BaseException:
         release(fd)
         raise

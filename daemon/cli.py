@@ -26,7 +26,7 @@ from .config import (
     resolve_api_key,
 )
 from .jobrecord import FileState, JobRecord, JobState, SidecarError
-from .spool import CANCEL_SUFFIX, SIDECAR_SUFFIX, is_candidate, name_too_long, why_ignored
+from .spool import SIDECAR_SUFFIX, Spool, is_candidate, name_too_long, why_ignored
 
 if TYPE_CHECKING:  # google-genai takes a second to import: only `run` and `cancel` need it
     from .backend import Backend
@@ -605,7 +605,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if record is not None and sidecar is not None:
         # Tell the daemon: it polls the jobs at once (or fails a file that has no job yet, or
         # cancels a job itself once a create call under way has returned).
-        atomic.write_bytes(sidecar.with_name(record.input + CANCEL_SUFFIX), b"")
+        marker = Spool(config.inbox, config.outbox).cancel_marker(record.input)
+        marker.parent.mkdir(exist_ok=True)
+        atomic.write_bytes(marker, b"")
         if not job_names:
             creating = record.state in (FileState.UPLOADING, FileState.SUBMITTING)
             print(

@@ -36,41 +36,37 @@ class Pool(Enum):
 
 @dataclass(frozen=True)
 class Next:
-    """What a step says about when its file needs a worker again."""
+    """What a step says about when its file needs a worker again: after `seconds` (None: not
+    for time's sake), and/or when a job slot is free (`slot`), or never (`finished`)."""
 
-    kind: str  # "now", "after", "slot" (a job waits for a job slot), "finished"
-    seconds: float = 0.0
+    seconds: float | None = None
+    slot: bool = False
+    finished: bool = False
 
     @staticmethod
     def now() -> Next:
-        return _NOW
+        return Next(0.0)
 
     @staticmethod
     def after(seconds: float) -> Next:
-        return Next("after", max(0.0, seconds)) if seconds > 0 else _NOW
+        return Next(max(0.0, seconds))
 
     @staticmethod
     def wait_for_slot() -> Next:
-        return _SLOT
+        return Next(slot=True)
 
     @staticmethod
-    def finished() -> Next:
-        return _FINISHED
+    def done() -> Next:
+        return Next(finished=True)
 
-    def earliest(self, other: Next) -> Next:
-        order = {"now": 0, "after": 1, "slot": 2, "finished": 3}
-        if self.kind == other.kind == "after":
-            return self if self.seconds <= other.seconds else other
-        return self if order[self.kind] <= order[other.kind] else other
+    @property
+    def is_now(self) -> bool:
+        return self.seconds == 0.0
 
-
-_NOW = Next("now")
-
-
-_SLOT = Next("slot")
-
-
-_FINISHED = Next("finished")
+    def also(self, other: Next) -> Next:
+        """Both waits: the sooner time, and a slot if either wants one."""
+        times = [s for s in (self.seconds, other.seconds) if s is not None]
+        return Next(min(times) if times else None, self.slot or other.slot)
 
 
 @dataclass
@@ -136,9 +132,12 @@ class Context:
         self.health.ok(call)
         return result
 
-    def save(self, t: Tracked) -> None:
+    def save(self, t: Tracked, *, durable: bool = False) -> None:
+        """Rewrite the sidecar. `durable` (fsync) only before what must not happen twice -- a
+        create or upload, choosing an outbox or archive name: anything else is found again
+        after a power failure (a lost job name by looking the job up, say)."""
         t.record.summarize()
-        jobrecord.save(t.record, t.sidecar)
+        jobrecord.save(t.record, t.sidecar, durable=durable)
 
     def stamp(self, seconds: float = 0.0) -> str:
         return isotime(self.wall() + timedelta(seconds=seconds))

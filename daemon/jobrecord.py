@@ -327,10 +327,10 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def save(record: JobRecord, path: Path) -> None:
-    """Atomically rewrite the sidecar at `path`."""
+def save(record: JobRecord, path: Path, *, durable: bool = True) -> None:
+    """Atomically rewrite the sidecar at `path`; `durable`: also through a power failure."""
     record.updated_at = isotime()
-    atomic.write_bytes(path, record.to_json())
+    atomic.write_bytes(path, record.to_json(), durable=durable)
 
 
 def load(path: Path) -> JobRecord:

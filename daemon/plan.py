@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,7 @@ def write_plan(
                     )
                 if current is None or not _fits(current, len(line), tokens, limits):
                     if handle is not None:
-                        handle.close()
+                        _close(handle)
                     current = PlannedJob(len(plan.jobs) + 1, job_path(len(plan.jobs) + 1))
                     plan.jobs.append(current)
                     handle = current.path.open("wb")
@@ -116,10 +117,20 @@ def write_plan(
                 current.tokens += tokens
                 index.write(dumps([item.line, item.key, int(item.filter_json), current.part]))
                 index.write(b"\n")
+            _close(index)
     finally:
         if handle is not None:
-            handle.close()
+            _close(handle)
     return plan
+
+
+def _close(handle: IO[bytes]) -> None:
+    """Close a work file durably: a create must never be sent for requests a power failure
+    could take back."""
+    if not handle.closed:
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
 
 
 def _fits(job: PlannedJob, size: int, tokens: int, limits: JobLimits) -> bool:

@@ -367,7 +367,7 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
             record.output = str(atomic.free_name(t.spool.results_target(t.name)))
         if want_report and record.report is None:
             record.report = str(atomic.free_name(t.spool.report_target(t.name)))
-        ctx.save(t)
+        ctx.save(t, durable=True)
     if want_report:
         assert record.report is not None
         target = Path(record.report)
@@ -453,7 +453,7 @@ def archive(ctx: Context, t: Tracked) -> Next:
             record.archived_as = str(
                 folder.free_archive_name(folder.archive_folder(failed), t.name)
             )
-            ctx.save(t)
+            ctx.save(t, durable=True)
         archived = Path(record.archived_as)
         if os.path.lexists(source) and not atomic.link_or_rename(source, archived):
             record.archived_as = None  # taken meanwhile: choose again
@@ -477,7 +477,7 @@ def archive(ctx: Context, t: Tracked) -> Next:
         report=record.report,
         archived_as=record.archived_as,
     )
-    return Next.finished()
+    return Next.done()
 
 
 def intruder(ctx: Context, t: Tracked, path: Path) -> None:

@@ -55,7 +55,7 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         for name in ctx.call(Call.UPLOAD, "find uploads", ctx.backend.find_files, job.display_name):
             delete_remote(ctx, t, name)
     job.upload_pending_since = ctx.stamp()
-    ctx.save(t)
+    ctx.save(t, durable=True)
     name = ctx.call(
         Call.UPLOAD,
         "upload batch input",
@@ -103,7 +103,7 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         return 0.0
     job.create_pending_since = ctx.stamp()
     job.create_calls += 1
-    ctx.save(t)
+    ctx.save(t, durable=True)
     source: str | Path = job.uploaded_file or t.job_file(job, "req")
     crash_point("before_create")
     try:

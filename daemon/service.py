@@ -9,6 +9,7 @@ the wake-up pipe.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -50,13 +51,13 @@ log = logs.get()
 
 
 class WorkerPool:
-    """Threads that run one file's steps at a time; knows how long each has been busy."""
+    """Threads that run tasks, urgent ones first; knows how long each thread has been busy."""
 
-    def __init__(self, name: str, threads: int, run: Callable[[str, Pool], None], pool: Pool):
+    def __init__(self, name: str, threads: int) -> None:
         self.name = name
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._run = run
-        self._pool = pool
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]]
+        self._queue = queue.PriorityQueue()
+        self._seq = itertools.count()
         self.busy_since: dict[int, float] = {}
         self._threads = [
             threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"{name}-{i}")
@@ -67,12 +68,13 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, name: str) -> None:
-        self._queue.put(name)
+    def submit(self, task: Callable[[], None], urgent: bool = False) -> None:
+        """Queue a task; `urgent` ones (a claim, a job to create) go before polls and downloads."""
+        self._queue.put((0 if urgent else 1, next(self._seq), task))
 
     def stop(self) -> None:
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.put((-1, next(self._seq), None))
 
     def stuck(self, now: float, limit: float) -> bool:
         """Whether every thread has been on one task for longer than `limit` seconds."""
@@ -81,12 +83,12 @@ class WorkerPool:
 
     def _loop(self, number: int) -> None:
         while True:
-            name = self._queue.get()
-            if name is None:
+            _, _, task = self._queue.get()
+            if task is None:
                 return
             self.busy_since[number] = time.monotonic()
             try:
-                self._run(name, self._pool)
+                task()
             finally:
                 self.busy_since.pop(number, None)
 
@@ -154,6 +156,7 @@ class Service:
         self.outcomes: list[Outcome] = []
         self._said: dict[str, float] = {}
         self._probing = False
+        self._claiming: set[str] = set()  # handed to a worker to claim
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self._apply_config(config)
@@ -253,7 +256,7 @@ class Service:
                 log.info("removed a temporary file left by a crash", path=str(stale))
         for pool, threads in self._workers.items():
             if threads:
-                self._pools[pool] = WorkerPool(pool.value, threads, self._run_steps, pool)
+                self._pools[pool] = WorkerPool(pool.value, threads)
                 self._pools[pool].start()
         self._recover()
         self._start_watcher()
@@ -363,40 +366,56 @@ class Service:
         return [(p.name, arrival) for p, arrival in self.watcher.ready()]
 
     def _claim_ready(self, limit: int | None) -> None:
+        """Hand files that are ready to the file workers, oldest first: they claim and validate
+        them (claiming takes a dozen system calls a file: not a job for the main loop)."""
         if self._stop:
             return
-        ready = self.watcher.ready()
-        if limit is not None and len(ready) > limit:
-            ready = ready[:limit]
-            self.scheduler.wake()  # claim more at the next turn, after dispatching work
+        ready = self.watcher.ready(None if limit is None else limit + len(self._claiming))
         for path, arrival in ready:
-            if self.once and path.name not in self._once_names:
+            name = path.name
+            if name in self._claiming or (self.once and name not in self._once_names):
                 continue
             with self._lock:
-                if path.name in self.files:
+                if name in self.files:
                     continue  # a same-named file is still being processed: it waits
-            try:
-                claimed = claims.claim(self.spool, path, arrival)
-            except FileNotFoundError as exc:
-                if not self.spool.processing.is_dir():
-                    self._heal()
-                    continue
-                if exc.filename and Path(exc.filename) == path:
-                    self.watcher.forget(path.name)
-                continue
-            except OSError as exc:
-                self._say("cannot claim", f"claim:{exc.errno}", file=path.name, error=str(exc))
-                continue
-            if claimed is None:
+            self._claiming.add(name)
+            pool = self._pools.get(Pool.LOCAL)
+            task = functools.partial(self._claim, path, arrival)
+            if pool is None:
+                task()  # no threads (tests): claim it here
+            else:
+                pool.submit(task, urgent=True)
+
+    def _claim(self, path: Path, arrival: int) -> None:
+        """Claim one file (in a file worker), then run its first steps at once."""
+        try:
+            taken = claims.claim(self.spool, path, arrival)
+        except FileNotFoundError as exc:
+            if not self.spool.processing.is_dir():
+                self._heal()
+            elif exc.filename and Path(exc.filename) == path:
+                self.watcher.forget(path.name)
+            taken = None
+        except OSError as exc:
+            self._say("cannot claim", f"claim:{exc.errno}", file=path.name, error=str(exc))
+            taken = None
+        else:
+            if taken is None:
                 self._say(
                     "waiting: a file of the same name is still being processed",
                     f"wait:{path.name}",
                     file=path.name,
                 )
-                continue
-            self.watcher.forget(path.name)
-            self._track(claimed)
-            log.info("claimed", file=path.name)
+            else:
+                self.watcher.forget(path.name)
+        finally:
+            self._claiming.discard(path.name)
+        if taken is None:
+            return
+        log.info("claimed", file=taken.record.input)
+        t = self._track(taken, schedule=False)
+        t.busy = True
+        self._run_steps(t.name, Pool.LOCAL)
 
     def _recover(self) -> None:
         with self._lock:
@@ -407,7 +426,7 @@ class Service:
             self._track(claimed)
             log.info("resumed", file=claimed.record.input, state=claimed.record.state.value)
 
-    def _track(self, claimed: claims.Claimed) -> None:
+    def _track(self, claimed: claims.Claimed, *, schedule: bool = True) -> Tracked:
         record = claimed.record
         t = Tracked(record.input, record, claimed.lock_fd, claimed.spool, self.defaults)
         now_wall = self.ctx.wall()
@@ -419,7 +438,9 @@ class Service:
                 )
         with self._lock:
             self.files[record.input] = t
-        self.scheduler.schedule(record.input, 0)
+        if schedule:
+            self.scheduler.schedule(record.input, 0)
+        return t
 
     def _heal(self) -> None:
         for created in self.spool.heal():
@@ -544,7 +565,10 @@ class Service:
         if worker is None:
             self._run_steps(name, pool)  # no threads (tests): run it here
         else:
-            worker.submit(name)
+            urgent = bool(t.granted) or any(
+                j.state in (JobState.UPLOADING, JobState.SUBMITTING) for j in t.record.jobs
+            )
+            worker.submit(functools.partial(self._run_steps, name, pool), urgent)
 
     def _run_steps(self, name: str, pool: Pool) -> None:
         with self._lock:
@@ -567,15 +591,14 @@ class Service:
         self.scheduler.wake()
 
     def _after_step(self, t: Tracked, result: Next) -> None:
-        if result.kind == "finished":
+        if result.finished:
             self._forget(t)
             self.outcomes.append(Outcome(t.record))
             self.watcher.rescan()  # a same-named file may be waiting in the inbox
             return
-        if result.kind == "slot":
+        if result.slot:
             self._waiting.add(t.record.arrival, t.name)
-            return
-        if self._stop and result.kind != "now":
+        if result.seconds is None or (self._stop and not result.is_now):
             return
         self.scheduler.schedule(t.name, result.seconds)
 

@@ -4,7 +4,8 @@ For an input `inbox/NAME.jsonl` the daemon keeps, in `inbox/processing/`:
 
 - `NAME.jsonl`, the claimed input, and `NAME.jsonl.job.json`, its sidecar (the contract's names);
 - `.NAME.jsonl.lock`, whose flock makes one process the owner of the name;
-- `NAME.jsonl.cancel`, a cancel request from `gemini-batchd cancel`;
+- `.cancel/NAME.jsonl`, a cancel request from `gemini-batchd cancel` (a folder of its own, the
+  only one watched with inotify besides the inbox);
 - work files of one claim in `.work/{claim_id}.{what}`: a hard link to the claimed input
   (`input`), the compact index of its lines (`index`), and each job's requests (`jN.req`) and
   answers (`jN.out`). A folder of their own, because processing/ is watched with inotify for
@@ -23,7 +24,6 @@ from . import atomic
 
 INPUT_SUFFIX = ".jsonl"
 SIDECAR_SUFFIX = ".job.json"
-CANCEL_SUFFIX = ".cancel"
 LOCK_SUFFIX = ".lock"
 ERROR_SUFFIX = ".error.json"
 DAEMON_PREFIX = ".daemon."
@@ -96,9 +96,18 @@ class Spool:
         self.done = inbox / "done"
         self.failed = inbox / "failed"
         self.workdir = self.processing / ".work"
+        self.cancels = self.processing / ".cancel"
 
     def folders(self) -> tuple[Path, ...]:
-        return (self.inbox, self.processing, self.workdir, self.done, self.failed, self.outbox)
+        return (
+            self.inbox,
+            self.processing,
+            self.workdir,
+            self.cancels,
+            self.done,
+            self.failed,
+            self.outbox,
+        )
 
     def heal(self) -> list[Path]:
         """Create whichever folder is missing (an operator's `rm -rf`); returns those created."""
@@ -121,7 +130,7 @@ class Spool:
         return self.processing / ("." + name + LOCK_SUFFIX)
 
     def cancel_marker(self, name: str) -> Path:
-        return self.processing / (name + CANCEL_SUFFIX)
+        return self.cancels / name
 
     def work(self, claim_id: str, what: str) -> Path:
         return self.workdir / f"{claim_id}.{what}"

@@ -23,6 +23,9 @@ from .jobrecord import FileState, JobEntry, JobState, seconds_since
 
 log = logs.get()
 
+MAX_IDLE_SECONDS = 60.0
+"""A file in flight is looked at again at least this often, whatever its jobs say."""
+
 
 @dataclass(frozen=True)
 class Step:
@@ -124,7 +127,7 @@ def drive(ctx: Context, t: Tracked) -> Next:
     record = t.record
     publish.rebuild_work_files(ctx, t)
     now = ctx.clock()
-    wait = Next.finished()
+    wait = Next.after(MAX_IDLE_SECONDS)  # every job below says sooner; this is a safety net
     for job in record.jobs:
         if job.state is JobState.COLLECTED:
             continue
@@ -134,21 +137,20 @@ def drive(ctx: Context, t: Tracked) -> Next:
             remote.end_job(
                 ctx, t, job, "cancelled before a job was created", remote.CANCELLED, "job"
             )
-            continue
-        if job.state is JobState.QUEUED and job.index not in t.granted:
+        elif job.state is JobState.QUEUED and job.index not in t.granted:
             remaining = -seconds_since(job.not_before, ctx.wall()) if job.not_before else 0.0
-            wait = wait.earliest(Next.after(remaining) if remaining > 0 else Next.wait_for_slot())
+            wait = wait.also(Next.after(remaining) if remaining > 0 else Next.wait_for_slot())
             continue
         due = t.due.get(job.index, now)
         if due > now:
-            wait = wait.earliest(Next.after(due - now))
+            wait = wait.also(Next.after(due - now))
             continue
         delay = run_job(ctx, t, job)
         if delay is None:
-            wait = wait.earliest(Next.wait_for_slot())
+            wait = wait.also(Next.wait_for_slot())
         elif not collected(job):
             t.due[job.index] = ctx.clock() + delay
-            wait = wait.earliest(Next.after(delay))
+            wait = wait.also(Next.after(delay))
     if all(j.state is JobState.COLLECTED for j in record.jobs):
         return finish_round(ctx, t)
     return wait
@@ -316,5 +318,5 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
             with contextlib.suppress(OSError):
                 ctx.save(t)
             return Next.after(decision.delay)
-        if result.kind != "now":
+        if not result.is_now or result.slot or result.finished:
             return result

@@ -28,7 +28,7 @@ from watchdog.observers import Observer
 
 from . import logs
 from .schedule import Clock
-from .spool import CANCEL_SUFFIX, is_candidate, why_ignored
+from .spool import Spool, is_candidate, why_ignored
 
 log = logs.get()
 
@@ -89,9 +89,9 @@ class InboxWatcher:
         observer = Observer()
         handler = _Handler(self)
         observer.schedule(handler, str(self.inbox), recursive=False)
-        processing = self.inbox / "processing"
-        if processing.is_dir():
-            observer.schedule(handler, str(processing), recursive=False)
+        cancels = self.cancels
+        if cancels.is_dir():  # not processing/ itself: every sidecar write would wake us
+            observer.schedule(handler, str(cancels), recursive=False)
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -127,17 +127,18 @@ class InboxWatcher:
         self.ignored = ignored
         self._rescan_cancel_requests()
 
+    @property
+    def cancels(self) -> Path:
+        return Spool(self.inbox, self.inbox).cancels
+
     def _rescan_cancel_requests(self) -> None:
         """Cancel markers written while no daemon watched (or whose events were dropped)."""
         try:
-            names = {entry.name for entry in os.scandir(self.inbox / "processing")}
+            names = {entry.name for entry in os.scandir(self.cancels)}
         except OSError:
             return
         with self._lock:
-            for name in names:
-                target = name[: -len(CANCEL_SUFFIX)]
-                if name.endswith(CANCEL_SUFFIX) and not name.startswith(".") and target in names:
-                    self._cancel_requests.add(target)
+            self._cancel_requests.update(n for n in names if not n.startswith("."))
 
     def note(self, name: str, *, complete: bool) -> None:
         """An event touched inbox/`name`."""
@@ -173,32 +174,41 @@ class InboxWatcher:
         with self._lock:
             return len(self._seen)
 
-    def ready(self) -> list[tuple[Path, int]]:
-        """Candidates that are complete now, with their arrival time, in arrival order."""
+    def ready(self, limit: int | None = None) -> list[tuple[Path, int]]:
+        """Candidates that are complete now, with their arrival time, in arrival order.
+
+        A file closed after writing or moved in is complete as it is; any other must have been
+        unchanged for `settle_seconds` and be open for writing nowhere. At most `limit`.
+        """
         now = self._clock()
-        ready: list[tuple[int, str]] = []
         with self._lock:
-            for name, seen in list(self._seen.items()):
-                path = self.inbox / name
-                try:
-                    st = path.lstat()
-                except FileNotFoundError:
-                    del self._seen[name]
-                    continue
-                except OSError:
-                    ready.append((seen.arrival, name))  # unreadable entries get an error report
-                    continue
-                signature = (st.st_size, st.st_mtime_ns)
-                if signature != seen.signature:
-                    # First look, or it changed: start (re)counting, unless it already looks old enough.
-                    age = max(0.0, _wall_age(st.st_mtime_ns))
-                    seen.since = now - (age if seen.signature is None else 0.0)
-                    seen.signature = signature
-                settled = now - seen.since >= self.settle_seconds
-                if (seen.complete or settled) and open_for_writing(path) is not True:
-                    ready.append((seen.arrival, name))
-        ready.sort()
-        return [(self.inbox / name, arrival) for arrival, name in ready]
+            seen_items = sorted(self._seen.items(), key=lambda item: (item[1].arrival, item[0]))
+        ready: list[tuple[Path, int]] = []
+        for name, seen in seen_items:
+            if limit is not None and len(ready) >= limit:
+                break
+            path = self.inbox / name
+            if seen.complete:
+                ready.append((path, seen.arrival))  # a vanished one is dropped at its claim
+                continue
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                self.forget(name)
+                continue
+            except OSError:
+                ready.append((path, seen.arrival))  # unreadable entries get an error report
+                continue
+            signature = (st.st_size, st.st_mtime_ns)
+            if signature != seen.signature:
+                # First look, or it changed: start (re)counting, unless it already looks old enough.
+                age = max(0.0, _wall_age(st.st_mtime_ns))
+                seen.since = now - (age if seen.signature is None else 0.0)
+                seen.signature = signature
+            settled = now - seen.since >= self.settle_seconds
+            if settled and open_for_writing(path) is not True:
+                ready.append((path, seen.arrival))
+        return ready
 
 
 def _mtime_ns(entry: os.DirEntry[str]) -> int:
@@ -234,5 +244,5 @@ class _Handler(FileSystemEventHandler):
         path = Path(raw)
         if path.parent == self._watcher.inbox:
             self._watcher.note(path.name, complete=complete)
-        elif path.name.endswith(CANCEL_SUFFIX):
-            self._watcher.note_cancel(path.name[: -len(CANCEL_SUFFIX)])
+        elif path.parent == self._watcher.cancels and not path.name.startswith("."):
+            self._watcher.note_cancel(path.name)

@@ -26,7 +26,7 @@ def test_inline_file_gets_results_in_order(make_daemon: Any) -> None:
     assert (daemon.inbox / "done" / "a.jsonl").exists()
     car = daemon.sidecar("a.jsonl")
     assert car["state"] == "DONE" and car["ok"] == 4 and car["errors"] == 0
-    assert [p.name for p in (daemon.inbox / "processing").iterdir()] == [".work"]
+    assert sorted(p.name for p in (daemon.inbox / "processing").iterdir()) == [".cancel", ".work"]
     assert not list((daemon.inbox / "processing" / ".work").iterdir())
 
 
@@ -91,3 +91,31 @@ def test_shuffled_and_missing_answers_are_matched_by_key(make_daemon: Any, sim: 
             assert record["error"]["stage"] == "missing"
         else:
             assert record["text"] == f"Simulated answer: prompt {record['key']}"
+
+
+def test_cancel_fails_the_file_with_its_job_cancelled(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon()
+    daemon.drop("c.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("c.jsonl") == "RUNNING")
+    marker = daemon.service.spool.cancel_marker("c.jsonl")
+    marker.write_bytes(b"")
+    daemon.service.watcher.note_cancel("c.jsonl")
+    daemon.run_all()
+    report = daemon.report("c.jsonl")
+    assert report["stage"] == "job" and report["job_state"] == "JOB_STATE_CANCELLED"
+    assert [j["state"] for j in sim.jobs.values()] == ["BATCH_STATE_CANCELLED"]
+    assert not marker.exists()
+
+
+def test_cancel_before_a_job_exists(make_daemon: Any, sim: Simulator) -> None:
+    daemon = make_daemon(limits={"max_active_jobs": 1})
+    daemon.drop("first.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("first.jsonl") == "RUNNING")
+    daemon.drop("second.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("second.jsonl") == "QUEUED")
+    daemon.service.spool.cancel_marker("second.jsonl").write_bytes(b"")
+    daemon.service.watcher.note_cancel("second.jsonl")
+    daemon.run_all()
+    assert daemon.report("second.jsonl")["job_state"] == "JOB_STATE_CANCELLED"
+    assert [r["status"] for r in daemon.results("first.jsonl")] == ["ok"] * 4
+    assert len(sim.jobs) == 1
