@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from . import atomic
 
@@ -256,11 +258,7 @@ class JobRecord:
             self.progress = None
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["state"] = self.state.value
-        for job in data["jobs"]:
-            job["state"] = job["state"].value
-        return json.dumps(data, indent=1).encode() + b"\n"
+        return orjson.dumps(self, option=orjson.OPT_INDENT_2) + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes, source: Path) -> JobRecord:

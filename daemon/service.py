@@ -157,6 +157,8 @@ class Service:
         self._said: dict[str, float] = {}
         self._probing = False
         self._claiming: set[str] = set()  # handed to a worker to claim
+        self._held: dict[str, tuple[int, int]] = {}  # job slots and tokens held, by file
+        self._held_total = (0, 0)
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self._apply_config(config)
@@ -370,14 +372,16 @@ class Service:
         them (claiming takes a dozen system calls a file: not a job for the main loop)."""
         if self._stop:
             return
-        ready = self.watcher.ready(None if limit is None else limit + len(self._claiming))
-        for path, arrival in ready:
+        for path, arrival in self.watcher.ready(limit):
             name = path.name
-            if name in self._claiming or (self.once and name not in self._once_names):
+            if self.once and name not in self._once_names:
+                self.watcher.put_back(name)
                 continue
             with self._lock:
-                if name in self.files:
-                    continue  # a same-named file is still being processed: it waits
+                busy = name in self.files  # a same-named file is still being processed
+            if busy or name in self._claiming:
+                self.watcher.put_back(name)
+                continue
             self._claiming.add(name)
             pool = self._pools.get(Pool.LOCAL)
             task = functools.partial(self._claim, path, arrival)
@@ -388,30 +392,28 @@ class Service:
 
     def _claim(self, path: Path, arrival: int) -> None:
         """Claim one file (in a file worker), then run its first steps at once."""
+        taken = None
         try:
             taken = claims.claim(self.spool, path, arrival)
-        except FileNotFoundError as exc:
+        except FileNotFoundError:
             if not self.spool.processing.is_dir():
                 self._heal()
-            elif exc.filename and Path(exc.filename) == path:
-                self.watcher.forget(path.name)
-            taken = None
         except OSError as exc:
             self._say("cannot claim", f"claim:{exc.errno}", file=path.name, error=str(exc))
-            taken = None
-        else:
-            if taken is None:
+        finally:
+            self._claiming.discard(path.name)
+        if taken is None:
+            if os.path.lexists(path):
                 self._say(
                     "waiting: a file of the same name is still being processed",
                     f"wait:{path.name}",
                     file=path.name,
                 )
+                self.watcher.put_back(path.name)
             else:
                 self.watcher.forget(path.name)
-        finally:
-            self._claiming.discard(path.name)
-        if taken is None:
             return
+        self.watcher.forget(path.name)
         log.info("claimed", file=taken.record.input)
         t = self._track(taken, schedule=False)
         t.busy = True
@@ -438,6 +440,7 @@ class Service:
                 )
         with self._lock:
             self.files[record.input] = t
+        self._account(t)
         if schedule:
             self.scheduler.schedule(record.input, 0)
         return t
@@ -503,10 +506,7 @@ class Service:
             return
         limits = self.config.limits
         with self._lock:
-            files = list(self.files.values())
-        jobs = [(t, j) for t in files for j in t.record.jobs]
-        active = sum(1 for t, j in jobs if j.state.holds_slot or j.index in t.granted)
-        tokens = sum(j.tokens for t, j in jobs if j.state.holds_slot or j.index in t.granted)
+            active, tokens = self._held_total
         if self.health.quota_refusals != self._quota_seen:
             self._quota_seen = self.health.quota_refusals
             self._quota_hold = active
@@ -544,8 +544,10 @@ class Service:
                 granted = True
             if blocked:
                 deferred.append((arrival, seq, name))
-            if granted and not t.busy:
-                self.scheduler.schedule(name, 0)
+            if granted:
+                self._account(t)
+                if not t.busy:
+                    self.scheduler.schedule(name, 0)
             if blocked and budget_full(limits.max_enqueued_tokens, tokens):
                 break
         for item in deferred:
@@ -590,7 +592,22 @@ class Service:
         self._after_step(t, result)
         self.scheduler.wake()
 
+    def _account(self, t: Tracked | None, name: str = "") -> None:
+        """Keep the count of job slots (and estimated tokens) held, file by file."""
+        held = (0, 0)
+        if t is not None:
+            name = t.name
+            jobs = [j for j in t.record.jobs if j.state.holds_slot or j.index in t.granted]
+            held = (len(jobs), sum(j.tokens for j in jobs))
+        with self._lock:
+            old = self._held.pop(name, (0, 0))
+            if held != (0, 0):
+                self._held[name] = held
+            active, tokens = self._held_total
+            self._held_total = (active - old[0] + held[0], tokens - old[1] + held[1])
+
     def _after_step(self, t: Tracked, result: Next) -> None:
+        self._account(None if result.finished else t, t.name)
         if result.finished:
             self._forget(t)
             self.outcomes.append(Outcome(t.record))
@@ -603,6 +620,7 @@ class Service:
         self.scheduler.schedule(t.name, result.seconds)
 
     def _forget(self, t: Tracked) -> None:
+        self._account(None, t.name)
         with self._lock:
             self.files.pop(t.name, None)
         self.scheduler.cancel(t.name)

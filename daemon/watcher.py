@@ -78,7 +78,8 @@ class InboxWatcher:
         self.settle_seconds = settle_seconds
         self._clock = clock
         self._on_event = on_event
-        self._seen: dict[str, _Seen] = {}
+        self._seen: dict[str, _Seen] = {}  # candidates not handed out yet, oldest first
+        self._handed: dict[str, _Seen] = {}  # handed out by `ready`, not yet claimed
         self._cancel_requests: set[str] = set()
         self.ignored: dict[str, str] = {}  # inbox names not taken, and why (logged once each)
         self._lock = threading.Lock()
@@ -111,14 +112,16 @@ class InboxWatcher:
             return
         now = self._clock()
         ignored: dict[str, str] = {}
+        found: list[tuple[int, str]] = []
+        for entry in entries:
+            if is_candidate(entry.name):
+                found.append((_mtime_ns(entry), entry.name))
+            elif not entry.name.startswith(".") and entry.name not in _SPOOL_FOLDERS:
+                ignored[entry.name] = why_ignored(entry.name) or "not a file the daemon takes"
         with self._lock:
-            for entry in entries:
-                if is_candidate(entry.name):
-                    if entry.name not in self._seen:
-                        arrival = _mtime_ns(entry)
-                        self._seen[entry.name] = _Seen(None, now, False, arrival)
-                elif not entry.name.startswith(".") and entry.name not in _SPOOL_FOLDERS:
-                    ignored[entry.name] = why_ignored(entry.name) or "not a file the daemon takes"
+            for arrival, name in sorted(found):  # oldest first: the order files are taken in
+                if name not in self._seen and name not in self._handed:
+                    self._seen[name] = _Seen(None, now, False, arrival)
         for name, reason in ignored.items():
             if name not in self.ignored:
                 log.warning(
@@ -168,47 +171,59 @@ class InboxWatcher:
         """The file was claimed (or is gone); stop tracking it."""
         with self._lock:
             self._seen.pop(name, None)
+            self._handed.pop(name, None)
+
+    def put_back(self, name: str) -> None:
+        """A file handed out by `ready` was not claimed after all (its name is busy): keep
+        watching it."""
+        with self._lock:
+            seen = self._handed.pop(name, None)
+            if seen is not None and name not in self._seen:
+                self._seen[name] = seen
 
     @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._seen)
+            return len(self._seen) + len(self._handed)
 
     def ready(self, limit: int | None = None) -> list[tuple[Path, int]]:
-        """Candidates that are complete now, with their arrival time, in arrival order.
+        """Hand out candidates that are complete now, with their arrival time, oldest first.
 
         A file closed after writing or moved in is complete as it is; any other must have been
-        unchanged for `settle_seconds` and be open for writing nowhere. At most `limit`.
+        unchanged for `settle_seconds` and be open for writing nowhere. At most `limit`. What is
+        handed out is not handed out again unless `put_back`.
         """
         now = self._clock()
-        with self._lock:
-            seen_items = sorted(self._seen.items(), key=lambda item: (item[1].arrival, item[0]))
         ready: list[tuple[Path, int]] = []
-        for name, seen in seen_items:
+        with self._lock:
+            pending = list(self._seen.items())
+        for name, seen in pending:
             if limit is not None and len(ready) >= limit:
                 break
-            path = self.inbox / name
-            if seen.complete:
-                ready.append((path, seen.arrival))  # a vanished one is dropped at its claim
+            if not seen.complete and not self._settled(name, seen, now):
                 continue
-            try:
-                st = path.lstat()
-            except FileNotFoundError:
-                self.forget(name)
-                continue
-            except OSError:
-                ready.append((path, seen.arrival))  # unreadable entries get an error report
-                continue
-            signature = (st.st_size, st.st_mtime_ns)
-            if signature != seen.signature:
-                # First look, or it changed: start (re)counting, unless it already looks old enough.
-                age = max(0.0, _wall_age(st.st_mtime_ns))
-                seen.since = now - (age if seen.signature is None else 0.0)
-                seen.signature = signature
-            settled = now - seen.since >= self.settle_seconds
-            if settled and open_for_writing(path) is not True:
-                ready.append((path, seen.arrival))
+            ready.append((self.inbox / name, seen.arrival))
+            with self._lock:
+                if self._seen.pop(name, None) is not None:
+                    self._handed[name] = seen
         return ready
+
+    def _settled(self, name: str, seen: _Seen, now: float) -> bool:
+        path = self.inbox / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            self.forget(name)
+            return False
+        except OSError:
+            return True  # unreadable entries get an error report
+        signature = (st.st_size, st.st_mtime_ns)
+        if signature != seen.signature:
+            # First look, or it changed: start (re)counting, unless it already looks old enough.
+            age = max(0.0, _wall_age(st.st_mtime_ns))
+            seen.since = now - (age if seen.signature is None else 0.0)
+            seen.signature = signature
+        return now - seen.since >= self.settle_seconds and open_for_writing(path) is not True
 
 
 def _mtime_ns(entry: os.DirEntry[str]) -> int:
