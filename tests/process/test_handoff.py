@@ -126,7 +126,10 @@ class OutboxWatcher(threading.Thread):
 
 def test_the_outbox_only_ever_shows_complete_files(spool: Spool, sim: Simulator) -> None:
     sim.fail_keys = {"3": 400}
-    spool.configure(limits={"inline_max_bytes": 2000})  # the bigger inputs use the File API
+    spool.configure(
+        limits={"inline_max_bytes": 2000},  # the bigger inputs use the File API
+        api={"timeout_seconds": 60},  # a busy machine: no upload retries (a retry looks up files)
+    )
     sizes = {f"r{i}.jsonl": n for i, n in enumerate([1, 2, 5, 40, 300, 3000, 7, 120])}
     expected = dict(sizes)
     spool.outbox.mkdir()
@@ -145,6 +148,8 @@ def test_the_outbox_only_ever_shows_complete_files(spool: Spool, sim: Simulator)
     proc.terminate()
     proc.wait(timeout=20)
     assert watcher.problems == []
+    reports = {p.name: p.read_text() for p in spool.outbox.glob("r*.error.json")}
+    assert reports == {}, reports
     assert sorted(watcher.seen) == sorted([*sizes, "bad1.error.json", "bad2.error.json"])
 
 
