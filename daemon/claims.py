@@ -212,6 +212,8 @@ class Recovery:
         claims = set(owned.values())
         now = time.time()
         for entry_name, entry in entries.items():
+            if entry_name.startswith(spool.DAEMON_PREFIX):
+                continue  # a daemon's presence file and lock: see status.remove_stale
             if entry_name.startswith(".") and entry_name.endswith(spool.LOCK_SUFFIX):
                 name = entry_name[1 : -len(spool.LOCK_SUFFIX)]
                 if name in owned or os.path.lexists(folder.input(name)):

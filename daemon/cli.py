@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import __version__, atomic, jobrecord, logs
+from . import __version__, atomic, jobrecord, logs, status
 from .config import (
+    ApiKey,
     Config,
     ConfigError,
     check_paths,
     default_config_path,
+    find_api_key,
     load_config,
     raise_problems,
     resolve_api_key,
@@ -38,9 +44,6 @@ EXIT_USAGE = 2
 SIMULATED_API_KEY = "simulated-key"
 """What `run --simulate` sends; the simulator accepts any key."""
 
-RECENT_SECONDS = 24 * 3600
-"""`status` lists files finished within this many seconds."""
-
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
@@ -53,12 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ConfigError) as exc:
         print(f"gemini-batchd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `gemini-batchd status | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except OSError as exc:  # e.g. an inbox that cannot be created: one line, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"gemini-batchd: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit does not fail a second time."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run the daemon in the foreground",
         description="Watch the inbox and process files until SIGTERM/SIGINT. SIGHUP reloads "
-        "the configuration.",
+        "the configuration. Before it takes any file it checks the API key with one cheap call: "
+        "a rejected key exits 2 (naming where the key came from); an unreachable API only warns. "
+        "With --once a line per finished file and a total are printed on stdout.",
     )
     run.add_argument("-c", "--config", help=config_help)
     run.add_argument(
@@ -83,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take what is in the inbox now (and resume work in flight), wait until every file "
         "has finished, exit 0 if all got results, 1 if any got an error report",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --once: exit 1 also when any result record is an error",
     )
     run.add_argument(
         "--simulate",
@@ -94,13 +115,28 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show queued, in-flight and recently finished files",
-        description="One row per file known to the daemon, read from its sidecars: files "
-        "waiting in the inbox, queued and in-flight files (job name, job state, age, polls, "
-        "next poll, progress where the API reports it) and files finished in the last 24 hours.",
+        help="show whether the daemon runs, and queued, in-flight and recent files",
+        description="Whether a daemon runs on this spool (pid, since when, paused and why), "
+        "totals, and one row per file: waiting or ignored in the inbox, queued and in flight "
+        "(job, job state, age, polls, next poll, progress, round, retries and the last error) "
+        "and finished in the last 24 hours (ok/error record counts, output path).",
     )
     status.add_argument("-c", "--config", help=config_help)
-    status.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON object (daemon, totals, files)"
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw every --interval seconds until Ctrl-C (with --json: one object per line)",
+    )
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between redraws with --watch (default: %(default)s)",
+    )
     status.set_defaults(func=cmd_status)
 
     validate = sub.add_parser(
@@ -118,13 +154,45 @@ def _parser() -> argparse.ArgumentParser:
         "submit",
         help="copy files into the inbox atomically",
         description="Copy each file to a temporary dot-name in the inbox, then rename it "
-        "into place, so the daemon never sees a half-written file.",
+        "into place, so the daemon never sees a half-written file (NAME-2.jsonl where the name "
+        "is taken). Prints the inbox path of each file. With --wait, works with any daemon on "
+        "that inbox: it only watches the spool's files.",
     )
     submit.add_argument(
         "files", nargs="+", metavar="FILE", help="*.jsonl files to copy into the inbox"
     )
     submit.add_argument("-c", "--config", help=config_help)
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until each file has its results or error report; print their outbox paths on "
+        "stdout; exit 0 if every file got results, 1 if any got an error report",
+    )
+    submit.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --wait: exit 1 also when any result record is an error",
+    )
     submit.set_defaults(func=cmd_submit)
+
+    retry = sub.add_parser(
+        "retry",
+        help="put failed inputs back into the inbox",
+        description="Move inputs from inbox/failed/ back into the inbox atomically (a temporary "
+        "dot-name, then a rename; NAME-2.jsonl where the name is taken), so that the daemon "
+        "runs them again. NAME is a file in inbox/failed/ or the input name it failed under.",
+    )
+    retry.add_argument(
+        "names", nargs="*", metavar="NAME", help="input names (or paths) in inbox/failed/"
+    )
+    retry.add_argument("-c", "--config", help=config_help)
+    retry.add_argument(
+        "--all-failed-since",
+        metavar="TIME",
+        help="also every input that failed since TIME: an ISO time (2026-12-01T10:00Z; local "
+        "time without a zone) or an age such as 90m, 2h, 3d",
+    )
+    retry.set_defaults(func=cmd_retry)
 
     cancel = sub.add_parser(
         "cancel",
@@ -283,6 +351,8 @@ def make_backend(config: Config, api_key: str, base_url: str | None = None) -> B
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
+    if args.strict and not args.once:
+        raise CommandError("--strict needs --once (a daemon that runs on has no final status)")
     config, path = _config(args)
     logs.configure(config.log_level)
     log = logs.get()
@@ -291,6 +361,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         log.info("configuration", file=config.describe_source())
     api_key = _start_checks(config, simulate=args.simulate)  # before anything is started
+    logs.add_secret(api_key.value)
     simulator = None
     base_url = None
     if args.simulate:
@@ -300,7 +371,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         base_url = simulator.base_url
         config = _fast_polls(config)
         log.info("simulator started; no request leaves this machine", base_url=base_url)
-    logs.add_secret(api_key)
+    else:
+        check_key(config, api_key)  # before anything is claimed
 
     def reload() -> Config:
         new = load_config(path, must_exist=True)
@@ -310,10 +382,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     service = Service(
         config,
-        make_backend(config, api_key, base_url),
+        make_backend(config, api_key.value, base_url),
         once=args.once,
         reload_config=reload,
-        make_backend=lambda c: make_backend(c, api_key, base_url),
+        make_backend=lambda c: make_backend(c, api_key.value, base_url),
     )
     # Everything the daemon imports lives as long as it does: keep those objects out of the
     # garbage collector's full passes, which otherwise walk them all again and again.
@@ -325,33 +397,72 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
     try:
-        return service.run()
+        code = service.run()
     finally:
         service.backend.close()
         if simulator is not None:
             simulator.stop()
+    if not args.once:
+        return code
+    finished = [outcome.record for outcome in service.outcomes]
+    for record in finished:
+        print(status.outcome_line(record, service.config))
+    print(status.totals_line(finished, service.config), flush=True)
+    return 1 if code or (args.strict and any(r.errors for r in finished)) else 0
 
 
-def _start_checks(config: Config, *, simulate: bool) -> str:
+KEY_CHECK_SECONDS = 15.0
+"""The start-up key check gives up (and starts anyway) after this long."""
+
+
+def check_key(config: Config, api_key: ApiKey) -> None:
+    """One cheap authenticated call: a rejected key is a CommandError naming where it came
+    from; an API that cannot be reached only gets a warning (the daemon retries later)."""
+    from .failures import Kind, classify
+
+    api = config.api.model_copy(
+        update={"timeout_seconds": min(config.api.timeout_seconds, KEY_CHECK_SECONDS), "retries": 1}
+    )
+    backend = make_backend(config.model_copy(update={"api": api}), api_key.value)
+    try:
+        backend.probe()
+    except Exception as exc:
+        failure = classify(exc, "key check")
+        if failure.kind is Kind.AUTH:
+            raise CommandError(
+                f"the API rejected the key from {api_key.source} ({failure.message}); "
+                "fix or replace that key"
+            ) from None
+        logs.get().warning(
+            "cannot check the API key now; starting anyway",
+            source=api_key.source,
+            error=failure.message,
+        )
+    else:
+        logs.get().info("API key accepted", source=api_key.source)
+
+
+def _start_checks(config: Config, *, simulate: bool) -> ApiKey:
     """The API key to use, once the folders and files the configuration names are usable; else
     one ConfigError listing every problem, a missing key included."""
     problems = check_paths(config)
     others: list[str] = []
     if simulate:
         raise_problems(config, problems)
-        return SIMULATED_API_KEY
-    api_key = ""
+        return ApiKey(SIMULATED_API_KEY, "--simulate")
+    api_key: ApiKey | None = None
     try:
-        api_key = resolve_api_key(config) or ""
+        api_key = find_api_key(config)
     except ConfigError as exc:
         (problems if config.api.key_file is not None else others).extend(exc.problems)
     else:
-        if not api_key:
+        if api_key is None:
             others.append(
                 "no API key: set api.key_file, $GEMINI_API_KEY or $GOOGLE_API_KEY, or pass one with "
                 "systemd LoadCredential=gemini_api_key:...; or use --simulate"
             )
     raise_problems(config, problems, *others)
+    assert api_key is not None
     return api_key
 
 
@@ -368,107 +479,40 @@ def _fast_polls(config: Config) -> Config:
 
 # ---- status ------------------------------------------------------------------------
 
-
-def _known_files(config: Config) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    now = time.time()
-    for name in sorted(os.listdir(config.inbox)) if config.inbox.is_dir() else []:
-        if is_candidate(name):
-            rows.append({"input": name, "state": "inbox", "job_name": None, "job_state": None})
-    for folder, recent in (
-        (config.processing_dir, False),
-        (config.done_dir, True),
-        (config.failed_dir, True),
-    ):
-        if not folder.is_dir():
-            continue
-        for sidecar in sorted(folder.glob("*" + SIDECAR_SUFFIX)):
-            try:
-                if recent and now - sidecar.stat().st_mtime > RECENT_SECONDS:
-                    continue
-                record = jobrecord.load(sidecar)
-            except (OSError, SidecarError):
-                continue
-            row = json.loads(record.to_json())
-            row["sidecar"] = str(sidecar)
-            rows.append(row)
-        if not recent:
-            claimed = {r["input"] for r in rows}
-            for path in sorted(folder.iterdir()):
-                if is_candidate(path.name) and path.name not in claimed:
-                    rows.append(
-                        {
-                            "input": path.name,
-                            "state": FileState.CLAIMED.value,
-                            "job_name": None,
-                            "job_state": None,
-                        }
-                    )
-    return rows
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     config, _ = _config(args)
-    rows = _known_files(config)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if args.interval <= 0:
+        raise CommandError(f"--interval: must be > 0 (got {args.interval:g})")
+    if not args.watch:
+        _print_status(config, as_json=args.json)
         return 0
-    if not rows:
-        print(f"no files (inbox: {config.inbox})")
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            if tty and not args.json:
+                now = time.strftime("%Y-%m-%d %H:%M:%S")
+                sys.stdout.write(
+                    f"{CLEAR_SCREEN}Every {args.interval:g}s: gemini-batchd status    {now}\n\n"
+                )
+            _print_status(config, as_json=args.json, compact=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
         return 0
-    header = ("FILE", "STATE", "JOB", "JOB STATE", "AGE", "POLLS", "NEXT POLL", "PROGRESS")
-    table = [header] + [_status_row(r) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-    return 0
 
 
-def _status_row(row: dict[str, Any]) -> tuple[str, ...]:
-    job_state = (row.get("job_state") or "").removeprefix("JOB_STATE_")
-    return (
-        row["input"],
-        row["state"],
-        row.get("job_name") or "-",
-        job_state or "-",
-        _age(row.get("created_at")),
-        str(row.get("polls", "-")),
-        _until(row.get("next_poll_at")) if row["state"] == FileState.RUNNING.value else "-",
-        _progress(row.get("progress"), row.get("requests")),
-    )
-
-
-def _age(stamp: str | None) -> str:
-    if not stamp:
-        return "-"
-    return _duration((jobrecord.utcnow() - jobrecord.parse_isotime(stamp)).total_seconds())
-
-
-def _until(stamp: str | None) -> str:
-    if not stamp:
-        return "-"
-    seconds = (jobrecord.parse_isotime(stamp) - jobrecord.utcnow()).total_seconds()
-    return "due" if seconds <= 0 else "in " + _duration(seconds)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
-def _progress(progress: dict[str, int] | None, requests: int | None) -> str:
-    """A 10-cell bar from the job's request counts, where the API reports them."""
-    if not progress or not requests:
-        return "-"
-    finished = progress.get("succeeded", 0) + progress.get("failed", 0)
-    cells = min(10, round(10 * finished / requests))
-    return "[" + "#" * cells + "." * (10 - cells) + f"] {finished}/{requests}"
+def _print_status(config: Config, *, as_json: bool, compact: bool = False) -> None:
+    snap = status.snapshot(config)
+    if as_json:
+        text = json.dumps(snap, separators=(",", ":")) if compact else json.dumps(snap, indent=2)
+        sys.stdout.write(text + "\n")
+    else:
+        sys.stdout.write(status.render_table(snap))
+        if compact and not sys.stdout.isatty():
+            sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 # ---- validate / submit / cancel ----------------------------------------------------------------
@@ -544,6 +588,8 @@ def _not_a_regular_file(path: Path) -> str | None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.strict and not args.wait:
+        raise CommandError("--strict needs --wait")
     config, _ = _config(args)
     config.inbox.mkdir(parents=True, exist_ok=True)
     for name in args.files:
@@ -558,6 +604,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"{name}: the daemon only takes *.jsonl files whose name does not start with '.'"
             )
+    submitted: list[Submitted] = []
     for name in args.files:
         source = Path(name)
         target = config.inbox / source.name
@@ -566,11 +613,270 @@ def cmd_submit(args: argparse.Namespace) -> int:
             shutil.copyfile(source, tmp)
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
+            st = tmp.stat()
             final = atomic.move_new(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        print(final)
-    return 0
+        if args.wait:
+            submitted.append(Submitted(final, [st.st_dev, st.st_ino]))
+        else:
+            print(final, flush=True)
+    if not args.wait:
+        return 0
+    return wait_for_results(config, submitted, strict=args.strict)
+
+
+# ---- submit --wait -----------------------------------------------------------------
+
+WAIT_POLL_SECONDS = 0.25
+"""How often `submit --wait` looks at the spool."""
+
+LOST_AFTER_LOOKS = 8
+"""A submitted file found nowhere this many looks in a row was removed by someone."""
+
+
+@dataclass
+class Submitted:
+    """A file `submit` put into the inbox, known by its inode: the daemon links, never copies."""
+
+    path: Path
+    inode: list[int]
+    seen: JobRecord | None = None  # its sidecar in processing/, when last seen there
+    misses: int = 0
+
+
+def wait_for_results(config: Config, files: list[Submitted], *, strict: bool) -> int:
+    """Wait until each file's sidecar reaches done/ or failed/; print its outbox paths."""
+    spool = Spool(config.inbox, config.outbox)
+    started = time.time() - 2  # sidecars saved since then (mtimes: whole seconds on some fs)
+    for item in files:
+        print(f"submitted {item.path}; waiting for its results in {config.outbox}", file=sys.stderr)
+    said_no_daemon = False
+    pending = list(files)
+    finished: list[JobRecord] = []
+    checked: dict[Path, float] = {}
+    try:
+        while pending:
+            live, _ = status.read_daemons(spool, jobrecord.utcnow())
+            if not live and not said_no_daemon:
+                said_no_daemon = True
+                print(
+                    f"no daemon is running on {config.inbox} (start one with `gemini-batchd "
+                    "run`); waiting anyway",
+                    file=sys.stderr,
+                )
+            done = _finished_records(spool, pending, started, checked)
+            _look_in_processing(spool, pending, started)
+            for item in list(pending):
+                record = done.get(tuple(item.inode))
+                if record is None:
+                    record = _gone(spool, config, item)
+                if record is None:
+                    continue
+                pending.remove(item)
+                finished.append(record)
+                print(status.outcome_line(record, config), file=sys.stderr)
+                for path in (record.output, record.report):
+                    if path:
+                        print(path, flush=True)
+            if pending:
+                time.sleep(WAIT_POLL_SECONDS)
+    except KeyboardInterrupt:
+        print("stopped waiting; the files stay submitted", file=sys.stderr)
+        return 130
+    failed = any(r.state is not FileState.DONE for r in finished)
+    return 1 if failed or (strict and any(r.errors for r in finished)) else 0
+
+
+def _finished_records(
+    spool: Spool, pending: list[Submitted], since: float, checked: dict[Path, float]
+) -> dict[tuple[int, ...], JobRecord]:
+    """Sidecars in done/ and failed/ saved since `since` of the files we wait for, by inode."""
+    wanted = {tuple(item.inode) for item in pending}
+    found: dict[tuple[int, ...], JobRecord] = {}
+    for folder in (spool.done, spool.failed):
+        for sidecar in status.sidecars(folder):
+            try:
+                mtime = sidecar.stat().st_mtime
+                if mtime < since or checked.get(sidecar) == mtime:
+                    continue
+                checked[sidecar] = mtime
+                record = jobrecord.load(sidecar)
+            except (OSError, SidecarError):
+                continue
+            if record.inode and tuple(record.inode) in wanted and record.state.finished:
+                found[tuple(record.inode)] = record
+    return found
+
+
+def _look_in_processing(spool: Spool, pending: list[Submitted], since: float) -> None:
+    """Remember each file's sidecar in processing/ (with `archive: delete` it is all we see)."""
+    by_inode = {tuple(item.inode): item for item in pending}
+    for sidecar in status.sidecars(spool.processing):
+        try:
+            if sidecar.stat().st_mtime < since:
+                continue
+            record = jobrecord.load(sidecar)
+        except (OSError, SidecarError):
+            continue
+        item = by_inode.get(tuple(record.inode or ()))
+        if item is not None:
+            item.seen = record
+
+
+def _gone(spool: Spool, config: Config, item: Submitted) -> JobRecord | None:
+    """A file no longer anywhere in the spool: finished (`archive: delete`) or removed."""
+    places = [item.path, spool.input(item.path.name)]
+    if item.seen is not None:
+        places.append(spool.input(item.seen.input))
+        places.append(spool.work(item.seen.claim_id, "input"))
+    for place in places:
+        with contextlib.suppress(OSError):
+            st = os.lstat(place)
+            if [st.st_dev, st.st_ino] == item.inode:
+                item.misses = 0
+                return None
+    item.misses += 1
+    if item.misses < LOST_AFTER_LOOKS:
+        return None
+    seen = item.seen
+    if config.archive == "delete" and seen is not None and seen.state.finished:
+        return seen
+    record = seen or JobRecord(input=item.path.name)
+    record.state = FileState.FAILED
+    record.output = record.report = None
+    record.error = {
+        "stage": "submission",
+        "message": f"{item.path.name} left the spool without results or an error report "
+        "(removed or renamed by someone, or archive: delete before it could be seen)",
+    }
+    return record
+
+
+# ---- retry -------------------------------------------------------------------------
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config, _ = _config(args)
+    if not args.names and not args.all_failed_since:
+        raise CommandError("retry: name a failed input, or use --all-failed-since TIME")
+    spool = Spool(config.inbox, config.outbox)
+    chosen: list[Path] = []
+    missing = 0
+    for name in args.names:
+        found, problem = _failed_input(spool, name)
+        if found is None:
+            print(f"gemini-batchd: retry: {problem}", file=sys.stderr)
+            missing += 1
+        elif found not in chosen:
+            chosen.append(found)
+    if args.all_failed_since:
+        since = parse_since(args.all_failed_since)
+        recent = [p for p in _failed_since(spool, since) if p not in chosen]
+        if not recent:
+            print(f"no inputs failed since {jobrecord.isotime(since)}", file=sys.stderr)
+        chosen += recent
+    for source in chosen:
+        target = retry_input(spool, source)
+        print(f"{source} -> {target}", flush=True)
+    return 1 if missing else 0
+
+
+def _failed_inputs(spool: Spool) -> list[Path]:
+    """Inputs in failed/ (not sidecars, not temporary files)."""
+    try:
+        names = sorted(os.listdir(spool.failed))
+    except OSError:
+        return []
+    return [spool.failed / n for n in names if is_candidate(n)]
+
+
+def _failed_input(spool: Spool, name: str) -> tuple[Path | None, str]:
+    """The failed/ input NAME means (its name there, or the input name it failed under)."""
+    base = Path(name).name
+    direct = spool.failed / base
+    if is_candidate(base) and os.path.lexists(direct):
+        return direct, ""
+    matches = []
+    for path in _failed_inputs(spool):
+        with contextlib.suppress(OSError, SidecarError):
+            record = jobrecord.load(Path(str(path) + SIDECAR_SUFFIX))
+            if record.input == base:
+                matches.append((record.finished_at or "", path))
+    if matches:
+        return max(matches)[1], ""
+    if os.path.lexists(spool.done / base):
+        return None, (
+            f"{base} is in {spool.done}: it got results; to run it again, "
+            f"gemini-batchd submit {spool.done / base}"
+        )
+    if os.path.lexists(spool.input(base)):
+        return None, f"{base} is still being processed (in {spool.processing})"
+    if os.path.lexists(spool.inbox / base):
+        return None, f"{base} is already in the inbox, waiting to be taken"
+    listed = ", ".join(p.name for p in _failed_inputs(spool)[:10]) or "none"
+    return None, f"{base}: no such input in {spool.failed} (failed inputs there: {listed})"
+
+
+def _failed_since(spool: Spool, since: datetime) -> list[Path]:
+    """Inputs in failed/ that failed at or after `since` (their sidecar's finished_at)."""
+    found = []
+    for path in _failed_inputs(spool):
+        try:
+            record = jobrecord.load(Path(str(path) + SIDECAR_SUFFIX))
+            when = jobrecord.parse_isotime(record.finished_at or record.updated_at)
+        except (OSError, SidecarError, ValueError):
+            try:  # no readable sidecar: when it was moved to failed/
+                when = datetime.fromtimestamp(path.lstat().st_ctime, tz=timezone.utc)
+            except OSError:
+                continue
+        if when >= since:
+            found.append((when, path))
+    return [path for _, path in sorted(found)]
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`2h`, `90m`, `3d` ago, or an ISO time (local time if it names no zone), as UTC."""
+    now = now or jobrecord.utcnow()
+    match = _AGE.match(text)
+    if match:
+        return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise CommandError(
+            f"--all-failed-since: {text!r} is neither an ISO time (2026-12-01T10:00Z) "
+            "nor an age (90m, 2h, 3d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time
+    return moment.astimezone(timezone.utc)
+
+
+def retry_input(spool: Spool, source: Path) -> Path:
+    """Move a failed input back into the inbox under its input name (or a free `-N` name):
+    a hard link to a dot-name, a rename into place, then the failed/ name goes. Its old
+    sidecar stays in failed/ as history (status no longer lists it)."""
+    name = source.name
+    with contextlib.suppress(OSError, SidecarError):
+        name = jobrecord.load(Path(str(source) + SIDECAR_SUFFIX)).input
+    tmp = spool.inbox / f".{name}.retry-{os.getpid()}.tmp"
+    try:
+        try:
+            os.link(source, tmp, follow_symlinks=False)
+        except OSError:  # no hard links here (or another file system): copy
+            shutil.copyfile(source, tmp, follow_symlinks=False)
+        os.utime(tmp, follow_symlinks=False)  # arrives now: it queues behind waiting files
+        final = atomic.move_new(tmp, spool.inbox / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    source.unlink(missing_ok=True)
+    atomic.fsync_dir(spool.failed)
+    return final
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -339,18 +340,34 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
-    """`api.key_file`, else $GEMINI_API_KEY / $GOOGLE_API_KEY, else the systemd credential."""
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key and where it came from (for messages: the key itself is never printed)."""
+
+    value: str = field(repr=False)
+    source: str  # "$GOOGLE_API_KEY", "$GEMINI_API_KEY", "api.key_file PATH", or the credential
+
+
+def find_api_key(config: Config, environ: Mapping[str, str] | None = None) -> ApiKey | None:
+    """`api.key_file`, else $GOOGLE_API_KEY / $GEMINI_API_KEY, else the systemd credential."""
     env = os.environ if environ is None else environ
     if config.api.key_file is not None:
-        return _read_key(config.api.key_file)
+        return ApiKey(_read_key(config.api.key_file), f"api.key_file {config.api.key_file}")
     for name in ("GOOGLE_API_KEY", "GEMINI_API_KEY"):  # the SDK's own precedence
         if env.get(name):
-            return env[name].strip()
+            return ApiKey(env[name].strip(), f"${name}")
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).exists():
-        return _read_key(Path(creds) / CREDENTIAL_NAME, "$CREDENTIALS_DIRECTORY")
+        path = Path(creds) / CREDENTIAL_NAME
+        key = _read_key(path, "$CREDENTIALS_DIRECTORY")
+        return ApiKey(key, f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} ({path})")
     return None
+
+
+def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key alone (see `find_api_key` for where it came from)."""
+    found = find_api_key(config, environ)
+    return found.value if found else None
 
 
 def _read_key(path: Path, what: str = "'api.key_file'") -> str:

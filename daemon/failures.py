@@ -253,6 +253,11 @@ class Health:
                 reason=failure.message,
             )
 
+    def call_counts(self) -> dict[tuple[str, str], int]:
+        """A copy of `calls`, taken under the lock the workers update it under."""
+        with self._lock:
+            return dict(self.calls)
+
     def job_ended(self) -> None:
         with self._lock:
             self.jobs_ended += 1

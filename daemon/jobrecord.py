@@ -210,6 +210,7 @@ class JobRecord:
     archived_as: str | None = None  # done/ or failed/ path chosen for the input
     ok: int | None = None  # records written: ok, and errors
     errors: int | None = None
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
 
     def move_to(self, state: FileState) -> None:

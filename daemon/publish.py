@@ -430,6 +430,7 @@ def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
 
     tally = write_results(target, merge, progress=progress)
     record.ok, record.errors = tally.ok, tally.error_count
+    record.errors_by_stage = dict(tally.errors)
     record.tokens = dict(tally.tokens)
     bound = log.bind(file=t.name, job=record.job_name, output=target.name)
     if tally.total and not tally.ok:

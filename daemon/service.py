@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from . import atomic, claims, logs
+from . import atomic, claims, logs, metrics
 from .backend import Backend
 from .config import Config, ConfigError
 from .context import CallFailed, Context, LeftAlone, Next, Pool, Tracked
@@ -32,6 +32,7 @@ from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
 from .notify import Notifier, SystemdStatus
 from .schedule import Backoff, Scheduler, Sleeper
 from .spool import Spool
+from .status import Presence
 from .steps import FILE_STEPS, advance
 from .watcher import InboxWatcher
 
@@ -161,6 +162,9 @@ class Service:
         self._held_total = (0, 0)
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
+        self.presence: Presence | None = None
+        self._started_wall = time.time()
+        self._next_metrics = 0.0
         self._apply_config(config)
         self.ctx = self._context()
 
@@ -262,6 +266,7 @@ class Service:
                 self._pools[pool].start()
         self._recover()
         self._start_watcher()
+        self._report()  # the presence file: `status` shows a running daemon from here on
         if self.once:
             self._once_names = {name for name, _ in self._inbox_candidates()}
             for name in self._once_names:
@@ -307,6 +312,7 @@ class Service:
         for name in self.scheduler.pop_due():
             self._dispatch(name)
         self.systemd.tick(self.status_text, progressing=not self._stuck())
+        self._report()
 
     def _wait_limit(self) -> float:
         limit = max(0.0, self._next_rescan - self.clock())
@@ -340,6 +346,7 @@ class Service:
             pool.stop()
         self.watcher.stop()
         self.scheduler.wakeup.close()
+        self._report(final=True)
         log.info("stopped", in_flight=len(self.files))
 
     def _start_watcher(self) -> None:
@@ -360,6 +367,46 @@ class Service:
         text = f"{queued} queued, {active} active, {done} done, {len(self.outcomes) - done} failed"
         paused = self.health.paused
         return f"paused: {paused}; {text}" if paused else text
+
+    # ---- presence (status) and metrics ---------------------------------------------
+
+    def _report(self, *, final: bool = False) -> None:
+        """Keep the presence file fresh (removed at `final`) and rewrite the metrics file when due."""
+        presence = self.presence
+        if presence is not None and (final or presence.spool.processing != self.spool.processing):
+            presence.stop()  # a clean stop, or a reload moved the inbox
+            self.presence = presence = None
+        if presence is None and not final:
+            presence = Presence(
+                self.spool, config=self.config.describe_source(), clock=self.clock, wall=self.wall
+            )
+            try:
+                for stale in presence.start(self.health.paused):
+                    log.info("removed what a stopped daemon left", path=str(stale))
+                self.presence = presence
+            except OSError as exc:
+                self._say("cannot write the presence file", "presence", error=str(exc))
+        elif presence is not None:
+            presence.beat(paused=self.health.paused, config=self.config.describe_source())
+        path = self.config.metrics_file
+        if path is not None and (final or self.clock() >= self._next_metrics):
+            self._next_metrics = self.clock() + metrics.METRICS_SECONDS
+            try:
+                metrics.write(path, self._metrics_view())
+            except OSError as exc:
+                self._say("cannot write the metrics file", "metrics", error=str(exc))
+
+    def _metrics_view(self) -> metrics.View:
+        with self._lock:
+            in_flight = [t.record for t in self.files.values()]
+        return metrics.View(
+            in_flight=in_flight,
+            finished=[o.record for o in self.outcomes],
+            health=self.health,
+            waiting=self.watcher.pending,
+            ignored=len(self.watcher.ignored),
+            started=self._started_wall,
+        )
 
     # ---- claiming and taking over --------------------------------------------------
 

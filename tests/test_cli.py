@@ -23,7 +23,7 @@ from google.genai import types
 from daemon import cli
 from tests.harness import ROOT
 
-SUBCOMMANDS = ["run", "status", "validate", "submit", "cancel", "simulator"]
+SUBCOMMANDS = ["run", "status", "validate", "submit", "retry", "cancel", "simulator"]
 
 
 def write_config(folder: Path, **settings: Any) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from daemon import cli
+from daemon import cli, status
 from daemon.simulator import Simulator
 from tests.harness import Spool, wait_for
 
@@ -23,7 +23,7 @@ SLOW_POLLS = {"initial_seconds": 30, "max_seconds": 60}
 def status_rows(spool: Spool) -> list[dict[str, Any]]:
     done = spool.cli("status", "-c", str(spool.config_path), "--json")
     assert done.returncode == 0, done.stderr
-    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["files"]
     return rows
 
 
@@ -37,12 +37,12 @@ def running(spool: Spool, name: str) -> bool:
         record = spool.sidecar(name)
     except FileNotFoundError:
         return False
-    return bool(record["state"] == "running" and record["job_name"])
+    return bool(record["state"] == "RUNNING" and record["job_name"])
 
 
 def is_queued(spool: Spool, name: str) -> bool:
     try:
-        return bool(spool.sidecar(name)["state"] == "queued")
+        return bool(spool.sidecar(name)["state"] == "QUEUED")
     except FileNotFoundError:
         return False
 
@@ -65,7 +65,10 @@ def table(spool: Spool) -> list[dict[str, str]]:
     """`status` as a table, split into cells at the header's column starts."""
     done = spool.cli("status", "-c", str(spool.config_path))
     assert done.returncode == 0, done.stderr
-    header, *body = done.stdout.splitlines()
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("FILE "))
+    header = lines[start]
+    body = [line for line in lines[start + 1 :] if not line.startswith("  ")]  # not details
     names = ["FILE", "STATE", "JOB", "JOB STATE", "AGE", "POLLS", "NEXT POLL", "PROGRESS"]
     starts = [header.index(name) for name in names[:3]]
     starts += [header.index(name, starts[-1] + 4) for name in names[3:4]]
@@ -96,10 +99,10 @@ def wait_cancelled_report(spool: Spool, stem: str, timeout: float = 15) -> dict[
 def test_status_without_a_daemon_lists_inbox_files(spool: Spool) -> None:
     spool.drop("waiting.jsonl", ["x"])
     rows = status_rows(spool)
-    assert row_of(rows, "waiting.jsonl")["state"] == "inbox"
+    assert row_of(rows, "waiting.jsonl")["state"] == "WAITING"
     table = spool.cli("status", "-c", str(spool.config_path))
     assert table.returncode == 0
-    assert "waiting.jsonl" in table.stdout and "inbox" in table.stdout
+    assert "waiting.jsonl" in table.stdout and "WAITING" in table.stdout
 
 
 def test_status_on_an_empty_spool(spool: Spool) -> None:
@@ -123,22 +126,22 @@ def test_status_lists_in_flight_queued_and_finished_files(spool: Spool) -> None:
     rows = status_rows(spool)
 
     flying = row_of(rows, "flying.jsonl")
-    assert flying["state"] == "running"
+    assert flying["state"] == "RUNNING"
     assert flying["job_name"].startswith("batches/")
     assert flying["job_state"] == "JOB_STATE_PENDING"
     assert flying["polls"] >= 2
     assert flying["next_poll_at"]
     assert flying["requests"] == 2
     queued = row_of(rows, "queued.jsonl")
-    assert queued["state"] == "queued"
+    assert queued["state"] == "QUEUED"
     assert queued["job_name"] is None
     early = row_of(rows, "early.jsonl")
-    assert early["state"] == "done"
+    assert early["state"] == "DONE"
     assert early["job_state"] == "JOB_STATE_SUCCEEDED"
 
     cells = {row["FILE"]: row for row in table(spool)}
     assert set(cells) == {"early.jsonl", "flying.jsonl", "queued.jsonl"}
-    assert cells["flying.jsonl"]["STATE"] == "running"
+    assert cells["flying.jsonl"]["STATE"] == "RUNNING"
     assert cells["flying.jsonl"]["JOB"] == flying["job_name"]
     assert cells["flying.jsonl"]["JOB STATE"] == "PENDING"
     assert int(cells["flying.jsonl"]["POLLS"]) >= 2
@@ -146,9 +149,9 @@ def test_status_lists_in_flight_queued_and_finished_files(spool: Spool) -> None:
         "NEXT POLL"
     ].startswith("in ")
     assert cells["flying.jsonl"]["AGE"].endswith("s")
-    assert cells["queued.jsonl"]["STATE"] == "queued"
+    assert cells["queued.jsonl"]["STATE"] == "QUEUED"
     assert cells["queued.jsonl"]["JOB"] == "-"
-    assert cells["early.jsonl"]["STATE"] == "done"
+    assert cells["early.jsonl"]["STATE"] == "DONE"
     assert cells["early.jsonl"]["JOB"] == early["job_name"]
     assert cells["early.jsonl"]["JOB STATE"] == "SUCCEEDED"
     assert cells["early.jsonl"]["NEXT POLL"] == "-"
@@ -159,10 +162,10 @@ def test_status_lists_in_flight_queued_and_finished_files(spool: Spool) -> None:
 
 
 def test_progress_bar() -> None:
-    assert cli._progress({"succeeded": 3, "failed": 1}, 8) == "[#####.....] 4/8"
-    assert cli._progress({"succeeded": 8}, 8) == "[##########] 8/8"
-    assert cli._progress(None, 8) == "-"
-    assert cli._progress({"succeeded": 1}, None) == "-"
+    assert status.progress_bar({"succeeded": 3, "failed": 1}, 8) == "[#####.....] 4/8, 1 failed"
+    assert status.progress_bar({"succeeded": 8}, 8) == "[##########] 8/8"
+    assert status.progress_bar(None, 8) == "-"
+    assert status.progress_bar({"succeeded": 1}, None) == "-"
 
 
 # ---- cancel --------------------------------------------------------------------------------
@@ -204,10 +207,11 @@ def test_cancel_by_file_name_path_or_job_name_and_before_a_job_exists(spool: Spo
     report = wait_cancelled_report(spool, "queued")
     assert report["job_name"] is None
     assert spool.sim.create_calls == 3  # the queued file never got a job
-    assert not list((spool.inbox / "processing").iterdir())  # markers gone too
+    processing = (spool.inbox / "processing").iterdir()
+    assert not [p for p in processing if not p.name.startswith(".daemon.")]  # markers gone too
     rows = status_rows(spool)
     assert {r["input"]: r["state"] for r in rows} == dict.fromkeys(
-        ("byname.jsonl", "bypath.jsonl", "byjob.jsonl", "queued.jsonl"), "failed"
+        ("byname.jsonl", "bypath.jsonl", "byjob.jsonl", "queued.jsonl"), "FAILED"
     )
 
 
@@ -232,7 +236,7 @@ def test_cancel_while_the_job_is_being_created(tmp_path: Path) -> None:
             spool.start()
             spool.drop("racing.jsonl", ["x"])
             wait_for(sim.creating.is_set, timeout=30)
-            assert spool.sidecar("racing.jsonl")["state"] == "submitting"
+            assert spool.sidecar("racing.jsonl")["state"] == "SUBMITTING"
             done = cancel(spool, "racing.jsonl")
             assert done.returncode == 0, done.stderr
             assert "being created" in done.stdout
@@ -267,14 +271,24 @@ def test_every_option_and_argument_has_help() -> None:
     parser = cli._parser()
     [sub] = [a for a in parser._actions if a.dest == "command"]
     assert sub.choices is not None
-    assert set(sub.choices) == {"run", "status", "validate", "submit", "cancel", "simulator"}
+    assert set(sub.choices) == {
+        "run",
+        "status",
+        "validate",
+        "submit",
+        "retry",
+        "cancel",
+        "simulator",
+    }
     for name, command in sub.choices.items():
         assert command.description, name
         for action in command._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
 
 
-@pytest.mark.parametrize("command", ["run", "status", "validate", "submit", "cancel", "simulator"])
+@pytest.mark.parametrize(
+    "command", ["run", "status", "validate", "submit", "retry", "cancel", "simulator"]
+)
 def test_help_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])

@@ -500,24 +500,24 @@ def test_status_and_cancel(spool: Spool) -> None:
     spool.sim.pending_seconds = 60
     spool.drop("slow.jsonl", ["a", "b"])
     proc = spool.start()
-    wait_for(lambda: processing_state(spool, "slow.jsonl") == "running", timeout=20)
+    wait_for(lambda: processing_state(spool, "slow.jsonl") == "RUNNING", timeout=20)
     spool.drop("queued.jsonl", ["c"])
-    wait_for(lambda: processing_state(spool, "queued.jsonl") == "queued", timeout=20)
+    wait_for(lambda: processing_state(spool, "queued.jsonl") == "QUEUED", timeout=20)
 
     def status() -> dict[str, dict[str, Any]]:
         done = spool.cli("status", "-c", str(spool.config_path), "--json")
         assert done.returncode == 0, done.stderr
-        return {row["input"]: row for row in json.loads(done.stdout)}
+        return {row["input"]: row for row in json.loads(done.stdout)["files"]}
 
     rows = status()
     job_name = rows["slow.jsonl"]["job_name"]
-    assert rows["slow.jsonl"]["state"] == "running"
+    assert rows["slow.jsonl"]["state"] == "RUNNING"
     assert job_name in spool.sim.jobs
-    assert rows["queued.jsonl"]["state"] == "queued"
+    assert rows["queued.jsonl"]["state"] == "QUEUED"
     assert rows["queued.jsonl"]["job_name"] is None
     table = spool.cli("status", "-c", str(spool.config_path))
     assert table.returncode == 0, table.stderr
-    assert table.stdout.startswith("FILE")
+    assert table.stdout.startswith(f"daemon: running, pid {proc.pid}")
     assert any("slow.jsonl" in line and job_name in line for line in table.stdout.splitlines())
 
     cancel = spool.cli("cancel", "queued.jsonl", "-c", str(spool.config_path))
@@ -580,7 +580,7 @@ def test_cancel_while_the_daemon_is_down(spool: Spool) -> None:
     assert (report["stage"], report["job_state"]) == ("job", "JOB_STATE_CANCELLED")
     assert [r["status"] for r in spool.results("slow.jsonl")] == ["ok"]
     assert len(spool.sim.jobs) == 1
-    assert not list((spool.inbox / "processing").iterdir())
+    assert not list((spool.inbox / "processing").iterdir())  # --once removed its presence too
 
 
 def test_once_exit_1_counts_every_file_of_the_same_name(spool: Spool) -> None:

@@ -81,16 +81,18 @@ def test_key_in_a_failed_job_message_is_redacted(spool: Spool, sim: Simulator) -
     assert_key_nowhere(spool)
 
 
-def test_a_wrong_key_gives_a_report_without_it(tmp_path: Path) -> None:
-    """The server refuses the key (400 API_KEY_INVALID): a submission error, no key anywhere."""
+def test_a_wrong_key_stops_the_start_without_showing_it(tmp_path: Path) -> None:
+    """The server refuses the key (400 API_KEY_INVALID): `run` exits 2 before it takes any file,
+    naming where the key came from; the key appears nowhere."""
     with Simulator(api_key="AIzaSOME-other-key", pending_seconds=0.1) as sim:
         spool = Spool(tmp_path, sim)
         try:
             spool.drop("refused.jsonl", ["hello"])
-            assert spool.run_once() == 1
-            rep = report(spool, "refused.jsonl")
-            assert rep["stage"] == "submission" and "400" in rep["message"]
-            assert_key_nowhere(spool)
+            assert spool.run_once() == 2
+            assert "the API rejected the key from $GEMINI_API_KEY" in spool.logs()
+            assert TEST_API_KEY not in spool.logs()
+            assert_no_secret(spool)
+            assert (spool.inbox / "refused.jsonl").exists()
         finally:
             spool.stop_all()
 

@@ -1,0 +1,191 @@
+"""Metrics: a Prometheus text-format file for node_exporter's textfile collector.
+
+With `metrics_file:` set, the daemon rewrites the file atomically every `METRICS_SECONDS` and
+at exit (a dot-name temp file in the same folder, then a rename, so the collector never reads
+half a file, and ignores the temp file: it reads only `*.prom`). Counters count since the
+daemon started; Prometheus handles the reset at a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__, atomic
+from .failures import Call, Health, Kind
+from .jobrecord import FileState, JobRecord, JobState
+from .records import USAGE_KEYS
+
+METRICS_SECONDS = 15.0
+"""How often the file is rewritten (node_exporter scrapes every 15 s by default)."""
+
+FILE_MODE = 0o644
+"""Readable by the node_exporter user; the file holds counts, never prompts or answers."""
+
+PREFIX = "gemini_batchd_"
+
+STAGES = ("request", "blocked", "parse", "missing", "invalid", "job")
+"""Record error stages, always listed (0 included) so that alert rules see every series."""
+
+FILE_STATES = ("WAITING", "IGNORED", *(s.value for s in FileState if not s.finished))
+
+
+@dataclass
+class View:
+    """What the metrics are computed from (the supervisor collects it)."""
+
+    in_flight: list[JobRecord]  # files this daemon owns now
+    finished: list[JobRecord]  # files it finished since it started
+    health: Health
+    waiting: int  # inbox files not yet claimed
+    ignored: int  # inbox entries the daemon will not take
+    started: float  # time.time() at start
+
+
+@dataclass
+class Family:
+    name: str
+    kind: str  # "gauge" or "counter"
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> Family:
+        self.samples.append((labels, value))
+        return self
+
+
+def families(view: View) -> list[Family]:
+    """Every metric, with HELP and TYPE; names prefixed `gemini_batchd_`."""
+    health = view.health
+    out: list[Family] = []
+
+    def family(name: str, kind: str, text: str) -> Family:
+        made = Family(PREFIX + name, kind, text)
+        out.append(made)
+        return made
+
+    family("info", "gauge", "Always 1; the version as a label.").add(1, version=__version__)
+    family("start_time_seconds", "gauge", "When the daemon started (Unix time).").add(view.started)
+    states = dict.fromkeys(FILE_STATES, 0)
+    states["WAITING"], states["IGNORED"] = view.waiting, view.ignored
+    for record in view.in_flight:
+        states[record.state.value] = states.get(record.state.value, 0) + 1
+    files = family("files", "gauge", "Files by state: in the inbox, claimed and in flight.")
+    for state, count in states.items():
+        files.add(count, state=state)
+
+    finished = family("files_finished_total", "counter", "Files finished since start, by outcome.")
+    done = sum(1 for r in view.finished if r.state is FileState.DONE)
+    finished.add(done, outcome="done").add(len(view.finished) - done, outcome="failed")
+
+    ok = sum(r.ok or 0 for r in view.finished)
+    family("requests_ok_total", "counter", "Result records with status ok.").add(ok)
+    stages = dict.fromkeys(STAGES, 0)
+    for record in view.finished:
+        by_stage = record.errors_by_stage or ({"unknown": record.errors} if record.errors else {})
+        for stage, count in by_stage.items():
+            stages[stage] = stages.get(stage, 0) + count
+    errors = family(
+        "request_errors_total", "counter", "Result records with status error, by stage."
+    )
+    for stage, count in stages.items():
+        errors.add(count, stage=stage)
+
+    tokens = dict.fromkeys(USAGE_KEYS, 0)
+    for record in view.finished:
+        for kind, count in (record.tokens or {}).items():
+            tokens[kind] = tokens.get(kind, 0) + int(count)
+    used = family("tokens_total", "counter", "Tokens the API reported in written results, by kind.")
+    for kind, count in tokens.items():
+        used.add(count, kind=kind.removesuffix("_tokens"))
+
+    calls = family("api_calls_total", "counter", "Batch API calls by call and outcome.")
+    counted = health.call_counts()
+    for call in Call:  # every call with outcome ok, so a rate of zero is visible
+        counted.setdefault((call.value, "ok"), 0)
+    for (call_name, outcome), count in sorted(counted.items()):
+        calls.add(count, call=call_name, outcome=outcome)
+    family("quota_refusals_total", "counter", "Creates refused for the enqueued-token quota.").add(
+        health.quota_refusals
+    )
+    family("jobs_ended_total", "counter", "Batch jobs that reached a final state.").add(
+        health.jobs_ended
+    )
+
+    steps = [r for r in view.in_flight if r.retries] + [
+        j for r in view.in_flight for j in r.jobs if j.retries and j.state is not JobState.COLLECTED
+    ]
+    family(
+        "retries_in_progress",
+        "gauge",
+        "File steps and jobs whose last attempt failed, to be retried.",
+    ).add(len(steps))
+    family("failed_attempts", "gauge", "Consecutive failed attempts summed over those steps.").add(
+        sum(s.retries for s in steps)
+    )
+    family("paused", "gauge", "1 while new work is held back (the API rejects the key).").add(
+        1 if health.paused else 0
+    )
+    family(
+        "last_api_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful API call (0: none yet).",
+    ).add(health.last_ok_wall or 0)
+    jobs = [j for r in view.in_flight for j in r.jobs]
+    family("jobs_queued", "gauge", "Batch jobs waiting for a job slot.").add(
+        sum(1 for j in jobs if j.state is JobState.QUEUED)
+    )
+    family("jobs_active", "gauge", "Batch jobs being uploaded, created or running.").add(
+        sum(1 for j in jobs if j.state.holds_slot)
+    )
+    auth = sum(n for (_, outcome), n in counted.items() if outcome == Kind.AUTH.value)
+    family("api_auth_failures_total", "counter", "Calls refused for the key or permission.").add(
+        auth
+    )
+    return out
+
+
+def render(view: View) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    for fam in families(view):
+        lines.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
+        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        for labels, value in fam.samples:
+            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            lines.append(
+                f"{fam.name}{{{label_text}}} {_number(value)}"
+                if labels
+                else f"{fam.name} {_number(value)}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, view: View) -> None:
+    """Replace `path` atomically with the current metrics, readable by node_exporter."""
+    tmp = atomic.temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # whatever the umask
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(render(view).encode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -1,0 +1,731 @@
+"""Status: which daemons run on a spool (presence files) and what each file is doing.
+
+A running daemon keeps `processing/.daemon.HOST.PID.json` (who, since when, which
+configuration, paused and why, a heartbeat) and holds a flock on the `.lock` beside it for its
+whole life, so `status` can tell a live daemon from a dead one's leftovers by trying that lock.
+`snapshot` builds the contract's `status --json` object from the presence files, the sidecars
+and the inbox; `render_table` turns it into the `status` table; `outcome_line` and
+`totals_line` are the one-line summaries of finished files (`run --once`, `submit --wait`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__, atomic, jobrecord, logs
+from .config import Config, ModelPrice
+from .jobrecord import FileState, JobEntry, JobRecord, JobState, SidecarError, isotime, utcnow
+from .spool import DAEMON_PREFIX, HOST, LOCK_SUFFIX, SIDECAR_SUFFIX, Spool, why_ignored
+
+HEARTBEAT_SECONDS = 30.0
+"""A running daemon rewrites its presence file at least this often."""
+
+SILENT_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+"""A live daemon whose heartbeat is older than this is flagged in the table (hung?)."""
+
+RECENT_SECONDS = 24 * 3600
+"""`status` lists files finished within this many seconds."""
+
+LOCK_TRIES = 100
+"""Attempts (10 ms apart) at our own presence lock before choosing another name."""
+
+ACTIVE_STATES = frozenset(
+    {FileState.UPLOADING, FileState.SUBMITTING, FileState.RUNNING, FileState.WRITING}
+)
+"""Files counted as `active` in the totals; CLAIMED and QUEUED count as `queued`."""
+
+_SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
+
+log = logs.get()
+
+_held: set[Path] = set()
+"""Presence files held by this process (tests run several services in one process)."""
+
+
+# ---- presence ------------------------------------------------------------------------
+
+
+def lock_path(presence: Path) -> Path:
+    """`.daemon.HOST.PID.lock` beside `.daemon.HOST.PID.json`."""
+    return presence.with_suffix(LOCK_SUFFIX)
+
+
+class Presence:
+    """This daemon's presence file and its lock: created at start, kept fresh, removed at stop."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        config: str,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = utcnow,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
+        self.spool = spool
+        self.config = config
+        self.paused: str | None = None
+        self.interval = interval
+        self.since = isotime(wall())
+        self._clock = clock
+        self._wall = wall
+        self._fd: int | None = None
+        self._next = 0.0
+        self._next_complaint = 0.0
+        self.path = spool.daemon_file()
+
+    @property
+    def lock(self) -> Path:
+        return lock_path(self.path)
+
+    def start(self, paused: str | None = None) -> list[Path]:
+        """Remove a dead daemon's leftovers, take our lock, write the file; returns what was removed."""
+        removed = remove_stale(self.spool)
+        self.paused = paused
+        self._acquire()
+        self._write()
+        return removed
+
+    def beat(self, *, paused: str | None, config: str | None = None) -> bool:
+        """Rewrite the file if the pause state or the configuration changed, or when due."""
+        changed = paused != self.paused or (config is not None and config != self.config)
+        if not changed and self._clock() < self._next:
+            return False
+        self.paused = paused
+        self.config = config or self.config
+        try:
+            if not self._still_ours():  # processing/ was removed and healed: start afresh
+                self._release()
+                self._acquire()
+            self._write()
+        except OSError as exc:
+            if self._clock() >= self._next_complaint:
+                self._next_complaint = self._clock() + 60
+                log.warning("cannot write the daemon's presence file", error=str(exc))
+            return False
+        return True
+
+    def stop(self) -> None:
+        """A clean stop: the file and the lock go (the file first: it is what status reads)."""
+        for path in (self.path, self.lock):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._release()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": HOST,
+            "since": self.since,
+            "config": self.config,
+            "paused": self.paused,
+            "heartbeat": isotime(self._wall()),
+            "version": __version__,
+            "inbox": str(self.spool.inbox),
+        }
+
+    def _write(self) -> None:
+        atomic.write_bytes(self.path, json.dumps(self.as_dict(), indent=1).encode() + b"\n")
+        self._next = self._clock() + self.interval
+
+    def _acquire(self) -> None:
+        """Create and flock our lock file; another name if this one is held (same pid elsewhere)."""
+        for number in range(1, 100):
+            host = HOST if number == 1 else f"{HOST}-{number}"
+            path = self.spool.daemon_file(host=host)
+            if path in _held:
+                continue
+            fd = _lock_exclusively(lock_path(path))
+            if fd is not None:
+                self.path, self._fd = path, fd
+                _held.add(path)
+                return
+        raise OSError(f"no free presence file name in {self.spool.processing}")
+
+    def _release(self) -> None:
+        _held.discard(self.path)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _still_ours(self) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            return os.path.samestat(os.fstat(self._fd), os.lstat(self.lock))
+        except OSError:
+            return False
+
+
+def _lock_exclusively(path: Path) -> int | None:
+    """Our lock on `path` (a file that is still at `path`), or None if someone else holds it."""
+    for _ in range(LOCK_TRIES):  # a `status` probe holds it for microseconds
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            time.sleep(0.01)
+            continue
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a cleaner removed it just before we locked it: create it again
+    return None
+
+
+def _probe(path: Path, *, exclusive: bool) -> tuple[str, int | None]:
+    """Is the lock at `path` held? ("held" | "free" | "missing" | "unknown", our fd if free)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError:
+        return "unknown", None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return "held", None
+    except OSError:
+        os.close(fd)
+        return "unknown", None
+    return "free", fd
+
+
+def remove_stale(spool: Spool) -> list[Path]:
+    """Presence files and locks of daemons that died without a clean stop."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(spool.processing)
+    except OSError:
+        return removed
+    bases = {
+        name.rsplit(".", 1)[0]
+        for name in names
+        if name.startswith(DAEMON_PREFIX) and name.endswith((".json", LOCK_SUFFIX))
+    }
+    for base in sorted(bases):
+        presence = spool.processing / (base + ".json")
+        if presence in _held:
+            continue
+        lock = lock_path(presence)
+        state, fd = _probe(lock, exclusive=True)
+        if state in ("held", "unknown"):
+            continue
+        try:
+            if state == "free":
+                with contextlib.suppress(FileNotFoundError):
+                    if fd is not None and os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                        lock.unlink()
+                        removed.append(lock)
+            with contextlib.suppress(FileNotFoundError):
+                presence.unlink()
+                removed.append(presence)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def read_daemons(spool: Spool, now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(live, stale) presence records, oldest first; live = its lock is held by a process."""
+    live: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for path in spool.daemon_files():
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        state, fd = _probe(lock_path(path), exclusive=False)
+        if fd is not None:
+            os.close(fd)
+        if state == "unknown":  # cannot open the lock (permissions): trust a fresh heartbeat
+            fresh = jobrecord.seconds_since(data.get("heartbeat"), now) < SILENT_AFTER_SECONDS
+            state = "held" if fresh else "free"
+        (live if state == "held" else stale).append(data)
+    live.sort(key=lambda d: str(d.get("since")))
+    stale.sort(key=lambda d: str(d.get("since")))
+    return live, stale
+
+
+# ---- snapshot ------------------------------------------------------------------------
+
+
+def snapshot(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
+    """The contract's `status --json` object, with additions (see README, "status")."""
+    now = now or utcnow()
+    spool = Spool(config.inbox, config.outbox)
+    live, stale = read_daemons(spool, now)
+    first = live[0] if live else None
+    daemon: dict[str, Any] = {
+        "running": first is not None,
+        "pid": first.get("pid") if first else None,
+        "since": first.get("since") if first else None,
+        "paused": first.get("paused") if first else None,
+        "config": first.get("config") if first else None,
+        "host": first.get("host") if first else None,
+        "heartbeat": first.get("heartbeat") if first else None,
+        "version": first.get("version") if first else None,
+    }
+    rows = [*_processing_rows(spool, config, now), *_inbox_rows(spool, now)]
+    rows += _finished_rows(spool, config, now)
+    totals = dict.fromkeys(("waiting", "queued", "active", "done", "failed", "ignored"), 0)
+    for row in rows:
+        totals[_total_of(row["state"])] += 1
+    return {
+        "daemon": daemon,
+        "daemons": live,
+        "stale_daemons": stale,
+        "totals": totals,
+        "files": rows,
+        "config": config.describe_source(),
+        "inbox": str(config.inbox),
+        "outbox": str(config.outbox),
+        "time": isotime(now),
+    }
+
+
+def _total_of(state: str) -> str:
+    if state == "WAITING":
+        return "waiting"
+    if state == "IGNORED":
+        return "ignored"
+    if state == FileState.DONE.value:
+        return "done"
+    if state == FileState.FAILED.value:
+        return "failed"
+    if state in {s.value for s in ACTIVE_STATES}:
+        return "active"
+    return "queued"
+
+
+def sidecars(folder: Path) -> list[Path]:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [folder / n for n in names if n.endswith(SIDECAR_SUFFIX) and not n.startswith(".")]
+
+
+def _processing_rows(spool: Spool, config: Config, now: datetime) -> list[dict[str, Any]]:
+    rows: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for sidecar in sidecars(spool.processing):
+        name = sidecar.name[: -len(SIDECAR_SUFFIX)]
+        try:
+            record = jobrecord.load(sidecar)
+        except FileNotFoundError:
+            continue  # archived meanwhile: listed from done/ or failed/
+        except (OSError, SidecarError) as exc:
+            row = _bare_row(name, "UNKNOWN", _stamp_of(sidecar), now)
+            row["last_error"] = str(exc)
+            rows.append((0, row))
+            seen.add(name)
+            continue
+        seen.add(record.input)
+        rows.append((record.arrival, file_row(record, config, now, sidecar=sidecar)))
+    try:
+        entries = list(os.scandir(spool.processing))
+    except OSError:
+        entries = []
+    for entry in entries:  # claimed a moment ago: the sidecar is written at validation
+        if why_ignored(entry.name) is None and entry.name not in seen:
+            stamp = _stamp_of(Path(entry.path))
+            rows.append((0, _bare_row(entry.name, FileState.CLAIMED.value, stamp, now)))
+    rows.sort(key=lambda item: (item[0], item[1]["input"]))
+    return [row for _, row in rows]
+
+
+def _inbox_rows(spool: Spool, now: datetime) -> list[dict[str, Any]]:
+    try:
+        entries = list(os.scandir(spool.inbox))
+    except OSError:
+        return []
+    waiting: list[tuple[int, dict[str, Any]]] = []
+    ignored: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in _SPOOL_FOLDERS:
+            continue  # writers' temporary files; the daemon's own folders
+        try:
+            mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+        except OSError:
+            mtime_ns = 0
+        stamp = isotime(datetime.fromtimestamp(mtime_ns / 1e9, tz=timezone.utc))
+        reason = why_ignored(entry.name)
+        if reason is None:
+            waiting.append((mtime_ns, _bare_row(entry.name, "WAITING", stamp, now)))
+        else:
+            row = _bare_row(entry.name, "IGNORED", stamp, now)
+            row["last_error"] = reason
+            ignored.append(row)
+    waiting.sort(key=lambda item: (item[0], item[1]["input"]))
+    return [row for _, row in waiting] + sorted(ignored, key=lambda r: str(r["input"]))
+
+
+def _finished_rows(spool: Spool, config: Config, now: datetime) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for folder in (spool.done, spool.failed):
+        for sidecar in sidecars(folder):
+            try:
+                if time.time() - sidecar.stat().st_mtime > RECENT_SECONDS:
+                    continue
+                record = jobrecord.load(sidecar)
+            except (OSError, SidecarError):
+                continue
+            archived = sidecar.with_name(sidecar.name[: -len(SIDECAR_SUFFIX)])
+            if config.archive == "keep" and not os.path.lexists(archived):
+                continue  # put back into the inbox by `retry` (or removed by an operator)
+            if jobrecord.seconds_since(record.finished_at, now) > RECENT_SECONDS:
+                continue
+            rows.append(file_row(record, config, now, sidecar=sidecar))
+    rows.sort(key=lambda r: str(r.get("finished_at") or r.get("updated_at")), reverse=True)
+    return rows
+
+
+def _stamp_of(path: Path) -> str | None:
+    try:
+        return isotime(datetime.fromtimestamp(path.lstat().st_mtime, tz=timezone.utc))
+    except OSError:
+        return None
+
+
+def _bare_row(name: str, state: str, stamp: str | None, now: datetime) -> dict[str, Any]:
+    """A file without a sidecar (waiting, ignored, just claimed): every field, mostly null."""
+    return {
+        "input": name,
+        "state": state,
+        "job_name": None,
+        "job_state": None,
+        "requests": None,
+        "progress": None,
+        "polls": 0,
+        "next_poll_at": None,
+        "retries": 0,
+        "last_error": None,
+        "ok": None,
+        "errors": None,
+        "output": None,
+        "created_at": stamp,
+        "updated_at": stamp,
+        "report": None,
+        "age_seconds": _age(stamp, now),
+    }
+
+
+def _age(stamp: str | None, now: datetime) -> int | None:
+    return max(0, int(jobrecord.seconds_since(stamp, now))) if stamp else None
+
+
+def file_row(
+    record: JobRecord, config: Config, now: datetime, *, sidecar: Path | None = None
+) -> dict[str, Any]:
+    """One file's row: the contract's fields, then additions (rounds, parts, jobs, cost...)."""
+    finished = record.state.finished
+    retries, last_error = retry_info(record)
+    progress = None
+    if record.progress is not None and not finished:
+        progress = {k: int(record.progress.get(k, 0)) for k in ("succeeded", "failed", "pending")}
+        progress["total"] = int(record.progress.get("total", record.requests or 0))
+    current = [j for j in record.jobs if j.round == record.round]
+    error = record.error or None
+    return {
+        "input": record.input,
+        "state": record.state.value,
+        "job_name": record.job_name,
+        "job_state": record.job_state,
+        "requests": record.requests,
+        "progress": progress,
+        "polls": record.polls,
+        "next_poll_at": None if finished else record.next_poll_at,
+        "retries": retries,
+        "last_error": last_error,
+        "ok": record.ok,
+        "errors": record.errors,
+        "output": record.output if finished else None,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        # additions
+        "report": record.report if finished else None,
+        "archived_as": record.archived_as if finished else None,
+        "finished_at": record.finished_at,
+        "age_seconds": _age(record.created_at, now),
+        "model": record.model,
+        "round": record.round,
+        "rounds": record.rounds,
+        "round_requests": sum(j.requests for j in current) if current else record.requests,
+        "parts": sum(1 for j in record.jobs if j.round == 1),
+        "invalid_lines": record.invalid_lines,
+        "errors_by_stage": record.errors_by_stage or None,
+        "tokens": record.tokens or None,
+        "cost_usd": cost(config, record),
+        "error": {"stage": error.get("stage"), "message": error.get("message")} if error else None,
+        "jobs": [_job_row(j) for j in record.jobs],
+        "sidecar": str(sidecar) if sidecar else None,
+    }
+
+
+def _job_row(job: JobEntry) -> dict[str, Any]:
+    return {
+        "round": job.round,
+        "part": job.part,
+        "state": job.state.value,
+        "job_name": job.job_name,
+        "job_state": job.job_state,
+        "requests": job.requests,
+        "polls": job.polls,
+        "next_poll_at": job.next_poll_at if job.state is JobState.RUNNING else None,
+        "progress": job.progress,
+        "retries": job.retries,
+        "last_error": job.last_error,
+        "error": job.error,
+    }
+
+
+def retry_info(record: JobRecord) -> tuple[int, str | None]:
+    """Failed attempts at the current step, and the last error: the file's, else its jobs'.
+
+    A failed file's `last_error` is why it failed (its error report's message).
+    """
+    if record.state is FileState.FAILED and record.error:
+        return record.retries, str(record.error.get("message") or "") or None
+    if record.retries or record.last_error:
+        return record.retries, record.last_error
+    trying = [j for j in record.jobs if j.retries or j.last_error]
+    if not trying:
+        return 0, None
+    worst = max(trying, key=lambda j: j.retries)
+    return worst.retries, worst.last_error
+
+
+def price_for(config: Config, model: str | None) -> ModelPrice | None:
+    """The configured price of `model` (`models/` prefix or not)."""
+    if not config.prices or not model:
+        return None
+    name = model.removeprefix("models/")
+    return config.prices.get(name) or config.prices.get(f"models/{name}")
+
+
+def cost(config: Config, record: JobRecord) -> float | None:
+    """USD at batch price of the tokens the results report, where `prices` has the model."""
+    price = price_for(config, record.model)
+    if price is None or not record.tokens:
+        return None
+    return round(token_cost(price, record.tokens), 6)
+
+
+def token_cost(price: ModelPrice, tokens: Mapping[str, int]) -> float:
+    return price.batch_cost(
+        prompt_tokens=tokens.get("prompt_tokens", 0),
+        output_tokens=tokens.get("output_tokens", 0),
+        thinking_tokens=tokens.get("thinking_tokens", 0),
+        cached_tokens=tokens.get("cached_tokens", 0),
+    )
+
+
+# ---- rendering -----------------------------------------------------------------------
+
+COLUMNS = ("FILE", "STATE", "JOB", "JOB STATE", "AGE", "POLLS", "NEXT POLL", "PROGRESS")
+LAST_ERROR_CHARS = 200
+
+
+def render_table(snap: Mapping[str, Any], now: datetime | None = None) -> str:
+    """The `status` table: a header (daemon, pause, totals), then a row per file."""
+    now = now or utcnow()
+    lines = header_lines(snap, now)
+    files = snap["files"]
+    if not files:
+        lines.append(f"no files (inbox: {snap['inbox']})")
+        return "\n".join(lines) + "\n"
+    table = [COLUMNS] + [_cells(row, now) for row in files]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(COLUMNS))]
+    lines.append("")
+    lines.append(_join(COLUMNS, widths))
+    for row, cells in zip(files, table[1:], strict=True):
+        lines.append(_join(cells, widths))
+        lines.extend("  " + detail for detail in _details(row))
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(snap: Mapping[str, Any], now: datetime) -> list[str]:
+    daemon = snap["daemon"]
+    lines = []
+    if daemon["running"]:
+        since = daemon.get("since")
+        text = f"daemon: running, pid {daemon['pid']}"
+        if daemon.get("host") and daemon["host"] != HOST:
+            text += f" on {daemon['host']}"
+        if since:
+            text += f", since {since} ({_duration(jobrecord.seconds_since(since, now))})"
+        silent = jobrecord.seconds_since(daemon.get("heartbeat"), now)
+        if daemon.get("heartbeat") and silent > SILENT_AFTER_SECONDS:
+            text += f"; no heartbeat for {_duration(silent)} (hung?)"
+        others = len(snap.get("daemons", [])) - 1
+        if others > 0:
+            text += f"; {others} more daemon(s) on this spool"
+        lines.append(text)
+        lines.append(f"config: {daemon.get('config') or snap.get('config')}")
+        if daemon.get("paused"):
+            lines.append(f"PAUSED: {daemon['paused']}")
+    else:
+        lines.append(f"daemon: not running (no daemon holds {snap['inbox']})")
+        for dead in snap.get("stale_daemons", []):
+            lines.append(
+                f"  pid {dead.get('pid')} on {dead.get('host')} stopped without a clean exit;"
+                f" last heartbeat {dead.get('heartbeat')}"
+            )
+        lines.append(f"config: {snap.get('config')}")
+    totals = snap["totals"]
+    text = ", ".join(f"{totals[k]} {k}" for k in ("waiting", "queued", "active", "done", "failed"))
+    if totals.get("ignored"):
+        text += f", {totals['ignored']} ignored"
+    lines.append(f"files: {text} (finished: last 24 h)")
+    return lines
+
+
+def _join(cells: Iterable[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _cells(row: Mapping[str, Any], now: datetime) -> tuple[str, ...]:
+    running = row["state"] == FileState.RUNNING.value
+    return (
+        str(row["input"]),
+        str(row["state"]),
+        row.get("job_name") or "-",
+        (row.get("job_state") or "-").removeprefix("JOB_STATE_"),
+        _duration(row["age_seconds"]) if row.get("age_seconds") is not None else "-",
+        str(row.get("polls") or 0) if row.get("job_name") else "-",
+        _until(row.get("next_poll_at"), now) if running else "-",
+        _progress_cell(row),
+    )
+
+
+def _progress_cell(row: Mapping[str, Any]) -> str:
+    if row.get("ok") is not None:
+        return f"{row['ok']} ok, {row.get('errors') or 0} errors"
+    return progress_bar(row.get("progress"), row.get("requests"))
+
+
+def progress_bar(progress: Mapping[str, int] | None, requests: int | None) -> str:
+    """`[########..] 80/120, 2 failed` where the API reports counts, else `-`."""
+    if not progress:
+        return "-"
+    total = progress.get("total") or requests or 0
+    if not total:
+        return "-"
+    finished = progress.get("succeeded", 0) + progress.get("failed", 0)
+    cells = max(0, min(10, round(10 * finished / total)))
+    text = "[" + "#" * cells + "." * (10 - cells) + f"] {finished}/{total}"
+    if progress.get("failed"):
+        text += f", {progress['failed']} failed"
+    return text
+
+
+def _details(row: Mapping[str, Any]) -> list[str]:
+    """The indented lines under a row: rounds, retries and the last error, outbox paths."""
+    details = []
+    state = row["state"]
+    if state == "IGNORED":
+        return [f"ignored: {row.get('last_error')}"]
+    if (row.get("parts") or 0) > 1:
+        details.append(f"{row['parts']} parts")
+    if (row.get("round") or 1) > 1:
+        details.append(
+            f"round {row['round']}/{row.get('rounds')}, {row.get('round_requests')} requests"
+        )
+    if row.get("last_error") and state != FileState.FAILED.value:
+        error = _clip(str(row["last_error"]))
+        details.append(f"retry {row['retries']}: {error}" if row.get("retries") else error)
+    if state == FileState.FAILED.value and row.get("error"):
+        error = row["error"]
+        details.append(f"failed ({error.get('stage')}): {_clip(str(error.get('message')))}")
+    extra = []
+    if row.get("tokens") and row["tokens"].get("total_tokens"):
+        extra.append(f"{row['tokens']['total_tokens']} tokens")
+    if row.get("cost_usd") is not None:
+        extra.append(f"~${money(row['cost_usd'])}")
+    if row.get("output"):
+        details.append(f"-> {row['output']}" + (f" ({', '.join(extra)})" if extra else ""))
+    if row.get("report"):
+        details.append(f"report -> {row['report']}")
+    return details
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 3] + "..."
+
+
+def _until(stamp: str | None, now: datetime) -> str:
+    if not stamp:
+        return "-"
+    seconds = -jobrecord.seconds_since(stamp, now)
+    return "due" if seconds <= 0 else "in " + _duration(seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+
+
+def money(usd: float) -> str:
+    return f"{usd:,.2f}" if usd >= 1 else f"{usd:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+# ---- summaries of finished files ---------------------------------------------------
+
+
+def outcome_line(record: JobRecord, config: Config) -> str:
+    """`DONE a.jsonl: 40 ok, 0 errors, 5230 tokens, ~$0.0012 -> outbox/a.jsonl` (one line)."""
+    parts = []
+    if record.ok is not None:
+        parts.append(f"{record.ok} ok, {record.errors or 0} errors")
+    total = (record.tokens or {}).get("total_tokens")
+    if total:
+        parts.append(f"{total} tokens")
+    usd = cost(config, record)
+    if usd is not None:
+        parts.append(f"~${money(usd)}")
+    text = ", ".join(parts)
+    if record.state is FileState.FAILED and record.error:
+        stage = record.error.get("stage", "job")
+        failure = f"failed ({stage}): {_clip(str(record.error.get('message')))}"
+        text = f"{text}; {failure}" if text else failure
+    paths = [p for p in (record.output, record.report) if p]
+    text = f"{record.state.value} {record.input}: " + (text or "no records")
+    return text + (f" -> {', '.join(paths)}" if paths else "")
+
+
+def totals_line(records: list[JobRecord], config: Config) -> str:
+    """`total: 3 files (2 done, 1 failed), 80 requests ok, 2 errors, 10400 tokens, ~$0.002`."""
+    done = sum(1 for r in records if r.state is FileState.DONE)
+    ok = sum(r.ok or 0 for r in records)
+    errors = sum(r.errors or 0 for r in records)
+    tokens = sum((r.tokens or {}).get("total_tokens", 0) for r in records)
+    text = (
+        f"total: {len(records)} files ({done} done, {len(records) - done} failed), "
+        f"{ok} requests ok, {errors} errors, {tokens} tokens"
+    )
+    costs = [c for r in records if (c := cost(config, r)) is not None]
+    if costs:
+        text += f", ~${money(sum(costs))}"
+    return text
