@@ -66,6 +66,32 @@ def read_entries(path: Path) -> Iterator[wire.Entry]:
                     yield wire.entry_from_obj(value)
 
 
+def check_responses_file(path: Path) -> None:
+    """Raise `wire.BadReply` unless a downloaded responses file starts and ends with a whole
+    JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
+    retried), not the job's answers. A body is only ever cut at its end, so the first and last
+    lines tell."""
+    first: bytes | None = None
+    last: bytes | None = None
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                first = line if first is None else first
+                last = line
+    for which, raw in (("first", first), ("last", last)):
+        if raw is None:
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise wire.BadReply(
+                f"the responses file is not JSON lines: its {which} line is not a JSON object"
+                f" ({path.stat().st_size} bytes received)"
+            )
+
+
 def request_keys(request_file: Path) -> Iterator[str]:
     """The keys of a job's request file, in order."""
     with request_file.open("rb") as handle:

@@ -254,10 +254,11 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                 ctx.call(
                     Call.COLLECT,
                     f"download {job.results_file}",
-                    ctx.backend.download,
+                    download_answers,
+                    ctx,
                     job.results_file,
                     temp,
-                    expected_bytes=4 * job.bytes,
+                    4 * job.bytes,
                 )
                 os.replace(temp, answers)
             finally:
@@ -272,6 +273,13 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     ctx.save(t)
     crash_point("after_collect")
     return 0.0
+
+
+def download_answers(ctx: Context, name: str, destination: Path, expected_bytes: int) -> None:
+    """Download a responses file; one that is not JSON lines (an HTML page or a body cut short,
+    with 200) fails like a broken connection, so the download is retried."""
+    ctx.backend.download(name, destination, expected_bytes=expected_bytes)
+    publish.check_responses_file(destination)
 
 
 def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
