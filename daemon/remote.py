@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import logs, publish
 from .context import CallFailed, Context, LeftAlone, Tracked
-from .failures import Call, Failure
+from .failures import Call, Failure, Kind
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState, seconds_since
 from .wire import RemoteJob
@@ -52,7 +52,7 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         end_job(ctx, t, job, "cancelled before a job was created", CANCELLED, "job")
         return 0.0
     if job.upload_pending_since:
-        for name in ctx.call(Call.UPLOAD, "find uploads", ctx.backend.find_files, job.display_name):
+        for name in find_uploads(ctx, t, job.display_name):
             delete_remote(ctx, t, name)
     job.upload_pending_since = ctx.stamp()
     ctx.save(t)
@@ -69,6 +69,22 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     ctx.save(t)
     log.info("uploaded", file=t.name, part=job.part, uploaded_file=name)
     return 0.0
+
+
+def find_uploads(ctx: Context, t: Tracked, display_name: str) -> list[str]:
+    """Uploads a lost reply may have left behind. Listing them is cleanup, not the upload: if
+    the API refuses the listing (400, 404), the upload goes on and a leftover expires in 48 h."""
+    try:
+        return ctx.call(Call.LOOKUP, "find uploads", ctx.backend.find_files, display_name)
+    except CallFailed as exc:
+        if exc.failure.kind not in (Kind.REFUSED, Kind.NOT_FOUND):
+            raise
+        log.warning(
+            "cannot list uploaded files; an upload left by a lost reply expires after 48 h",
+            file=t.name,
+            error=exc.failure.message,
+        )
+        return []
 
 
 def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
