@@ -571,7 +571,7 @@ class Service:
         try:
             result = advance(self.ctx, t, pool)
         except LeftAlone as exc:
-            log.warning("left alone", file=name, reason=str(exc))
+            self.recovery.leave(t.record, str(exc))
             self._forget(t)
             return
         except Exception as exc:  # a bug in the failure handling itself: keep the thread alive
