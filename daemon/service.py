@@ -599,7 +599,11 @@ class Service:
         with self._lock:
             self.files.pop(t.name, None)
         self.scheduler.cancel(t.name)
-        claims.release(t.lock_fd)
+        # Closed exactly once: a second close could close a descriptor another thread has
+        # just opened with the same number (a sidecar being written, another name's lock).
+        fd, t.lock_fd = t.lock_fd, -1
+        if fd >= 0:
+            claims.release(fd)
 
 
 def budget_full(budget: int | None, tokens: int) -> bool:
