@@ -66,11 +66,11 @@ def read_entries(path: Path) -> Iterator[wire.Entry]:
                     yield wire.entry_from_obj(value)
 
 
-def check_responses_file(path: Path) -> None:
+def check_responses_file(path: Path, answered: int = 0) -> None:
     """Raise `wire.BadReply` unless a downloaded responses file starts and ends with a whole
     JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
     retried), not the job's answers. A body is only ever cut at its end, so the first and last
-    lines tell."""
+    lines tell. `answered`: requests the job reported done; then an empty body is a failure too."""
     first: bytes | None = None
     last: bytes | None = None
     with path.open("rb") as handle:
@@ -78,6 +78,8 @@ def check_responses_file(path: Path) -> None:
             if line.strip():
                 first = line if first is None else first
                 last = line
+    if first is None and answered:
+        raise wire.BadReply(f"the responses file is empty; the job reported {answered} answers")
     for which, raw in (("first", first), ("last", last)):
         if raw is None:
             continue

@@ -272,9 +272,8 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                     f"download {job.results_file}",
                     download_answers,
                     ctx,
-                    job.results_file,
+                    job,
                     temp,
-                    4 * job.bytes,
                 )
                 os.replace(temp, answers)
             finally:
@@ -291,11 +290,14 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     return 0.0
 
 
-def download_answers(ctx: Context, name: str, destination: Path, expected_bytes: int) -> None:
-    """Download a responses file; one that is not JSON lines (an HTML page or a body cut short,
-    with 200) fails like a broken connection, so the download is retried."""
-    ctx.backend.download(name, destination, expected_bytes=expected_bytes)
-    publish.check_responses_file(destination)
+def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
+    """Download a job's responses file; one that is not JSON lines (an HTML page, a body cut
+    short or empty, with 200) fails like a broken connection, so the download is retried."""
+    assert job.results_file
+    ctx.backend.download(job.results_file, destination, expected_bytes=4 * job.bytes)
+    progress = job.progress or {}
+    answered = progress.get("succeeded", 0) + progress.get("failed", 0)
+    publish.check_responses_file(destination, answered)
 
 
 def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
