@@ -187,7 +187,8 @@ class NotifySocket:
 
 def test_faults_on_the_results_download_are_retried(make_spool: MakeSpool, sim: Simulator) -> None:
     """A SUCCEEDED File-API job whose responses download gets a 403, a 404, an HTML page, a
-    truncated body and a cut connection, in turn: its results are written, exactly."""
+    truncated body, a cut connection and an empty body, in turn: its results are written,
+    exactly, from the one job (none of it is taken for missing answers and sent again)."""
     spool = make_spool(limits={"inline_max_bytes": 10})
     faults = add_faults(
         sim,
@@ -196,6 +197,7 @@ def test_faults_on_the_results_download_are_retried(make_spool: MakeSpool, sim: 
         Fault.garbled("html", method="GET", path_contains=DOWNLOAD),
         Fault.garbled("truncated", after=True, method="GET", path_contains=DOWNLOAD),
         Fault.garbled("cut", after=True, method="GET", path_contains=DOWNLOAD),
+        Fault.garbled("empty", after=True, method="GET", path_contains=DOWNLOAD),
     )
     files = {"a.jsonl": prompts("a", 5)}
     drop_all(spool, files)
