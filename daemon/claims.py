@@ -117,6 +117,7 @@ class Recovery:
         self.endpoint = endpoint
         self.key_id = key_id
         self._said: set[tuple[str, str]] = set()
+        self._left: set[tuple[str, str]] = set()  # (name, claim id) whose jobs we cannot reach
 
     def scan(self, owned: dict[str, str]) -> list[Claimed]:
         """Take over what no live process owns; `owned`: our names and their claim ids."""
@@ -154,7 +155,7 @@ class Recovery:
             log.error("cannot read sidecar", file=name, error=str(exc))
             release(fd)
             return None
-        if record is None:
+        if record is None or (name, record.claim_id) in self._left:
             release(fd)
             return None
         if record.endpoint and record.endpoint != self.endpoint and has_remote(record):
@@ -192,6 +193,14 @@ class Recovery:
                 return None  # the input went away before anything happened: nothing to answer for
             log.warning("the claimed input is gone; its jobs are still answered", file=name)
         return record
+
+    def leave(self, record: JobRecord, reason: str) -> None:
+        """A file taken over whose jobs this daemon's key cannot reach (404 for the key of
+        another project): left to its owner from now on, and said once."""
+        if (record.input, record.claim_id) in self._left:
+            return
+        self._left.add((record.input, record.claim_id))
+        log.warning("left alone", file=record.input, reason=reason)
 
     def _say_once(self, name: str, what: str, value: str) -> None:
         if (name, value) in self._said:

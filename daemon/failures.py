@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -90,6 +91,7 @@ class Failure:
     code: int | None = None
     status: str | None = None
     reason: str | None = None
+    cause: str | None = None  # what many files' failures share (a folder's problem)
 
     @property
     def server_refused(self) -> bool:
@@ -107,7 +109,10 @@ def classify(exc: BaseException, action: str) -> Failure:
         return Failure(Kind.TRANSIENT, _line(f"{action}: {type(exc).__name__}: {exc}"))
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        return Failure(Kind.LOCAL, _line(f"{action}: {exc.strerror or exc}{where}"))
+        cause = (
+            f"{exc.strerror or exc} in {os.path.dirname(exc.filename)}" if exc.filename else None
+        )
+        return Failure(Kind.LOCAL, _line(f"{action}: {exc.strerror or exc}{where}"), cause=cause)
     return Failure(Kind.BUG, _line(f"{action}: {type(exc).__name__}: {exc}"))
 
 
@@ -224,6 +229,7 @@ class Health:
         self.quota_refusals = 0
         self.jobs_ended = 0
         self._last_pause_log = -1e18
+        self._last_said: dict[str, float] = {}
 
     def ok(self, call: Call) -> None:
         with self._lock:
@@ -257,6 +263,18 @@ class Health:
         """A copy of `calls`, taken under the lock the workers update it under."""
         with self._lock:
             return dict(self.calls)
+
+    def loud(self, failure: Failure) -> bool:
+        """Whether to log this failure as a warning: always, unless its cause (a folder every
+        file writes to, say) was logged in the last minute."""
+        if failure.cause is None:
+            return True
+        now = self._clock()
+        with self._lock:
+            if now - self._last_said.get(failure.cause, -1e18) < self.LOG_EVERY:
+                return False
+            self._last_said[failure.cause] = now
+        return True
 
     def job_ended(self) -> None:
         with self._lock:

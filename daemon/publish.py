@@ -22,7 +22,7 @@ from typing import IO, Any
 import orjson
 
 from . import atomic, logs, records, rounds, wire
-from .claims import claimed_input, release
+from .claims import claimed_input
 from .context import Context, Next, Tracked
 from .faults import crash_point
 from .jobrecord import FileState, JobRecord, JobState, isotime
@@ -69,6 +69,34 @@ def read_entries_of(lines: Iterable[bytes]) -> Iterator[wire.Entry]:
             value = orjson.loads(raw)
             if isinstance(value, dict):
                 yield wire.entry_from_obj(value)
+
+
+def check_responses_file(path: Path, answered: int = 0) -> None:
+    """Raise `wire.BadReply` unless a downloaded responses file starts and ends with a whole
+    JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
+    retried), not the job's answers. A body is only ever cut at its end, so the first and last
+    lines tell. `answered`: requests the job reported done; then an empty body is a failure too."""
+    first: bytes | None = None
+    last: bytes | None = None
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                first = line if first is None else first
+                last = line
+    if first is None and answered:
+        raise wire.BadReply(f"the responses file is empty; the job reported {answered} answers")
+    for which, raw in (("first", first), ("last", last)):
+        if raw is None:
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise wire.BadReply(
+                f"the responses file is not JSON lines: its {which} line is not a JSON object"
+                f" ({path.stat().st_size} bytes received)"
+            )
 
 
 def request_keys(request_file: Path) -> Iterator[str]:
@@ -467,8 +495,7 @@ def archive(ctx: Context, t: Tracked) -> Next:
     remove_quietly(list(folder.work_files(record.claim_id)))
     folder.cancel_marker(t.name).unlink(missing_ok=True)
     folder.lock(t.name).unlink(missing_ok=True)
-    atomic.fsync_dir(folder.processing)
-    release(t.lock_fd)
+    atomic.fsync_dir(folder.processing)  # (the name lock is released by the supervisor)
     log.info(
         "archived",
         file=t.name,

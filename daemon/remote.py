@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import logs, publish
 from .context import CallFailed, Context, LeftAlone, Tracked
-from .failures import Call, Failure
+from .failures import Call, Failure, Kind
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState, seconds_since
 from .wire import RemoteJob
@@ -52,7 +52,7 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         end_job(ctx, t, job, "cancelled before a job was created", CANCELLED, "job")
         return 0.0
     if job.upload_pending_since:
-        for name in ctx.call(Call.UPLOAD, "find uploads", ctx.backend.find_files, job.display_name):
+        for name in find_uploads(ctx, t, job.display_name):
             delete_remote(ctx, t, name)
     job.upload_pending_since = ctx.stamp()
     ctx.save(t, durable=True)
@@ -69,6 +69,22 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     ctx.save(t)
     log.info("uploaded", file=t.name, part=job.part, uploaded_file=name)
     return 0.0
+
+
+def find_uploads(ctx: Context, t: Tracked, display_name: str) -> list[str]:
+    """Uploads a lost reply may have left behind. Listing them is cleanup, not the upload: if
+    the API refuses the listing (400, 404), the upload goes on and a leftover expires in 48 h."""
+    try:
+        return ctx.call(Call.LOOKUP, "find uploads", ctx.backend.find_files, display_name)
+    except CallFailed as exc:
+        if exc.failure.kind not in (Kind.REFUSED, Kind.NOT_FOUND):
+            raise
+        log.warning(
+            "cannot list uploaded files; an upload left by a lost reply expires after 48 h",
+            file=t.name,
+            error=exc.failure.message,
+        )
+        return []
 
 
 def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
@@ -254,10 +270,10 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                 ctx.call(
                     Call.COLLECT,
                     f"download {job.results_file}",
-                    ctx.backend.download,
-                    job.results_file,
+                    download_answers,
+                    ctx,
+                    job,
                     temp,
-                    expected_bytes=4 * job.bytes,
                 )
                 os.replace(temp, answers)
             finally:
@@ -272,6 +288,16 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     ctx.save(t)
     crash_point("after_collect")
     return 0.0
+
+
+def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
+    """Download a job's responses file; one that is not JSON lines (an HTML page, a body cut
+    short or empty, with 200) fails like a broken connection, so the download is retried."""
+    assert job.results_file
+    ctx.backend.download(job.results_file, destination, expected_bytes=4 * job.bytes)
+    progress = job.progress or {}
+    answered = progress.get("succeeded", 0) + progress.get("failed", 0)
+    publish.check_responses_file(destination, answered)
 
 
 def delete_remote(ctx: Context, t: Tracked, name: str) -> None:

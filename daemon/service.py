@@ -48,6 +48,9 @@ CLAIM_BATCH = 16
 LOG_EVERY = 60.0
 """The same trouble (a folder that cannot be written, say) is logged at most this often."""
 
+HEAL_EVERY = 1.0
+"""Seconds between checks that the spool folders exist and the inbox is the one watched."""
+
 log = logs.get()
 
 
@@ -274,6 +277,7 @@ class Service:
         self._claim_ready(limit=None)  # READY=1 means: what was in the inbox at start is claimed
         self.systemd.ready(self.status_text())
         self._next_rescan = self.clock() + self.config.inbox_rescan_seconds
+        self._next_heal = self.clock() + HEAL_EVERY
         log.info(
             "started",
             inbox=str(self.config.inbox),
@@ -300,8 +304,14 @@ class Service:
         """One turn of the main loop."""
         if self._reload:
             self.reload()
-        if self.clock() >= self._next_rescan:
+        if self.clock() >= self._next_heal:
             self._heal()
+            if self.watcher.replaced():
+                log.warning("the inbox folder was replaced; watching the new one")
+                self.watcher.stop()
+                self._start_watcher()
+            self._next_heal = self.clock() + HEAL_EVERY
+        if self.clock() >= self._next_rescan:
             self.watcher.rescan()
             self._recover()
             self._next_rescan = self.clock() + self.config.inbox_rescan_seconds
@@ -318,6 +328,7 @@ class Service:
         limit = max(0.0, self._next_rescan - self.clock())
         if self.watcher.pending:
             limit = min(limit, max(0.05, self.config.inbox_settle_seconds / 4))
+        limit = min(limit, max(0.0, self._next_heal - self.clock()))
         return min(limit, self.systemd.next_ping_in(), 5.0)
 
     def _stuck(self) -> bool:
@@ -493,8 +504,13 @@ class Service:
         return t
 
     def _heal(self) -> None:
-        for created in self.spool.heal():
-            log.warning("recreated a missing spool folder", folder=str(created))
+        try:
+            created = self.spool.heal()
+        except OSError as exc:
+            self._say("cannot recreate a spool folder", f"heal:{exc.errno}", error=str(exc))
+            return
+        for folder in created:
+            log.warning("recreated a missing spool folder", folder=str(folder))
 
     def _say(self, event: str, cause: str, **fields: object) -> None:
         """Log `event` at most once per minute per cause."""
@@ -628,7 +644,7 @@ class Service:
         try:
             result = advance(self.ctx, t, pool)
         except LeftAlone as exc:
-            log.warning("left alone", file=name, reason=str(exc))
+            self.recovery.leave(t.record, str(exc))
             self._forget(t)
             return
         except Exception as exc:  # a bug in the failure handling itself: keep the thread alive
@@ -671,7 +687,11 @@ class Service:
         with self._lock:
             self.files.pop(t.name, None)
         self.scheduler.cancel(t.name)
-        claims.release(t.lock_fd)
+        # Closed exactly once: a second close could close a descriptor another thread has
+        # just opened with the same number (a sidecar being written, another name's lock).
+        fd, t.lock_fd = t.lock_fd, -1
+        if fd >= 0:
+            claims.release(fd)
 
 
 def budget_full(budget: int | None, tokens: int) -> bool:

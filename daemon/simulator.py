@@ -281,6 +281,7 @@ class Simulator:
             ("DELETE", re.compile(r"batches/([^/:]+)"), self._delete_batch),
             ("POST", re.compile(r"batches/([^/:]+):cancel"), self._cancel_batch),
             ("POST", re.compile(r"files"), self._upload),
+            ("GET", re.compile(r"files"), self._list_files),
             ("GET", re.compile(r"files/([^/:]+)"), self._get_file),
             ("DELETE", re.compile(r"files/([^/:]+)"), self._delete_file),
             ("GET", re.compile(r"files/([^/:]+):download"), self._download),
@@ -917,6 +918,14 @@ class Simulator:
                 "or it may not exist.",
             )
         return stored
+
+    def _list_files(self, call: _Call) -> Reply:
+        """files.list: the project's files, newest first, in pages."""
+        with self._lock:
+            stored = list(reversed(self._files.values()))
+            page, token = _paginate(stored, call)
+            body = _page_body("files", [self._file_json(f, call.version) for f in page], token)
+        return json_reply(body)
 
     def _get_file(self, call: _Call) -> Reply:
         with self._lock:

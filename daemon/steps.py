@@ -200,7 +200,8 @@ def on_job_failure(
     if action is Action.MAYBE_GONE:
         return remote.maybe_gone(ctx, t, job, failure, decision.delay)
     if action is Action.RETRY:
-        bound.warning(
+        say = bound.warning if ctx.health.loud(failure) else bound.debug
+        say(
             "will retry",
             error=failure.message,
             kind=failure.kind.value,
@@ -305,7 +306,8 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
             if decision.action is Action.GIVE_UP and t.record.state is FileState.CLAIMED:
                 log.exception("unexpected error; the file is failed", file=t.name, step=step.name)
                 return fail(ctx, t, step.stage, f"internal error: {failure.message}")
-            log.warning(
+            say = log.warning if ctx.health.loud(failure) else log.debug
+            say(
                 "step failed; will retry",
                 file=t.name,
                 step=step.name,

@@ -84,6 +84,7 @@ class InboxWatcher:
         self.ignored: dict[str, str] = {}  # inbox names not taken, and why (logged once each)
         self._lock = threading.Lock()
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._inbox_fd: int | None = None  # the inbox folder watched
 
     def start(self) -> None:
         """Start watching, then list what is already there (files older than the settle time are ready)."""
@@ -96,13 +97,30 @@ class InboxWatcher:
         observer.daemon = True
         observer.start()
         self._observer = observer
+        with contextlib.suppress(OSError):
+            # Held open so that the folder's inode cannot be reused while it is watched.
+            self._inbox_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.rescan()
+
+    def replaced(self) -> bool:
+        """Whether the inbox now is another folder than the one watched (removed and made
+        again): inotify watches the old one, so the caller starts watching anew."""
+        if self._inbox_fd is None:
+            return False
+        try:
+            now, watched = os.stat(self.inbox), os.fstat(self._inbox_fd)
+        except OSError:
+            return False  # no inbox (yet): healing makes one
+        return not os.path.samestat(now, watched)
 
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        if self._inbox_fd is not None:
+            os.close(self._inbox_fd)
+            self._inbox_fd = None
 
     def rescan(self) -> None:
         """List the inbox: every candidate not yet known is noted (events may have been dropped)."""

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.simulator import Simulator
+from daemon.simulator import ACTIVE_STATES, Simulator
 from tests.harness import TEST_API_KEY, Spool, wait_for
 
 OUTBOX_SUFFIXES = (".error.json", ".jsonl")
@@ -127,16 +127,50 @@ def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = No
 
 
 def assert_one_job_per_file(spool: Spool, names: list[str], jobs: int) -> None:
+    """Exactly `jobs` jobs at the simulator, and no display name was ever created twice.
+
+    Each job entry of a sidecar (`jobs: [...]`; a sidecar of the previous version is its own
+    single entry) that names a job was created exactly once; one without a job name (a create
+    the API refused) was never created.
+    """
     sim = spool.sim
     for name in names:
         car = spool.sidecar(name)
-        if not car.get("display_name"):
-            continue  # failed before submission
-        made = sim.jobs_created_for(car["display_name"])
-        # A job name in the sidecar: exactly that one job; none (a refused create): none at all.
-        expected = 1 if car.get("job_name") else 0
-        assert made == expected, f"{name}: {made} jobs for {car['display_name']}"
-    assert len(sim.jobs) == jobs, f"{len(sim.jobs)} jobs at the simulator, expected {jobs}"
+        for entry in car.get("jobs") or [car]:
+            display_name = entry.get("display_name")
+            if not display_name:
+                continue  # never submitted (or left before a resubmit: counted below)
+            made = sim.jobs_created_for(display_name)
+            expected = 1 if entry.get("job_name") else 0
+            assert made == expected, f"{name}: {made} jobs for {display_name}"
+    remote = sim.jobs
+    for job in remote.values():
+        made = sim.jobs_created_for(job["display_name"])
+        assert made == 1, f"{made} jobs were created as {job['display_name']}"
+    assert len(remote) == jobs, f"{len(remote)} jobs at the simulator, expected {jobs}"
+
+
+def assert_no_job_running(sim: Simulator) -> None:
+    """Every job at the simulator has ended: none is left running (and billed) unwatched."""
+    running = {n: j["state"] for n, j in sim.jobs.items() if j["state"] in ACTIVE_STATES}
+    assert not running, f"jobs left running: {running}"
+
+
+def assert_no_remote_files(sim: Simulator) -> None:
+    """Every uploaded input and every responses file was deleted at the API (no leaks)."""
+    assert not sim.files, f"files left at the API: {sorted(sim.files)}"
+
+
+def assert_exact_answers(spool: Spool, name: str, prompts: list[str]) -> None:
+    """outbox/NAME holds the simulator's answers to `prompts` (plain string lines), in order,
+    each from the first job that carried it."""
+    got = spool.results(name)
+    summary = [(r.get("key"), r.get("line"), r.get("status"), r.get("text")) for r in got]
+    expected = [
+        (str(i), i, "ok", f"Simulated answer: {prompt}") for i, prompt in enumerate(prompts, 1)
+    ]
+    assert summary == expected, f"{name}: {summary}"
+    assert all(r.get("attempts") == 1 for r in got), f"{name}: {[r.get('attempts') for r in got]}"
 
 
 def assert_no_secret(spool: Spool) -> None:

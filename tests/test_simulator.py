@@ -293,6 +293,19 @@ def test_list_pages_through_the_sdk_pager(sim: Simulator, client: genai.Client) 
     assert all(job.dest is None for job in client.batches.list())
 
 
+def test_files_list_pages_through_the_sdk_pager(sim: Simulator, client: genai.Client) -> None:
+    """files.list, as the daemon uses it to find an upload whose reply a crash lost."""
+    names = [
+        client.files.upload(
+            file=io.BytesIO(b"{}\n"), config={"mime_type": "jsonl", "display_name": f"u{i}"}
+        ).name
+        for i in range(3)
+    ]
+    listed = [(f.name, f.display_name) for f in client.files.list(config={"page_size": 2})]
+    assert listed == [(n, f"u{i}") for i, n in reversed(list(enumerate(names)))]
+    assert sum(path.startswith("/v1beta/files?") for _, path, _ in sim.requests_log) == 2
+
+
 def test_cancel_and_delete(sim: Simulator, client: genai.Client, clock: FakeClock) -> None:
     sim.pending_seconds = 100
     job = client.batches.create(model=MODEL, src=[inline("a", "x")])
