@@ -200,7 +200,9 @@ class RetryPolicy:
             return RetryDecision(Action.PAUSE, max(delay, self.pause_seconds), failure)
         if kind is Kind.QUOTA and call in (Call.CREATE, Call.UPLOAD):
             return RetryDecision(Action.REQUEUE, delay, failure)
-        if kind in (Kind.REFUSED, Kind.NOT_FOUND) and call in (Call.CREATE, Call.UPLOAD):
+        if kind is Kind.REFUSED and call in (Call.CREATE, Call.UPLOAD):
+            return RetryDecision(Action.GIVE_UP, 0.0, failure)
+        if kind is Kind.NOT_FOUND and call is Call.CREATE:  # an unknown model (or input file)
             return RetryDecision(Action.GIVE_UP, 0.0, failure)
         if kind is Kind.NOT_FOUND and call in (Call.POLL, Call.COLLECT):
             return RetryDecision(Action.MAYBE_GONE, delay, failure)

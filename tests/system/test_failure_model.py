@@ -71,3 +71,15 @@ def test_transient_faults_on_every_call_are_retried(make_daemon: Any, sim: Simul
     daemon.run_all()
     assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
     assert len(sim.jobs) == 1
+
+
+def test_a_lost_upload_reply_leaves_no_upload_behind(make_daemon: Any, sim: Simulator) -> None:
+    """The upload's reply is lost after the file was stored: the retry finds it (by display
+    name) and deletes it before uploading again; nothing is left at the API."""
+    sim.add_fault(Fault("POST", "upload_id=", status=503, after=True))
+    daemon = make_daemon(limits={"inline_max_bytes": 10})
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
+    assert not sim.files
+    assert len(sim.jobs) == 1
