@@ -239,6 +239,8 @@ class Health:
             self.last_ok_wall = time.time()
             resumed = self.paused
             self.paused = self.paused_since = None
+            if resumed:
+                self._last_pause_log = -1e18  # a new pause is news again
         if resumed:
             log.warning("resumed: the API accepts calls again", was=resumed)
 
