@@ -56,11 +56,13 @@ def write_file(
             os.replace(tmp, target)
         else:
             os.link(tmp, target)
+            os.unlink(tmp)
         if durable:
             fsync_dir(target.parent)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
 
 
 def write_bytes(target: Path, data: bytes, *, durable: bool = True) -> None:

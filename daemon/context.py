@@ -83,6 +83,8 @@ class Tracked:
     due: dict[int, float] = field(default_factory=dict)  # job -> clock time of its next step
     remote: dict[int, RemoteJob] = field(default_factory=dict)  # finished jobs, for collecting
     cancel_requested: bool = False
+    dirty: bool = False  # the record has changes not saved yet (none that must be durable)
+    verified: bool = True  # its work files are known to be whole (claimed by this process)
 
     @property
     def sidecar(self) -> Path:
@@ -138,6 +140,7 @@ class Context:
         after a power failure (a lost job name by looking the job up, say)."""
         t.record.summarize()
         jobrecord.save(t.record, t.sidecar, durable=durable)
+        t.dirty = False
 
     def stamp(self, seconds: float = 0.0) -> str:
         return isotime(self.wall() + timedelta(seconds=seconds))

@@ -185,6 +185,7 @@ class JobRecord:
     inode: list[int] | None = None  # (st_dev, st_ino) of the claimed input
     requests: int | None = None
     invalid_lines: int = 0  # lines skipped under on_invalid_line: skip_line
+    index_bytes: int | None = None  # size of the work file `index`: whole after a power failure?
     model: str | None = None
     filter_json: bool | None = None  # the configuration's default when the file was claimed
     include_response: bool | None = None  # likewise: results are written as claimed

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ class Plan:
 
     scan: Scan
     jobs: list[PlannedJob] = field(default_factory=list)
+    index_bytes: int = 0
     too_big: str | None = None  # a request the token budget cannot hold, named
 
     @property
@@ -78,12 +78,17 @@ def write_plan(
     job_path: Callable[[int], Path],
     *,
     keep_invalid: bool,
+    part_sizes: list[int] | None = None,
 ) -> Plan:
     """Validate `source` and write its index and request files.
 
     `job_path(n)` names the request file of job n (1-based). `keep_invalid`: invalid lines get
     index entries (on_invalid_line: skip_line); otherwise the files written are only useful
-    when the scan found no error.
+    when the scan found no error. `part_sizes`: cut the parts after these numbers of requests
+    (to write the files of a plan again exactly as it was made), not by the limits.
+
+    The files are not fsynced: after a power failure the sidecar's sizes tell whether they are
+    whole, and they are written again from the claimed input if not.
     """
     scan = Scan(source)
     plan = Plan(scan)
@@ -104,33 +109,31 @@ def write_plan(
                         f"line {item.line} alone is about {tokens} input tokens, over "
                         f"limits.max_enqueued_tokens ({limits.max_job_tokens})"
                     )
-                if current is None or not _fits(current, len(line), tokens, limits):
+                if current is None:
+                    fits = False
+                elif part_sizes is not None:  # as recorded (the last part takes any excess)
+                    last = current.part >= len(part_sizes)
+                    fits = last or current.requests < part_sizes[current.part - 1]
+                else:
+                    fits = _fits(current, len(line), tokens, limits)
+                if not fits:
                     if handle is not None:
-                        _close(handle)
+                        handle.close()
                     current = PlannedJob(len(plan.jobs) + 1, job_path(len(plan.jobs) + 1))
                     plan.jobs.append(current)
                     handle = current.path.open("wb")
-                assert handle is not None
+                assert handle is not None and current is not None
                 handle.write(line)
                 current.requests += 1
                 current.bytes += len(line)
                 current.tokens += tokens
                 index.write(dumps([item.line, item.key, int(item.filter_json), current.part]))
                 index.write(b"\n")
-            _close(index)
     finally:
         if handle is not None:
-            _close(handle)
+            handle.close()
+    plan.index_bytes = index_path.stat().st_size
     return plan
-
-
-def _close(handle: IO[bytes]) -> None:
-    """Close a work file durably: a create must never be sent for requests a power failure
-    could take back."""
-    if not handle.closed:
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
 
 
 def _fits(job: PlannedJob, size: int, tokens: int, limits: JobLimits) -> bool:

@@ -333,24 +333,45 @@ def remove_quietly(paths: Iterable[Path]) -> None:
 # ---- the steps of a finished file ------------------------------------------------
 
 
-def rebuild_work_files(ctx: Context, t: Tracked) -> None:
-    """A file taken over from an older version (or whose work files were deleted): write its
-    index and its one job's request file again from the claimed input."""
-    record = t.record
-    if t.work("index").exists() or len(record.jobs) > 1:
+def ensure_work_files(ctx: Context, t: Tracked) -> None:
+    """Work files are written without fsync: for a file taken over after a crash (or from an
+    older version), check them against the sizes the sidecar recorded, and write them again
+    from the claimed input, cut into the same parts, if they are not whole."""
+    if t.verified:
         return
-    log.warning("rebuilding the work files of a file in flight", file=t.name)
-    limits = JobLimits(2**62, None, None, ctx.config.limits.inline_max_bytes)
+    t.verified = True
+    record = t.record
+    first = sorted((j for j in record.jobs if j.round == 1), key=lambda j: j.part)
+    if _whole(t.work("index"), record.index_bytes) and all(
+        _whole(t.job_file(j, "req"), j.bytes) for j in first
+    ):
+        return
+    source = claimed_input(t.spool, record)
+    if not os.path.lexists(source):
+        log.error("work files are damaged and the claimed input is gone", file=t.name)
+        return
+    log.warning("writing the work files of a file in flight again", file=t.name)
     found = write_plan(
-        claimed_input(t.spool, record),
+        source,
         t.defaults,
-        limits,
+        JobLimits(2**62, None, None, ctx.config.limits.inline_max_bytes),
         t.work("index"),
         lambda n: t.work(f"j{n}.req"),
         keep_invalid=ctx.config.on_invalid_line == "skip_line",
+        part_sizes=[j.requests for j in first] or None,
     )
     if record.sha256 and found.scan.sha256 != record.sha256:
         log.warning("the claimed input changed since it was validated", file=t.name)
+    record.index_bytes = found.index_bytes
+    for job, planned in zip(first, found.jobs, strict=False):
+        job.bytes = planned.bytes
+
+
+def _whole(path: Path, size: int | None) -> bool:
+    try:
+        return size is None or path.stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def publish_step(ctx: Context, t: Tracked) -> Next:
@@ -382,12 +403,8 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
             reason=record.error["message"],
         )
     answered = any(j.succeeded for j in record.jobs if j.round == 1)
-    if (
-        answered
-        and not t.work("index").exists()
-        and os.path.lexists(claimed_input(t.spool, record))
-    ):
-        rebuild_work_files(ctx, t)
+    if answered:
+        ensure_work_files(ctx, t)
     want_results = answered and t.work("index").exists()
     want_report = record.error is not None
     if (want_results and record.output is None) or (want_report and record.report is None):
@@ -439,7 +456,9 @@ def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
     answered = [j for j in record.jobs if t.job_file(j, "out").exists()]
     merge = Merge(
         index=t.work("index"),
-        answers=[t.job_file(j, "out") for j in sorted(answered, key=lambda j: j.part) if j.round == 1],
+        answers=[
+            t.job_file(j, "out") for j in sorted(answered, key=lambda j: j.part) if j.round == 1
+        ],
         later=[t.job_file(j, "out") for j in answered if j.round > 1],
         part_errors={
             j.part: j.error or "the job failed"

@@ -86,9 +86,7 @@ def _candidate_text(candidate: Mapping[str, Any]) -> str:
     return "".join(
         part["text"]
         for part in parts
-        if isinstance(part, dict)
-        and isinstance(part.get("text"), str)
-        and not part.get("thought")
+        if isinstance(part, dict) and isinstance(part.get("text"), str) and not part.get("thought")
     )
 
 

@@ -9,6 +9,7 @@ the wake-up pipe.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -163,6 +164,7 @@ class Service:
         self._claiming: set[str] = set()  # handed to a worker to claim
         self._held: dict[str, tuple[int, int]] = {}  # job slots and tokens held, by file
         self._held_total = (0, 0)
+        self._new_waiters: set[str] = set()  # joined the slot queue with unsaved changes
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self.presence: Presence | None = None
@@ -488,7 +490,11 @@ class Service:
 
     def _track(self, claimed: claims.Claimed, *, schedule: bool = True) -> Tracked:
         record = claimed.record
-        t = Tracked(record.input, record, claimed.lock_fd, claimed.spool, self.defaults)
+        defaults = self.defaults
+        if record.filter_json is not None:  # results are written as the file was claimed
+            defaults = dataclasses.replace(defaults, filter_json=record.filter_json)
+        t = Tracked(record.input, record, claimed.lock_fd, claimed.spool, defaults)
+        t.verified = claimed.fresh
         now_wall = self.ctx.wall()
         for job in record.jobs:
             if job.state is JobState.RUNNING and job.next_poll_at:
@@ -616,6 +622,36 @@ class Service:
         for item in deferred:
             heapq.heappush(waiting.heap, item)
             waiting.names.add(item[2])
+        with self._lock:
+            newly, self._new_waiters = self._new_waiters, set()
+        for name in newly & waiting.names:
+            self._save_if_dirty(name)
+
+    def _save_if_dirty(self, name: str) -> None:
+        """A file that waits for a slot has its validation saved (by a file worker)."""
+        with self._lock:
+            t = self.files.get(name)
+            if t is None or not t.dirty or t.busy:
+                return
+            t.busy = True
+
+        def save() -> None:
+            try:
+                if t.dirty:
+                    self.ctx.save(t)
+            except OSError as exc:
+                log.warning("cannot save the sidecar", file=name, error=str(exc))
+            finally:
+                t.busy = False
+                if t.granted:  # granted meanwhile: its dispatch found it busy
+                    self.scheduler.schedule(name, 0)
+                    self.scheduler.wake()
+
+        pool = self._pools.get(Pool.LOCAL)
+        if pool is None:
+            save()
+        else:
+            pool.submit(save)
 
     # ---- dispatching ---------------------------------------------------------------
 
@@ -678,6 +714,9 @@ class Service:
             return
         if result.slot:
             self._waiting.add(t.record.arrival, t.name)
+            if t.dirty:
+                with self._lock:
+                    self._new_waiters.add(t.name)
         if result.seconds is None or (self._stop and not result.is_now):
             return
         self.scheduler.schedule(t.name, result.seconds)

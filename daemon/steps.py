@@ -88,6 +88,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
     if found.too_big:
         return fail(ctx, t, "validation", f"{t.name}: {found.too_big}")
     record.sha256, record.size_bytes, record.requests = scan.sha256, scan.size, scan.requests
+    record.index_bytes = found.index_bytes
     record.invalid_lines = scan.error_count
     record.model = config.model
     record.filter_json = t.defaults.filter_json
@@ -108,7 +109,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
         for job in found.jobs
     ]
     record.move_to(FileState.QUEUED)
-    ctx.save(t)
+    t.dirty = True  # saved if it must wait for a slot; else the save before its create does
     log.info(
         "validated",
         file=t.name,
@@ -119,13 +120,13 @@ def validate(ctx: Context, t: Tracked) -> Next:
         skipped_lines=scan.error_count,
         tokens_estimate=found.tokens,
     )
-    return Next.now()
+    return Next.wait_for_slot()
 
 
 def drive(ctx: Context, t: Tracked) -> Next:
     """The file's jobs are in flight: run each job's step that is due."""
     record = t.record
-    publish.rebuild_work_files(ctx, t)
+    publish.ensure_work_files(ctx, t)
     now = ctx.clock()
     wait = Next.after(MAX_IDLE_SECONDS)  # every job below says sooner; this is a safety net
     for job in record.jobs:
