@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
-import itertools
 import os
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -32,10 +29,12 @@ from .inputs import Defaults
 from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
 from .notify import Notifier, SystemdStatus
 from .schedule import Backoff, Scheduler, Sleeper
+from .slots import Slots
 from .spool import Spool
 from .status import Presence
 from .steps import FILE_STEPS, advance
 from .watcher import InboxWatcher
+from .workers import WorkerPool
 
 WORKERS = {Pool.LOCAL: 2, Pool.API: 4}
 """Threads per pool: file work never waits behind API calls."""
@@ -55,68 +54,11 @@ HEAL_EVERY = 1.0
 log = logs.get()
 
 
-class WorkerPool:
-    """Threads that run tasks, urgent ones first; knows how long each thread has been busy."""
-
-    def __init__(self, name: str, threads: int) -> None:
-        self.name = name
-        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]]
-        self._queue = queue.PriorityQueue()
-        self._seq = itertools.count()
-        self.busy_since: dict[int, float] = {}
-        self._threads = [
-            threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"{name}-{i}")
-            for i in range(threads)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, task: Callable[[], None], urgent: bool = False) -> None:
-        """Queue a task; `urgent` ones (a claim, a job to create) go before polls and downloads."""
-        self._queue.put((0 if urgent else 1, next(self._seq), task))
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._queue.put((-1, next(self._seq), None))
-
-    def stuck(self, now: float, limit: float) -> bool:
-        """Whether every thread has been on one task for longer than `limit` seconds."""
-        busy = list(self.busy_since.values())
-        return len(busy) == len(self._threads) and all(now - since > limit for since in busy)
-
-    def _loop(self, number: int) -> None:
-        while True:
-            _, _, task = self._queue.get()
-            if task is None:
-                return
-            self.busy_since[number] = time.monotonic()
-            try:
-                task()
-            finally:
-                self.busy_since.pop(number, None)
-
-
 @dataclass
 class Outcome:
     """A finished file, for the `--once` summary and the exit status."""
 
     record: JobRecord
-
-
-@dataclass
-class _Waiting:
-    """Files whose jobs wait for a slot, by arrival (a heap; stale entries skipped)."""
-
-    heap: list[tuple[int, int, str]] = field(default_factory=list)
-    names: set[str] = field(default_factory=set)
-    seq: itertools.count[int] = field(default_factory=itertools.count)
-
-    def add(self, arrival: int, name: str) -> None:
-        if name not in self.names:
-            self.names.add(name)
-            heapq.heappush(self.heap, (arrival, next(self.seq), name))
 
 
 class Service:
@@ -152,9 +94,7 @@ class Service:
         self._workers = WORKERS if workers is None else workers
         self._lock = threading.RLock()
         self.files: dict[str, Tracked] = {}
-        self._waiting = _Waiting()
-        self._quota_hold: int | None = None  # jobs in flight when the quota refused one
-        self._quota_seen = 0
+        self.slots = Slots()
         self._stop = False  # set by signal handlers: plain flags, no locks
         self._reload = False
         self._once_names: set[str] = set()
@@ -162,9 +102,6 @@ class Service:
         self._said: dict[str, float] = {}
         self._probing = False
         self._claiming: set[str] = set()  # handed to a worker to claim
-        self._held: dict[str, tuple[int, int]] = {}  # job slots and tokens held, by file
-        self._held_total = (0, 0)
-        self._new_waiters: set[str] = set()  # joined the slot queue with unsaved changes
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self.presence: Presence | None = None
@@ -504,7 +441,7 @@ class Service:
                 )
         with self._lock:
             self.files[record.input] = t
-        self._account(t)
+        self.slots.account(t.name, t)
         if schedule:
             self.scheduler.schedule(record.input, 0)
         return t
@@ -569,63 +506,21 @@ class Service:
     # ---- job slots -----------------------------------------------------------------
 
     def _grant_slots(self) -> None:
-        """Give free job slots to waiting jobs, oldest file first."""
-        waiting = self._waiting
-        if not waiting.heap or self._stop or self.health.paused:
+        """Give free job slots to waiting jobs, oldest file first (see `slots.py`)."""
+        if not self.slots.waiting or self._stop or self.health.paused:
             return
-        limits = self.config.limits
-        with self._lock:
-            active, tokens = self._held_total
-        if self.health.quota_refusals != self._quota_seen:
-            self._quota_seen = self.health.quota_refusals
-            self._quota_hold = active
-        if self._quota_hold is not None:
-            if active >= self._quota_hold and active > 0:
-                return  # wait until a job in flight has ended
-            self._quota_hold = None
-        now_wall = self.ctx.wall()
-        deferred: list[tuple[int, int, str]] = []
-        while waiting.heap and active < limits.max_active_jobs:
-            arrival, seq, name = heapq.heappop(waiting.heap)
-            waiting.names.discard(name)
-            with self._lock:
-                t = self.files.get(name)
-            if t is None:
-                continue
-            granted = False
-            blocked = False
-            for job in t.record.jobs:
-                if job.state is not JobState.QUEUED or job.index in t.granted:
-                    continue
-                if job.not_before and seconds_since(job.not_before, now_wall) < 0:
-                    blocked = True
-                    continue
-                budget = limits.max_enqueued_tokens
-                if budget is not None and tokens + job.tokens > budget and active > 0:
-                    blocked = True
-                    break
-                if active >= limits.max_active_jobs:
-                    blocked = True
-                    break
-                t.granted.add(job.index)
-                active += 1
-                tokens += job.tokens
-                granted = True
-            if blocked:
-                deferred.append((arrival, seq, name))
-            if granted:
-                self._account(t)
-                if not t.busy:
-                    self.scheduler.schedule(name, 0)
-            if blocked and budget_full(limits.max_enqueued_tokens, tokens):
-                break
-        for item in deferred:
-            heapq.heappush(waiting.heap, item)
-            waiting.names.add(item[2])
-        with self._lock:
-            newly, self._new_waiters = self._new_waiters, set()
-        for name in newly & waiting.names:
+        granted = self.slots.grant(
+            self._file, self.config.limits, self.ctx.wall(), self.health.quota_refusals
+        )
+        for t in granted:
+            if not t.busy:
+                self.scheduler.schedule(t.name, 0)
+        for name in self.slots.take_unsaved():
             self._save_if_dirty(name)
+
+    def _file(self, name: str) -> Tracked | None:
+        with self._lock:
+            return self.files.get(name)
 
     def _save_if_dirty(self, name: str) -> None:
         """A file that waits for a slot has its validation saved (by a file worker)."""
@@ -691,38 +586,21 @@ class Service:
         self._after_step(t, result)
         self.scheduler.wake()
 
-    def _account(self, t: Tracked | None, name: str = "") -> None:
-        """Keep the count of job slots (and estimated tokens) held, file by file."""
-        held = (0, 0)
-        if t is not None:
-            name = t.name
-            jobs = [j for j in t.record.jobs if j.state.holds_slot or j.index in t.granted]
-            held = (len(jobs), sum(j.tokens for j in jobs))
-        with self._lock:
-            old = self._held.pop(name, (0, 0))
-            if held != (0, 0):
-                self._held[name] = held
-            active, tokens = self._held_total
-            self._held_total = (active - old[0] + held[0], tokens - old[1] + held[1])
-
     def _after_step(self, t: Tracked, result: Next) -> None:
-        self._account(None if result.finished else t, t.name)
+        self.slots.account(t.name, None if result.finished else t)
         if result.finished:
             self._forget(t)
             self.outcomes.append(Outcome(t.record))
             self.watcher.rescan()  # a same-named file may be waiting in the inbox
             return
         if result.slot:
-            self._waiting.add(t.record.arrival, t.name)
-            if t.dirty:
-                with self._lock:
-                    self._new_waiters.add(t.name)
+            self.slots.wait(t)
         if result.seconds is None or (self._stop and not result.is_now):
             return
         self.scheduler.schedule(t.name, result.seconds)
 
     def _forget(self, t: Tracked) -> None:
-        self._account(None, t.name)
+        self.slots.account(t.name, None)
         with self._lock:
             self.files.pop(t.name, None)
         self.scheduler.cancel(t.name)
@@ -732,6 +610,3 @@ class Service:
         if fd >= 0:
             claims.release(fd)
 
-
-def budget_full(budget: int | None, tokens: int) -> bool:
-    return budget is not None and tokens >= budget
