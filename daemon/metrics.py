@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +34,33 @@ FILE_STATES = ("WAITING", "IGNORED", *(s.value for s in FileState if not s.finis
 
 
 @dataclass
+class Finished:
+    """What the daemon finished since it started, as counts: a daemon runs for months, and
+    keeping every finished file's record would grow without end."""
+
+    done: int = 0
+    failed: int = 0
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # result records by error stage
+    tokens: Counter[str] = field(default_factory=Counter)  # by usage kind
+
+    def add(self, record: JobRecord) -> None:
+        if record.state is FileState.DONE:
+            self.done += 1
+        else:
+            self.failed += 1
+        self.ok += record.ok or 0
+        by_stage = record.errors_by_stage or ({"unknown": record.errors} if record.errors else {})
+        self.errors.update(by_stage)
+        self.tokens.update({k: int(v) for k, v in (record.tokens or {}).items()})
+
+
+@dataclass
 class View:
     """What the metrics are computed from (the supervisor collects it)."""
 
     in_flight: list[JobRecord]  # files this daemon owns now
-    finished: list[JobRecord]  # files it finished since it started
+    finished: Finished  # what it finished since it started
     health: Health
     waiting: int  # inbox files not yet claimed
     ignored: int  # inbox entries the daemon will not take
@@ -77,16 +100,11 @@ def families(view: View) -> list[Family]:
         files.add(count, state=state)
 
     finished = family("files_finished_total", "counter", "Files finished since start, by outcome.")
-    done = sum(1 for r in view.finished if r.state is FileState.DONE)
-    finished.add(done, outcome="done").add(len(view.finished) - done, outcome="failed")
+    finished.add(view.finished.done, outcome="done").add(view.finished.failed, outcome="failed")
 
-    ok = sum(r.ok or 0 for r in view.finished)
-    family("requests_ok_total", "counter", "Result records with status ok.").add(ok)
+    family("requests_ok_total", "counter", "Result records with status ok.").add(view.finished.ok)
     stages = dict.fromkeys(STAGES, 0)
-    for record in view.finished:
-        by_stage = record.errors_by_stage or ({"unknown": record.errors} if record.errors else {})
-        for stage, count in by_stage.items():
-            stages[stage] = stages.get(stage, 0) + count
+    stages.update(view.finished.errors)
     errors = family(
         "request_errors_total", "counter", "Result records with status error, by stage."
     )
@@ -94,9 +112,7 @@ def families(view: View) -> list[Family]:
         errors.add(count, stage=stage)
 
     tokens = dict.fromkeys(USAGE_KEYS, 0)
-    for record in view.finished:
-        for kind, count in (record.tokens or {}).items():
-            tokens[kind] = tokens.get(kind, 0) + int(count)
+    tokens.update(view.finished.tokens)
     used = family("tokens_total", "counter", "Tokens the API reported in written results, by kind.")
     for kind, count in tokens.items():
         used.add(count, kind=kind.removesuffix("_tokens"))

@@ -98,7 +98,8 @@ class Service:
         self._stop = False  # set by signal handlers: plain flags, no locks
         self._reload = False
         self._once_names: set[str] = set()
-        self.outcomes: list[Outcome] = []
+        self.outcomes: list[Outcome] = []  # with `once` only: for its summary
+        self.finished = metrics.Finished()
         self._said: dict[str, float] = {}
         self._probing = False
         self._claiming: set[str] = set()  # handed to a worker to claim
@@ -236,8 +237,7 @@ class Service:
                 self.scheduler.wait(self._wait_limit())
         finally:
             self.shutdown()
-        failed = any(o.record.state is FileState.FAILED for o in self.outcomes)
-        return 1 if self.once and failed else 0
+        return 1 if self.once and self.finished.failed else 0
 
     def tick(self) -> None:
         """One turn of the main loop."""
@@ -313,8 +313,8 @@ class Service:
             states = [t.record.state for t in self.files.values()]
         active = sum(1 for s in states if s.in_flight and s is not FileState.QUEUED)
         queued = sum(1 for s in states if s in (FileState.CLAIMED, FileState.QUEUED))
-        done = sum(1 for o in self.outcomes if o.record.state is FileState.DONE)
-        text = f"{queued} queued, {active} active, {done} done, {len(self.outcomes) - done} failed"
+        done, failed = self.finished.done, self.finished.failed
+        text = f"{queued} queued, {active} active, {done} done, {failed} failed"
         paused = self.health.paused
         return f"paused: {paused}; {text}" if paused else text
 
@@ -351,7 +351,7 @@ class Service:
             in_flight = [t.record for t in self.files.values()]
         return metrics.View(
             in_flight=in_flight,
-            finished=[o.record for o in self.outcomes],
+            finished=self.finished,
             health=self.health,
             waiting=self.watcher.pending,
             ignored=len(self.watcher.ignored),
@@ -590,7 +590,9 @@ class Service:
         self.slots.account(t.name, None if result.finished else t)
         if result.finished:
             self._forget(t)
-            self.outcomes.append(Outcome(t.record))
+            self.finished.add(t.record)
+            if self.once:
+                self.outcomes.append(Outcome(t.record))
             self.watcher.rescan()  # a same-named file may be waiting in the inbox
             return
         if result.slot:
