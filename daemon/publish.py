@@ -548,6 +548,7 @@ def intruder(ctx: Context, t: Tracked, path: Path) -> None:
             "errors": [],
             "error_count": 0,
             "time": now,
+            "claim_id": None,  # never claimed
         },
     )
     moved = atomic.move_new(path, folder.failed / t.name)
