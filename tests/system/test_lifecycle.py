@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from daemon.simanswers import image_base64
 from daemon.simulator import Fault, Simulator
 
 LINES: list[Any] = [
@@ -123,3 +126,25 @@ def test_cancel_before_a_job_exists(make_daemon: Any, sim: Simulator) -> None:
     assert daemon.report("second.jsonl")["job_state"] == "JOB_STATE_CANCELLED"
     assert [r["status"] for r in daemon.results("first.jsonl")] == ["ok"] * 4
     assert len(sim.jobs) == 1
+
+
+@pytest.mark.parametrize("inline_max_bytes", [10**9, 10], ids=["inline", "file-api"])
+def test_raw_responses_are_byte_for_byte(
+    make_daemon: Any, sim: Simulator, inline_max_bytes: int
+) -> None:
+    """`include_response` keeps standard base64 (+ and /) and unknown fields as sent."""
+    sim.extra_fields = True
+    daemon = make_daemon(include_response=True, limits={"inline_max_bytes": inline_max_bytes})
+    daemon.drop("raw.jsonl", ["draw [[sim:image]]", "say hi"])
+    daemon.run_all()
+    records = daemon.results("raw.jsonl")
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    parts = records[0]["response"]["candidates"][0]["content"]["parts"]
+    signature = parts[0]["thoughtSignature"]
+    image = parts[1]["inlineData"]["data"]
+    assert ("+" in signature or "/" in signature) and "-" not in signature and "_" not in signature
+    assert image == image_base64("draw [[sim:image]]")
+    assert any(key not in _KNOWN for key in records[0]["response"]), "unknown fields kept"
+
+
+_KNOWN = {"candidates", "usageMetadata", "modelVersion", "responseId", "promptFeedback"}
