@@ -75,16 +75,21 @@ def check_responses_file(path: Path, answered: int = 0) -> None:
     """Raise `wire.BadReply` unless a downloaded responses file starts and ends with a whole
     JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
     retried), not the job's answers. A body is only ever cut at its end, so the first and last
-    lines tell. `answered`: requests the job reported done; then an empty body is a failure too."""
+    lines tell. `answered`: requests the job reported done; fewer lines than that is a failure
+    too (a body cut at a line boundary, or empty)."""
     first: bytes | None = None
     last: bytes | None = None
+    lines = 0
     with path.open("rb") as handle:
         for line in handle:
             if line.strip():
                 first = line if first is None else first
                 last = line
-    if first is None and answered:
-        raise wire.BadReply(f"the responses file is empty; the job reported {answered} answers")
+                lines += 1
+    if lines < answered:  # cut short, even at a line boundary
+        raise wire.BadReply(
+            f"the responses file has {lines} lines; the job reported {answered} answers"
+        )
     for which, raw in (("first", first), ("last", last)):
         if raw is None:
             continue
