@@ -281,6 +281,7 @@ class Simulator:
             ("DELETE", re.compile(r"batches/([^/:]+)"), self._delete_batch),
             ("POST", re.compile(r"batches/([^/:]+):cancel"), self._cancel_batch),
             ("POST", re.compile(r"files"), self._upload),
+            ("GET", re.compile(r"files"), self._list_files),
             ("GET", re.compile(r"files/([^/:]+)"), self._get_file),
             ("DELETE", re.compile(r"files/([^/:]+)"), self._delete_file),
             ("GET", re.compile(r"files/([^/:]+):download"), self._download),
@@ -917,6 +918,14 @@ class Simulator:
                 "or it may not exist.",
             )
         return stored
+
+    def _list_files(self, call: _Call) -> Reply:
+        """files.list: uploaded files, newest first (generated responses files are not listed)."""
+        with self._lock:
+            uploaded = [f for f in reversed(self._files.values()) if f.source == "UPLOADED"]
+            page, token = _paginate(uploaded, call)
+            items = [self._file_json(stored, call.version) for stored in page]
+        return json_reply(_page_body("files", items, token))
 
     def _get_file(self, call: _Call) -> Reply:
         with self._lock:
