@@ -1,30 +1,23 @@
-"""daemon.backend against the simulator, through the real google-genai SDK."""
+"""daemon.backend against the simulator, through the real google-genai SDK: every Batch API call,
+create sent exactly once, errors propagated raw (`failures.classify` is tested on its own)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 from google import genai
 from google.genai import errors, types
 
-from daemon.backend import (
-    BATCH_MIME_TYPE,
-    LIST_PAGE_SIZE,
-    BackendError,
-    GeminiBackend,
-    PermanentError,
-    TransientError,
-    api_call,
-    classify,
-    file_line,
-    inline_lookup,
-    job_error_message,
-    to_inlined,
-)
+from daemon import failures, wire
+from daemon.backend import BATCH_MIME_TYPE, LIST_PAGE_SIZE, Backend, key_fingerprint, parse_time
 from daemon.inputs import Defaults, Request, prompt_request
+from daemon.plan import request_line
+from daemon.schedule import Backoff
 from daemon.simulator import Fault, Simulator
 from tests.harness import FakeClock
 
@@ -40,405 +33,388 @@ def clock(sim: Simulator) -> FakeClock:
     return fake
 
 
-def backend(sim: Simulator, retries: int = 1) -> GeminiBackend:
-    return GeminiBackend(
-        "test-key",
-        base_url=sim.base_url,
-        retries=retries,
-        timeout_seconds=10,
-        retry_initial_delay=0.01,
-        retry_jitter=0,
-    )
+@pytest.fixture
+def made(sim: Simulator) -> Iterator[list[Backend]]:
+    backends: list[Backend] = []
+    yield backends
+    for backend in backends:
+        backend.close()
+
+
+MakeBackend = Callable[..., Backend]
+
+
+@pytest.fixture
+def new_backend(sim: Simulator, made: list[Backend]) -> MakeBackend:
+    def make(retries: int = 1, **options: Any) -> Backend:
+        options = {"base_url": sim.base_url, "timeout_seconds": 10, **options}
+        backend = Backend("test-key", retries=retries, **options)
+        made.append(backend)
+        return backend
+
+    return make
 
 
 def requests(*prompts: str) -> list[Request]:
     return [prompt_request(f"k{i}", i, p, DEFAULTS) for i, p in enumerate(prompts, 1)]
 
 
+def request_file(folder: Path, items: list[Request], name: str = "job.req") -> Path:
+    path = folder / name
+    path.write_bytes(b"".join(request_line(r) for r in items))
+    return path
+
+
 def finish(clock: FakeClock) -> None:
     clock.now += 3600
 
 
-# ---- create / get / list / cancel -----------------------------------------------------------------
+# ---- create / get / list / cancel -----------------------------------------------------------
 
 
 def test_create_inline_sends_keys_in_metadata_and_the_request_body(
-    sim: Simulator, clock: FakeClock
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
 ) -> None:
-    be = backend(sim)
-    job = be.create_job(MODEL, "gemini-batchd/x.jsonl/abc/1", requests("hello", "world"))
-    assert job.name and job.name.startswith("batches/")
+    source = request_file(tmp_path, requests("hello", "world"))
+    job = new_backend().create_job(MODEL, "gemini-batchd/x.jsonl/abc/1", source, inline=True)
+    assert isinstance(job, wire.RemoteJob)
+    assert job.name.startswith("batches/")
     assert job.display_name == "gemini-batchd/x.jsonl/abc/1"
-    assert job.state is types.JobState.JOB_STATE_PENDING
+    assert (job.state, job.done) == ("JOB_STATE_PENDING", False)
     record = sim.jobs[job.name]
     assert record["model"] == f"models/{MODEL}"
     assert [r["key"] for r in record["requests"]] == ["k1", "k2"]
     first = record["requests"][0]["request"]
     assert first["contents"] == [{"role": "user", "parts": [{"text": "hello"}]}]
     assert first["generationConfig"]["temperature"] == 0.3
-    config = first["generationConfig"]
-    thinking = config.get("thinkingConfig") or config.get("thinking_config")
-    assert thinking in ({"thinkingBudget": 0}, {"thinking_budget": 0})
+    assert first["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
     assert first["systemInstruction"]["parts"] == [{"text": "Be brief."}]
     assert sim.create_calls == 1
 
 
-def test_get_job_until_done_and_inline_lookup_by_key(sim: Simulator, clock: FakeClock) -> None:
+def test_a_model_path_is_sent_as_given(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    source = request_file(tmp_path, requests("a"))
+    job = new_backend().create_job("models/gemini-2.0-flash", "m", source, inline=True)
+    assert sim.jobs[job.name]["model"] == "models/gemini-2.0-flash"
+
+
+def test_get_job_until_done_with_progress_and_inline_answers(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
+) -> None:
     sim.shuffle_output = True
     sim.fail_keys = {"k3": 400}
     sim.missing_keys = {"k4"}
-    be = backend(sim)
-    job = be.create_job(MODEL, "d", requests("a", "b", "c", "d", "e", "f"))
-    assert job.name
-    assert be.get_job(job.name).done is not True
+    backend = new_backend()
+    source = request_file(tmp_path, requests("a", "b", "c", "d", "e", "f"))
+    job = backend.create_job(MODEL, "d", source, inline=True)
+    assert not backend.get_job(job.name).done
     finish(clock)
-    done = be.get_job(job.name)
-    assert done.done is True
-    assert done.state is types.JobState.JOB_STATE_SUCCEEDED
-    entries = inline_lookup(done)
-    assert set(entries) == {"k1", "k2", "k3", "k5", "k6"}
-    assert entries["k3"]["error"]["code"] == 400
-    assert "response" not in entries["k3"]
-    response = entries["k2"]["response"]
+    done = backend.get_job(job.name)
+    assert (done.state, done.done) == ("JOB_STATE_SUCCEEDED", True)
+    assert done.progress is not None and done.progress.total == 6
+    assert done.error_code is None and done.error_message is None
+    matched = wire.match_inline([f"k{i}" for i in range(1, 7)], done.inline_responses or [])
+    assert set(matched.entries) == {"k1", "k2", "k3", "k5", "k6"}
+    error = matched.entries["k3"].error
+    assert error is not None and error["code"] == 400
+    assert matched.entries["k3"].response is None
+    response = matched.entries["k2"].response
+    assert response is not None
     assert response["candidates"][0]["content"]["parts"][0]["text"].endswith("b")
-    assert "usageMetadata" in response  # REST (camelCase) names, as results.py reads them
-    assert job_error_message(done) is None
+    assert "usageMetadata" in response  # the REST (camelCase) body, exactly as sent
 
 
-def test_native_request_with_lifted_fields(sim: Simulator, clock: FakeClock) -> None:
+def test_native_request_is_sent_as_written(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
     body = {
         "contents": [{"role": "user", "parts": [{"text": "x"}]}],
         "generationConfig": {"temperature": 1.0, "responseMimeType": "application/json"},
         "systemInstruction": {"parts": [{"text": "native"}]},
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
+        "futureField": {"kept": True},
     }
-    job = backend(sim).create_job(MODEL, "n", [Request("n1", 1, body, False)])
-    assert job.name
-    sent = sim.jobs[job.name]["requests"][0]["request"]
-    assert sent["generationConfig"]["responseMimeType"] == "application/json"
-    assert sent["systemInstruction"]["parts"] == [{"text": "native"}]
-    assert sent["safetySettings"][0]["threshold"] == "BLOCK_NONE"
+    source = request_file(tmp_path, [Request("n1", 1, body, False)])
+    job = new_backend().create_job(MODEL, "n", source, inline=True)
+    assert sim.jobs[job.name]["requests"][0]["request"] == body
 
 
-def test_a_request_the_sdk_refuses_is_a_permanent_error(sim: Simulator) -> None:
-    bad = Request(
-        "k",
-        1,
-        {
-            "contents": [{"role": "user", "parts": [{"text": "x"}]}],
-            "generationConfig": {"temperature": "hot"},
-        },
-        False,
-    )
-    with pytest.raises(PermanentError, match="create batch job"):
-        backend(sim).create_job(MODEL, "bad", [bad])
-    assert sim.create_calls == 0
-
-
-def test_find_job_pages_through_more_than_a_page(sim: Simulator) -> None:
-    be = backend(sim)
+def test_find_job_pages_through_more_than_a_page(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    backend = new_backend()
+    source = request_file(tmp_path, requests("x"))
     total = LIST_PAGE_SIZE + 50
-    names = []
-    for i in range(total):
-        job = be.client.batches.create(
-            model=MODEL,
-            src=[types.InlinedRequest(contents="x", metadata={"key": "1"})],
-            config=types.CreateBatchJobConfig(display_name=f"job-{i}"),
-        )
-        names.append(job.name)
+    names = [backend.create_job(MODEL, f"job-{i}", source, inline=True).name for i in range(total)]
+    before = len(sim.requests_log)
     # The simulator lists newest first: job-0 is on the second page.
-    found = be.find_job("job-0")
+    found = backend.find_job("job-0")
     assert found is not None and found.name == names[0]
-    list_calls = [p for m, p, _ in sim.requests_log if m == "GET" and "/batches" in p]
+    list_calls = [p for m, p, _ in sim.requests_log[before:] if m == "GET" and "/batches" in p]
     assert len(list_calls) == 2
-    assert any("pageToken" in p for p in list_calls)
-    assert be.find_job("job-149") is not None
-    assert be.find_job("no-such-job") is None
+    assert "pageToken" in list_calls[1]
+    assert backend.find_job("job-149") is not None
+    assert backend.find_job("no-such-job") is None
 
 
-def test_find_job_with_no_jobs(sim: Simulator) -> None:
-    assert backend(sim).find_job("anything") is None
+def test_find_job_with_no_jobs(new_backend: MakeBackend) -> None:
+    assert new_backend().find_job("anything") is None
 
 
-def test_cancel_job(sim: Simulator, clock: FakeClock) -> None:
-    be = backend(sim)
-    job = be.create_job(MODEL, "c", requests("a"))
-    assert job.name
-    be.cancel_job(job.name)
-    cancelled = be.get_job(job.name)
-    assert cancelled.state is types.JobState.JOB_STATE_CANCELLED
-    assert cancelled.done is True
-    assert be.find_job("c") is not None  # cancelled, not deleted
+def test_find_job_raises_when_a_page_fails(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    """An incomplete listing proves nothing: it must not look like "no such job"."""
+    backend = new_backend()
+    source = request_file(tmp_path, requests("x"))
+    for i in range(LIST_PAGE_SIZE + 1):
+        backend.create_job(MODEL, f"job-{i}", source, inline=True)
+    sim.add_fault(Fault("GET", "pageToken", status=503))
+    with pytest.raises(errors.ServerError):
+        backend.find_job("job-0")
+    sim.add_fault(Fault.garbled("html", path_contains="pageToken"))
+    with pytest.raises(wire.BadReply):
+        backend.find_job("job-0")
 
 
-def test_failed_job_state(sim: Simulator, clock: FakeClock) -> None:
-    be = backend(sim)
-    job = be.create_job(MODEL, "f", requests("a"))
-    assert job.name
+def test_cancel_job(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    backend = new_backend()
+    job = backend.create_job(MODEL, "c", request_file(tmp_path, requests("a")), inline=True)
+    backend.cancel_job(job.name)
+    cancelled = backend.get_job(job.name)
+    assert (cancelled.state, cancelled.done) == ("JOB_STATE_CANCELLED", True)
+    assert backend.find_job("c") is not None  # cancelled, not deleted
+
+
+def test_failed_job_carries_the_operation_error(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    backend = new_backend()
+    job = backend.create_job(MODEL, "f", request_file(tmp_path, requests("a")), inline=True)
     sim.set_job_state(job.name, "FAILED", "quota exhausted")
-    failed = be.get_job(job.name)
-    assert failed.state is types.JobState.JOB_STATE_FAILED
-    assert failed.done is True
+    failed = backend.get_job(job.name)
+    assert (failed.state, failed.done) == ("JOB_STATE_FAILED", True)
+    assert failed.error_message == "quota exhausted"
 
 
-# ---- create is sent exactly once ------------------------------------------------------------------
+def test_probe_is_one_cheap_listing(sim: Simulator, new_backend: MakeBackend) -> None:
+    new_backend().probe()
+    assert [(m, p.split("?")[1]) for m, p, _ in sim.requests_log] == [("GET", "pageSize=1")]
 
 
-def test_create_is_sent_once_when_the_reply_is_lost(sim: Simulator) -> None:
+def test_a_name_that_is_not_a_batch_is_refused_before_any_call(sim: Simulator, new_backend) -> None:
+    with pytest.raises(ValueError, match="not a batch job name"):
+        new_backend().get_job("files/abc")
+    assert sim.requests_log == []
+
+
+def test_endpoint_and_key_id(sim: Simulator, new_backend: MakeBackend) -> None:
+    backend = new_backend(api_version="v1")
+    assert backend.endpoint == f"{sim.base_url}/v1"
+    assert backend.key_id == key_fingerprint("test-key") != key_fingerprint("other-key")
+    assert "test-key" not in backend.key_id
+
+
+def test_parse_time() -> None:
+    assert parse_time("2026-12-01T10:00:00.123456789Z") == parse_time("2026-12-01T10:00:00Z")
+    assert parse_time(None) is None and parse_time("soon") is None
+
+
+# ---- create is sent exactly once; errors come out raw --------------------------------------------
+
+
+def test_create_is_sent_once_when_the_reply_is_lost(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
     """503 after the job was created: no SDK retry (it would make a second job)."""
-    be = backend(sim, retries=5)
+    backend = new_backend(retries=5)
     sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", after=True))
-    with pytest.raises(TransientError) as info:
-        be.create_job(MODEL, "lost-reply", requests("a"))
+    with pytest.raises(errors.ServerError) as info:
+        backend.create_job(MODEL, "lost-reply", request_file(tmp_path, requests("a")), inline=True)
     assert info.value.code == 503
     assert sim.create_calls == 1
     assert sim.jobs_created_for("lost-reply") == 1
-    assert be.find_job("lost-reply") is not None  # what the caller does next
+    assert backend.find_job("lost-reply") is not None  # what the caller does next
 
 
-def test_create_is_not_retried_even_before_the_server_acts(sim: Simulator) -> None:
-    be = backend(sim, retries=5)
-    sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", status=429))
-    with pytest.raises(TransientError) as info:
-        be.create_job(MODEL, "rate-limited", requests("a"))
-    assert info.value.code == 429
+@pytest.mark.parametrize("status", [429, 0])
+def test_create_is_not_retried_even_before_the_server_acts(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path, status: int
+) -> None:
+    sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", status=status))
+    with pytest.raises((errors.ClientError, httpx2.TransportError)):
+        new_backend(retries=5).create_job(
+            MODEL, "refused", request_file(tmp_path, requests("a")), inline=True
+        )
     assert sim.create_calls == 1
-    assert sim.jobs_created_for("rate-limited") == 0
+    assert sim.jobs_created_for("refused") == 0
 
 
-def test_create_with_a_dropped_connection(sim: Simulator) -> None:
-    be = backend(sim, retries=5)
-    sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", status=0))
-    with pytest.raises(TransientError) as info:
-        be.create_job(MODEL, "dropped", requests("a"))
-    assert info.value.code is None
-    assert sim.create_calls == 1
-
-
-def test_create_with_an_unknown_model_is_permanent(sim: Simulator) -> None:
-    with pytest.raises(PermanentError) as info:
-        backend(sim).create_job("does-not-exist", "m", requests("a"))
+def test_create_with_an_unknown_model_is_a_404(new_backend: MakeBackend, tmp_path: Path) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        new_backend().create_job(
+            "does-not-exist", "m", request_file(tmp_path, requests("a")), inline=True
+        )
     assert info.value.code == 404
+    policy = failures.RetryPolicy(Backoff(1, 10))
+    decision = policy.decide(failures.classify(info.value, "create"), failures.Call.CREATE, 1)
+    assert decision.action is failures.Action.GIVE_UP  # the API said no: an error report
 
 
-def test_400_is_permanent(sim: Simulator) -> None:
-    sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", status=400))
-    with pytest.raises(PermanentError) as info:
-        backend(sim, retries=5).create_job(MODEL, "x", requests("a"))
-    assert info.value.code == 400
-    assert info.value.status == "INVALID_ARGUMENT"
-    assert "create batch job" in str(info.value)
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.garbled(body, after=True, path_contains="batchGenerateContent")
+        for body in ("html", "truncated", "empty")
+    ],
+    ids=["html", "truncated", "empty"],
+)
+def test_an_unusable_create_reply_is_a_bad_reply(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path, fault: Fault
+) -> None:
+    """The job was made but the reply cannot be read: a transient failure, looked up next."""
+    sim.add_fault(fault)
+    with pytest.raises(wire.BadReply) as info:
+        new_backend(retries=5).create_job(
+            MODEL, "garbled", request_file(tmp_path, requests("a")), inline=True
+        )
+    assert failures.classify(info.value, "create").kind is failures.Kind.TRANSIENT
+    assert sim.create_calls == 1 and sim.jobs_created_for("garbled") == 1
 
 
-# ---- other calls: the SDK's retry options ----------------------------------------------------------
+# ---- other calls: the SDK's retry options --------------------------------------------------------
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_transient_get_is_retried_by_the_sdk(sim: Simulator, clock: FakeClock, status: int) -> None:
-    be = backend(sim, retries=3)
-    job = be.create_job(MODEL, "r", requests("a"))
-    assert job.name
+def test_transient_get_is_retried_by_the_sdk(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path, status: int
+) -> None:
+    backend = new_backend(retries=3)
+    backend.client._api_client._http_options.retry_options.initial_delay = 0.01  # type: ignore[union-attr]
+    job = backend.create_job(MODEL, "r", request_file(tmp_path, requests("a")), inline=True)
     sim.add_fault(Fault(method="GET", path_contains="batches/", status=status, times=2))
-    assert be.get_job(job.name).name == job.name
+    assert backend.get_job(job.name).name == job.name
     statuses = [s for m, p, s in sim.requests_log if m == "GET"]
     assert statuses == [status, status, 200]
 
 
-def test_transient_get_without_retries_is_a_transient_error(
-    sim: Simulator, clock: FakeClock
+def test_transient_get_without_retries_raises_and_the_next_works(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
 ) -> None:
-    be = backend(sim, retries=1)
-    job = be.create_job(MODEL, "r", requests("a"))
-    assert job.name
+    backend = new_backend(retries=1)
+    job = backend.create_job(MODEL, "r", request_file(tmp_path, requests("a")), inline=True)
     sim.add_fault(Fault(method="GET", path_contains="batches/", status=503))
-    with pytest.raises(TransientError) as info:
-        be.get_job(job.name)
+    with pytest.raises(errors.ServerError) as info:
+        backend.get_job(job.name)
     assert info.value.code == 503
-    assert be.get_job(job.name).name == job.name  # the next poll works
+    assert backend.get_job(job.name).name == job.name
 
 
-def test_retries_run_out(sim: Simulator, clock: FakeClock) -> None:
-    be = backend(sim, retries=2)
-    job = be.create_job(MODEL, "r", requests("a"))
-    assert job.name
-    sim.add_fault(Fault(method="GET", path_contains="batches/", status=500, times=5))
-    with pytest.raises(TransientError) as info:
-        be.get_job(job.name)
-    assert info.value.code == 500
-    assert [s for m, _, s in sim.requests_log if m == "GET"] == [500, 500]
-
-
-def test_dropped_connection_on_get_is_transient(sim: Simulator, clock: FakeClock) -> None:
-    be = backend(sim, retries=1)
-    job = be.create_job(MODEL, "d", requests("a"))
-    assert job.name
+def test_dropped_connection_on_get_is_a_transport_error(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    backend = new_backend(retries=1)
+    job = backend.create_job(MODEL, "d", request_file(tmp_path, requests("a")), inline=True)
     sim.add_fault(Fault(method="GET", status=0))
-    with pytest.raises(TransientError):
-        be.get_job(job.name)
-    assert be.get_job(job.name).name == job.name
+    with pytest.raises(httpx2.TransportError):
+        backend.get_job(job.name)
+    assert backend.get_job(job.name).name == job.name
 
 
-def test_get_of_a_forgotten_job_is_permanent_404(sim: Simulator, clock: FakeClock) -> None:
-    be = backend(sim, retries=3)
-    job = be.create_job(MODEL, "gone", requests("a"))
-    assert job.name
+def test_get_of_a_forgotten_job_is_a_404(
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    backend = new_backend(retries=3)
+    job = backend.create_job(MODEL, "gone", request_file(tmp_path, requests("a")), inline=True)
     sim.forget_job(job.name)
-    with pytest.raises(PermanentError) as info:
-        be.get_job(job.name)
+    with pytest.raises(errors.ClientError) as info:
+        backend.get_job(job.name)
     assert info.value.code == 404
-    assert job.name in str(info.value)
+    assert failures.classify(info.value, "poll").kind is failures.Kind.NOT_FOUND
 
 
-def test_unreachable_server_is_transient() -> None:
+def test_unreachable_server_is_a_transport_error() -> None:
     with Simulator() as gone:
         url = gone.base_url
-    be = GeminiBackend("k", base_url=url, retries=1, timeout_seconds=2)
-    with pytest.raises(TransientError):
-        be.get_job("batches/x")
+    backend = Backend("k", base_url=url, retries=1, timeout_seconds=2)
+    try:
+        with pytest.raises(httpx2.TransportError):
+            backend.get_job("batches/x")
+    finally:
+        backend.close()
 
 
-def test_bad_key_is_permanent(clock: FakeClock) -> None:
+def test_a_rejected_key_is_an_auth_failure_without_the_key(clock: FakeClock) -> None:
     with Simulator(api_key="right") as locked:
-        be = GeminiBackend("wrong", base_url=locked.base_url, retries=1)
-        with pytest.raises(PermanentError) as info:
-            be.find_job("anything")
+        backend = Backend("wrong-key-0123456789", base_url=locked.base_url, retries=1)
+        try:
+            with pytest.raises(errors.ClientError) as info:
+                backend.find_job("anything")
+        finally:
+            backend.close()
     assert info.value.code == 400
-    assert "wrong" not in str(info.value)
+    failure = failures.classify(info.value, "lookup")
+    assert failure.kind is failures.Kind.AUTH
+    assert "wrong-key-0123456789" not in str(info.value)
 
 
-# ---- File API ---------------------------------------------------------------------------------------
+# ---- File API ---------------------------------------------------------------------------------
 
 
 def test_upload_create_download_round_trip(
-    sim: Simulator, clock: FakeClock, tmp_path: Path
+    sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path
 ) -> None:
     sim.shuffle_output = True
-    be = backend(sim)
+    backend = new_backend()
     items = requests(*(f"prompt {i} é" for i in range(20)))
-    source = tmp_path / ".upload.tmp"
-    source.write_bytes(b"".join(file_line(r) for r in items))
-    name = be.upload(source, "gemini-batchd/x.jsonl/abc/1")
+    source = request_file(tmp_path, items, ".upload.tmp")
+    name = backend.upload(source, "gemini-batchd/x.jsonl/abc/1")
     assert name.startswith("files/")
     assert sim.uploaded_files[name] == source.read_bytes()
+    assert backend.find_files("gemini-batchd/x.jsonl/abc/1") == [name]
+    assert backend.find_files("someone else's") == []
 
-    job = be.create_job(MODEL, "file-job", name)
-    assert job.name
+    job = backend.create_job(MODEL, "file-job", name, inline=False)
     assert sim.jobs[job.name]["input_file"] == name
     finish(clock)
-    done = be.get_job(job.name)
-    assert done.state is types.JobState.JOB_STATE_SUCCEEDED
-    assert done.dest is not None and done.dest.file_name
+    done = backend.get_job(job.name)
+    assert done.state == "JOB_STATE_SUCCEEDED"
+    assert done.responses_file and done.inline_responses is None
 
     download = tmp_path / "responses.jsonl"
-    be.download(done.dest.file_name, download)
+    backend.download(done.responses_file, download, expected_bytes=source.stat().st_size)
     lines = [json.loads(line) for line in download.read_text(encoding="utf-8").splitlines()]
     by_key = {line["key"]: line for line in lines}
     assert set(by_key) == {r.key for r in items}
     text = by_key["k7"]["response"]["candidates"][0]["content"]["parts"][0]["text"]
     assert text.endswith("prompt 6 é")
-    be.delete_file(name)
+    backend.delete_file(name)
     assert name not in sim.uploaded_files
 
 
-def test_upload_uses_the_jsonl_mime_type(sim: Simulator, tmp_path: Path) -> None:
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(file_line(requests("a")[0]))
-    be = backend(sim)  # keep the client alive: a collected client closes its connection
-    name = be.upload(path, "shown")
-    info = be.client.files.get(name=name)
+def test_upload_uses_the_jsonl_mime_type(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    path = request_file(tmp_path, requests("a"), "x.jsonl")
+    backend = new_backend()
+    name = backend.upload(path, "shown")
+    info = backend.client.files.get(name=name)
     assert info.mime_type == BATCH_MIME_TYPE
     assert info.display_name == "shown"
 
 
-def test_download_of_an_unknown_file_is_an_error(sim: Simulator, tmp_path: Path) -> None:
-    with pytest.raises(BackendError):
-        backend(sim).download("files/nope", tmp_path / "out")
+def test_download_of_an_unknown_file_is_an_error(new_backend: MakeBackend, tmp_path: Path) -> None:
+    with pytest.raises(errors.APIError):
+        new_backend().download("files/nope", tmp_path / "out")
 
 
-def test_file_line() -> None:
-    request = Request("k", 1, {"contents": [{"role": "user", "parts": [{"text": "é"}]}]}, False)
-    line = file_line(request)
-    assert line.endswith(b"\n")
-    assert json.loads(line) == {"key": "k", "request": request.body}
-    assert "é".encode() in line
-
-
-def test_to_inlined() -> None:
-    inlined = to_inlined(requests("hello")[0])
-    assert inlined.metadata == {"key": "k1"}
-    assert inlined.config is not None
-    assert inlined.config.temperature == 0.3
-    assert inlined.config.thinking_config is not None
-    assert inlined.config.thinking_config.thinking_budget == 0
-    assert inlined.config.system_instruction is not None
-
-
-def test_the_client_is_kept(sim: Simulator) -> None:
-    be = backend(sim)
-    assert isinstance(be.client, genai.Client)
-    assert be.client is be.client
+def test_a_given_client_is_used(sim: Simulator) -> None:
     given = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=sim.base_url))
-    assert GeminiBackend("k", client=given).client is given
-
-
-# ---- classify ---------------------------------------------------------------------------------------
-
-
-def api_error(code: int, status: str = "X") -> errors.APIError:
-    body = {"error": {"code": code, "message": "msg", "status": status}}
-    return (errors.ClientError if code < 500 else errors.ServerError)(code, body)
-
-
-@pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])
-def test_classify_transient_codes(code: int) -> None:
-    error = classify(api_error(code, "S"), "poll")
-    assert isinstance(error, TransientError)
-    assert (error.code, error.status) == (code, "S")
-    assert str(error).startswith(f"poll: {code} S msg")
-
-
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 501])
-def test_classify_permanent_codes(code: int) -> None:
-    error = classify(api_error(code), "poll")
-    assert isinstance(error, PermanentError)
-    assert error.code == code
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        httpx2.ConnectError("refused"),
-        httpx2.ReadError("reset"),
-        httpx2.ReadTimeout("slow"),
-        httpx2.RemoteProtocolError("gone"),
-        ConnectionResetError("reset"),
-        TimeoutError("slow"),
-        OSError("network down"),
-    ],
-)
-def test_classify_transport_errors_are_transient(exc: BaseException) -> None:
-    error = classify(exc, "get")
-    assert isinstance(error, TransientError)
-    assert error.code is None
-    assert type(exc).__name__ in str(error)
-
-
-@pytest.mark.parametrize("exc", [ValueError("bad"), KeyError("x-goog-upload-url"), TypeError()])
-def test_classify_other_errors_are_permanent(exc: BaseException) -> None:
-    assert isinstance(classify(exc, "upload"), PermanentError)
-
-
-def test_api_call_wraps_and_passes_backend_errors_through() -> None:
-    with pytest.raises(PermanentError, match="act: ValueError"), api_call("act"):
-        raise ValueError("x")
-    original = TransientError("keep me")
-    with pytest.raises(TransientError) as info, api_call("act"):
-        raise original
-    assert info.value is original
-
-
-def test_job_error_message() -> None:
-    assert job_error_message(types.BatchJob(name="batches/x")) is None
-    job = types.BatchJob(name="batches/x", error=types.JobError(code=13, message="boom"))
-    assert job_error_message(job) == "boom"
-    assert job_error_message(types.BatchJob(error=types.JobError(code=13))) == "13"
+    backend = Backend("k", client=given)
+    assert backend.client is given
+    assert backend.find_job("none") is None
+    backend.close()
