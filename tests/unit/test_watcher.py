@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.spool import is_candidate, name_too_long, why_ignored
+from daemon.spool import is_candidate, name_too_long
 from daemon.watcher import InboxWatcher, open_for_writing
 from tests.harness import FakeClock, wait_for
 
@@ -191,14 +191,6 @@ def test_dot_files_and_other_names_are_ignored(
     assert not is_candidate(name)
 
 
-def test_candidates() -> None:
-    assert is_candidate("a.jsonl")
-    assert is_candidate("with space é.jsonl")
-    assert is_candidate("x.y.jsonl")
-    assert not is_candidate(".a.jsonl")
-    assert not is_candidate("a.json")
-
-
 # ---- writers that keep the file open -------------------------------------------------------------
 
 
@@ -310,26 +302,16 @@ def test_names_too_long_for_the_sidecar_are_not_candidates(
     assert watcher.pending == 0
 
 
-@pytest.mark.parametrize(
-    ("name", "fragment"),
-    [
-        ("a.jsonl", None),
-        ("with space.jsonl", None),
-        ("notes.txt", "only names ending in .jsonl are taken"),
-        ("README", "only names ending in .jsonl are taken"),
-        ("a.jsonl.tmp", "only names ending in .jsonl are taken"),
-        ("UP.JSONL", "(lower case) are taken: rename it UP.jsonl"),
-        ("Mixed.Jsonl", "rename it Mixed.jsonl"),
-        ("prompts.json", "if it holds one request per line, rename it prompts.jsonl"),
-        (".hidden.jsonl", "names starting with '.' are left alone"),
-        (".jsonl", "names starting with '.'"),
-        ("n" * 240 + ".jsonl", "the name is 246 bytes long"),
-    ],
-)
-def test_why_ignored_explains_and_agrees_with_is_candidate(name: str, fragment: str | None) -> None:
-    reason = why_ignored(name)
-    assert (reason is None) == is_candidate(name)
-    if fragment is None:
-        assert reason is None
-    else:
-        assert reason is not None and fragment in reason
+def test_rescan_says_which_inbox_entries_are_ignored_and_why(
+    watcher: InboxWatcher, inbox: Path
+) -> None:
+    for name in ("notes.txt", "UP.JSONL", ".writing.jsonl", "a.jsonl"):
+        old(inbox / name)
+    for folder in ("processing", "done", "failed"):
+        (inbox / folder).mkdir()
+    watcher.rescan()
+    assert sorted(watcher.ignored) == ["UP.JSONL", "notes.txt"]  # dot-files and folders: silent
+    assert "rename it UP.jsonl" in watcher.ignored["UP.JSONL"]
+    (inbox / "notes.txt").unlink()
+    watcher.rescan()
+    assert sorted(watcher.ignored) == ["UP.JSONL"]
