@@ -1,57 +1,64 @@
-"""API and file-system faults: transient ones never fail a file, permanent ones give a report.
+"""API and file-system faults, in-process: what time or an operator can fix never fails a file;
+what the API refuses gives an error report; every job is made at most once.
 
-Every scenario runs the real daemon against the simulator with faults injected at the HTTP
-level, and checks the guarantees: the file finishes, one outbox file, at most one job.
+Faults are injected at the HTTP level of the simulator (the SDK sees real error replies, dropped
+connections and outages) and in the daemon's own writes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import resource
-import signal
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon import publish
 from daemon.simulator import Fault, Simulator
-from tests.guarantees import (
-    NoDacSpool,
-    assert_no_secret,
-    assert_no_stray_traceback,
-    assert_nothing_lost,
-    can_drop_caps,
-    records,
-    report,
-    state_of,
-    wait_started,
-)
-from tests.harness import Spool, wait_for
+from tests.harness import TEST_API_KEY
+from tests.inprocess import Daemon
 
 LINES = ["one", ["two", "parts"], {"key": "three", "prompt": "three"}]
 CREATE = ":batchGenerateContent"
+MakeDaemon = Any
 
 
-def _clear_faults(sim: Simulator) -> None:
-    with sim._lock:
-        sim._faults.clear()
+def run_one(daemon: Daemon, lines: list[Any] | None = None, name: str = "f.jsonl") -> int:
+    daemon.drop(name, lines or LINES)
+    daemon.run_all()
+    return daemon.exit_status()
 
 
-def _events(spool: Spool, event: str) -> list[dict[str, object]]:
-    return [e for e in spool.log_events() if e.get("event") == event]
+def assert_ok(daemon: Daemon, name: str = "f.jsonl", jobs: int = 1) -> None:
+    """The file finished with results, one outbox file, `jobs` jobs each made once."""
+    assert [r["status"] for r in daemon.results(name)] == ["ok"] * len(LINES)
+    assert (daemon.inbox / "done" / name).exists()
+    assert sorted(p.name for p in daemon.outbox.iterdir()) == [name]
+    assert not list((daemon.inbox / "processing").iterdir())
+    sim = daemon.sim
+    assert len(sim.jobs) == jobs
+    assert all(sim.jobs_created_for(j["display_name"]) == 1 for j in sim.jobs.values())
+    assert_no_secret(daemon)
 
 
-def _run_one(spool: Spool, name: str = "f.jsonl", lines: list[object] | None = None) -> int:
-    spool.drop(name, lines or LINES)
-    return spool.run_once(timeout=90)
+def assert_report(daemon: Daemon, stage: str, name: str = "f.jsonl") -> dict[str, Any]:
+    report = daemon.report(name)
+    assert report["stage"] == stage and report["input"] == name
+    assert (daemon.inbox / "failed" / name).exists()
+    assert not (daemon.outbox / name).exists()
+    assert_no_secret(daemon)
+    return report
 
 
-def _assert_ok(spool: Spool, name: str = "f.jsonl", jobs: int = 1) -> None:
-    assert_nothing_lost(spool, [name], jobs=jobs)
-    assert [r["status"] for r in records(spool, name)] == ["ok"] * len(LINES)
-    assert spool.finished(name)
-    assert_no_secret(spool)
-    assert_no_stray_traceback(spool)
+def assert_no_secret(daemon: Daemon) -> None:
+    assert TEST_API_KEY not in daemon.log.getvalue()
+    for path in daemon.folder.all_written_files():
+        assert TEST_API_KEY.encode() not in path.read_bytes(), path
+
+
+def retries(daemon: Daemon) -> list[dict[str, Any]]:
+    return daemon.events("will retry") + daemon.events("step failed; will retry")
 
 
 # ---- transient faults: the file stays in flight and completes, with exactly one job -------
@@ -60,265 +67,316 @@ def _assert_ok(spool: Spool, name: str = "f.jsonl", jobs: int = 1) -> None:
 @pytest.mark.parametrize(
     ("method", "path"), [("POST", CREATE), ("GET", "batches/")], ids=["create", "poll"]
 )
-def test_transient_faults_are_retried(spool: Spool, sim: Simulator, method: str, path: str) -> None:
-    """429, 500, 503, 408 and a dropped connection (0), one after the other, on one call."""
+def test_transient_faults_are_retried(
+    make_daemon: MakeDaemon, sim: Simulator, method: str, path: str
+) -> None:
+    """429, 500, 503, 408, a dropped connection (0) and 502, one after the other, on one call."""
     statuses = [429, 500, 503, 408, 0, 502]
     for status in statuses:
         sim.add_fault(Fault(method, path, status=status, times=1))
-    assert _run_one(spool) == 0, spool.logs()[-3000:]
-    _assert_ok(spool)
-    failures = _events(spool, "transient API failure; will retry")
+    daemon = make_daemon()
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    failures = [e for e in retries(daemon) if e.get("kind") == "transient"]
     assert len(failures) >= len(statuses), failures
     assert not [f for f in sim._faults if f.path_contains == path], "a fault was not reached"
 
 
 @pytest.mark.parametrize("status", [503, 0])
-def test_lost_create_response_adopts_the_job(spool: Spool, sim: Simulator, status: int) -> None:
+def test_lost_create_response_adopts_the_job(
+    make_daemon: MakeDaemon, sim: Simulator, status: int
+) -> None:
     """The server created the job but the reply was lost: the job is found, not made again."""
     sim.add_fault(Fault("POST", CREATE, status=status, times=1, after=True))
-    assert _run_one(spool) == 0, spool.logs()[-3000:]
-    _assert_ok(spool)
+    daemon = make_daemon()
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
     assert sim.create_calls == 1
-    assert _events(spool, "adopted a job created before a crash or a lost reply")
+    assert daemon.events("adopted a job created before a crash or a lost reply")
 
 
-def test_transient_faults_on_the_file_api_path(tmp_path: Path, sim: Simulator) -> None:
-    spool = Spool(tmp_path, sim, limits={"inline_max_bytes": 10})
-    try:
-        sim.add_fault(Fault("POST", "upload/", status=503, times=2))
-        sim.add_fault(Fault("POST", CREATE, status=503, times=1, after=True))
-        sim.add_fault(Fault("GET", ":download", status=500, times=2))
-        sim.add_fault(Fault("GET", ":download", status=0, times=1))
-        assert _run_one(spool) == 0, spool.logs()[-3000:]
-        _assert_ok(spool)
-        assert spool.sidecar("f.jsonl")["mode"] == "file"
-    finally:
-        spool.stop_all()
+def test_a_garbled_create_reply_adopts_the_job(make_daemon: MakeDaemon, sim: Simulator) -> None:
+    sim.add_fault(Fault.garbled("truncated", after=True, path_contains=CREATE))
+    daemon = make_daemon()
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert sim.create_calls == 1
 
 
-def test_server_outage_while_running(spool: Spool, sim: Simulator) -> None:
-    sim.pending_seconds = 1.0
-    spool.drop("f.jsonl", LINES)
-    proc = spool.start()
-    wait_for(lambda: state_of(spool, "f.jsonl") == "running", timeout=30)
+def test_a_job_slow_to_show_in_the_list_is_waited_for(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    """The create's reply was lost and the listing lags: looked up again over the grace period,
+    never created twice."""
+    sim.list_lag_seconds = 20
+    sim.add_fault(Fault("POST", CREATE, status=503, times=1, after=True))
+    daemon = make_daemon(api={"lookup_grace_seconds": 60})
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert sim.create_calls == 1
+    assert daemon.events("the job is not listed yet; looking again")
+
+
+def test_a_create_that_never_happened_is_made_after_the_grace(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    sim.add_fault(Fault("POST", CREATE, status=0, times=1))  # dropped before the server acted
+    daemon = make_daemon(api={"lookup_grace_seconds": 60})
+    started = daemon.clock.now
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert sim.create_calls == 2
+    assert daemon.events("no job was made; creating it")
+    assert daemon.clock.now - started >= 60
+
+
+def test_transient_faults_on_the_file_api_path(make_daemon: MakeDaemon, sim: Simulator) -> None:
+    sim.add_fault(Fault("POST", "upload/", status=503, times=2))
+    sim.add_fault(Fault("POST", CREATE, status=503, times=1, after=True))
+    sim.add_fault(Fault("GET", ":download", status=500, times=2))
+    sim.add_fault(Fault("GET", ":download", status=0, times=1))
+    daemon = make_daemon(limits={"inline_max_bytes": 10})
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert daemon.sidecar("f.jsonl")["jobs"][0]["mode"] == "file"
+    assert not sim.files, "uploads and responses files are deleted"
+    assert not sim._faults
+
+
+def test_a_lost_upload_reply_leaves_no_stray_upload(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    """The upload happened but its reply was lost: it is found and deleted, then uploaded again."""
+    sim.add_fault(Fault("POST", "upload/", status=503, times=1, after=True))
+    daemon = make_daemon(limits={"inline_max_bytes": 10})
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert not sim.files
+
+
+def test_server_outage_while_running(make_daemon: MakeDaemon, sim: Simulator) -> None:
+    daemon = make_daemon()
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("f.jsonl") == "RUNNING")
     sim.stop()
-    wait_for(lambda: _events(spool, "transient API failure; will retry"), timeout=30)
-    time.sleep(0.5)
+    daemon.run_until(lambda: retries(daemon))
+    for _ in range(5):
+        daemon.tick()
+        daemon.clock.advance(10)
+    assert daemon.state() == {"f.jsonl": "RUNNING"}
     sim.start()
-    wait_for(lambda: spool.finished("f.jsonl"), timeout=60)
-    assert proc.poll() is None
-    _assert_ok(spool)
+    daemon.run_all()
+    assert_ok(daemon)
 
 
-def test_server_down_at_submission(spool: Spool, sim: Simulator) -> None:
+def test_server_down_at_submission(make_daemon: MakeDaemon, sim: Simulator) -> None:
     sim.stop()
-    spool.drop("f.jsonl", LINES)
-    proc = spool.start()
-    wait_for(lambda: _events(spool, "transient API failure; will retry"), timeout=30)
-    assert state_of(spool, "f.jsonl") == "submitting"
+    daemon = make_daemon()
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: retries(daemon))
+    assert daemon.state() == {"f.jsonl": "SUBMITTING"}
     sim.start()
-    wait_for(lambda: spool.finished("f.jsonl"), timeout=60)
-    assert proc.poll() is None
-    _assert_ok(spool)
+    daemon.run_all()
+    assert_ok(daemon)
+
+
+def test_a_permission_refused_at_create_waits_for_the_operator(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    """403 PERMISSION_DENIED is the key's or the project's problem: no report, new work held."""
+    fault = Fault("POST", CREATE, status=403, times=10**6)
+    sim.add_fault(fault)
+    daemon = make_daemon()
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: daemon.service.health.paused)
+    for _ in range(10):
+        daemon.tick()
+        daemon.clock.advance(30)
+    assert daemon.state() == {"f.jsonl": "SUBMITTING"} and not sim.jobs
+    fault.times = 0
+    daemon.run_all()
+    assert_ok(daemon)
 
 
 # ---- permanent faults: an error report, stage `submission` --------------------------------
 
 
-@pytest.mark.parametrize("status", [400, 403, 404])
+@pytest.mark.parametrize("status", [400, 404])
 def test_permanent_create_fault_is_a_submission_error(
-    spool: Spool, sim: Simulator, status: int
+    make_daemon: MakeDaemon, sim: Simulator, status: int
 ) -> None:
     sim.add_fault(Fault("POST", CREATE, status=status, times=5))
-    assert _run_one(spool) == 1
-    assert_nothing_lost(spool, ["f.jsonl"], jobs=0)
-    rep = report(spool, "f.jsonl")
-    assert rep["stage"] == "submission"
-    assert rep["input"] == "f.jsonl"
-    assert str(status) in rep["message"]
-    assert spool.finished("f.jsonl") and (spool.inbox / "failed" / "f.jsonl").exists()
-    assert_no_secret(spool)
+    daemon = make_daemon()
+    assert run_one(daemon) == 1
+    report = assert_report(daemon, "submission")
+    assert str(status) in report["message"]
+    assert (report["job_name"], report["errors"], report["error_count"]) == (None, [], 0)
+    assert not sim.jobs and sim.create_calls == 1
 
 
-def test_unknown_model_is_a_submission_error(spool: Spool, sim: Simulator) -> None:
-    spool.configure(model="does-not-exist")
-    assert _run_one(spool) == 1
-    rep = report(spool, "f.jsonl")
-    assert rep["stage"] == "submission"
-    assert "404" in rep["message"] and "does-not-exist" in rep["message"]
-    assert_nothing_lost(spool, ["f.jsonl"], jobs=0)
+def test_unknown_model_is_a_submission_error(make_daemon: MakeDaemon, sim: Simulator) -> None:
+    daemon = make_daemon(model="does-not-exist")
+    assert run_one(daemon) == 1
+    report = assert_report(daemon, "submission")
+    assert "404" in report["message"] and "does-not-exist" in report["message"]
+    assert not sim.jobs
 
 
-def test_permanent_upload_fault_is_a_submission_error(tmp_path: Path, sim: Simulator) -> None:
-    spool = Spool(tmp_path, sim, limits={"inline_max_bytes": 10})
-    try:
-        sim.add_fault(Fault("POST", "upload/", status=400, times=5))
-        assert _run_one(spool) == 1
-        assert report(spool, "f.jsonl")["stage"] == "submission"
-        assert_nothing_lost(spool, ["f.jsonl"], jobs=0)
-    finally:
-        spool.stop_all()
+def test_permanent_upload_fault_is_a_submission_error(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    sim.add_fault(Fault("POST", "upload/", status=400, times=5))
+    daemon = make_daemon(limits={"inline_max_bytes": 10})
+    assert run_one(daemon) == 1
+    assert_report(daemon, "submission")
+    assert not sim.jobs and not sim.files
 
 
 # ---- the job itself: gone, failed, cancelled, expired -------------------------------------
 
 
-def test_job_the_api_no_longer_finds(spool: Spool, sim: Simulator) -> None:
+def test_job_the_api_no_longer_finds(make_daemon: MakeDaemon, sim: Simulator) -> None:
     sim.pending_seconds = 3600
-    spool.drop("f.jsonl", LINES)
-    proc = spool.start()
-    wait_for(lambda: state_of(spool, "f.jsonl") == "running", timeout=30)
-    sim.forget_job(spool.sidecar("f.jsonl")["job_name"])
-    wait_for(lambda: spool.finished("f.jsonl"), timeout=30)
-    assert proc.poll() is None
-    rep = report(spool, "f.jsonl")
-    assert rep["stage"] == "job"
-    assert rep["job_name"] and rep["job_name"].startswith("batches/")
-    assert_nothing_lost(spool, ["f.jsonl"])
-    assert sim.jobs_created_for(spool.sidecar("f.jsonl")["display_name"]) == 1
+    daemon = make_daemon()
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("f.jsonl") == "RUNNING")
+    sim.forget_job(daemon.sidecar("f.jsonl")["job_name"])
+    daemon.run_all()
+    report = assert_report(daemon, "job")
+    assert report["job_name"] and report["job_name"].startswith("batches/")
+    assert "no longer exists" in report["message"]
+    (job,) = daemon.sidecar("f.jsonl")["jobs"]
+    assert sim.jobs_created_for(job["display_name"]) == 1
 
 
 @pytest.mark.parametrize("outcome", ["FAILED", "CANCELLED", "EXPIRED"])
-def test_unsuccessful_job_gets_a_report(spool: Spool, sim: Simulator, outcome: str) -> None:
+def test_unsuccessful_job_gets_a_report(
+    make_daemon: MakeDaemon, sim: Simulator, outcome: str
+) -> None:
     sim.outcome = outcome
-    assert _run_one(spool) == 1
-    assert_nothing_lost(spool, ["f.jsonl"], jobs=1)
-    rep = report(spool, "f.jsonl")
-    assert rep["stage"] == "job"
-    assert rep["job_state"] == f"JOB_STATE_{outcome}"
-    assert rep["job_name"] == spool.sidecar("f.jsonl")["job_name"]
-    assert outcome in rep["message"] and rep["message"]
+    daemon = make_daemon()
+    assert run_one(daemon) == 1
+    report = assert_report(daemon, "job")
+    sidecar = daemon.sidecar("f.jsonl")
+    assert report["job_state"] == f"JOB_STATE_{outcome}"
+    assert report["job_name"] == sidecar["job_name"] == sidecar["jobs"][0]["job_name"]
+    assert outcome in report["message"]
     if outcome == "FAILED":
-        assert "The batch job failed (simulated)." in rep["message"]
-    assert spool.sidecar("f.jsonl")["job_state"] == f"JOB_STATE_{outcome}"
+        assert "The batch job failed (simulated)." in report["message"]
+    assert sidecar["job_state"] == f"JOB_STATE_{outcome}"
+    assert len(sim.jobs) == 1
 
 
-def test_succeeded_job_whose_requests_all_failed(spool: Spool, sim: Simulator) -> None:
+@pytest.mark.parametrize("mode", ["refuse", "fail"])
+def test_the_token_quota_makes_a_job_wait_not_fail(
+    make_daemon: MakeDaemon, sim: Simulator, mode: str
+) -> None:
+    """The enqueued-token quota refused the create (429), or the API made the job and then
+    failed it for the quota: a reason to wait for jobs in flight, never an error report."""
+    sim.enqueued_token_limit = 30  # one file's job (about 21 tokens) at a time
+    sim.quota_mode = mode
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", [f"first file, a long prompt {i}" for i in range(3)])
+    daemon.run_until(lambda: sim.jobs)
+    daemon.drop("b.jsonl", [f"second file, a long prompt {i}" for i in range(3)])
+    daemon.run_all()
+    for name in ("a.jsonl", "b.jsonl"):
+        assert [r["status"] for r in daemon.results(name)] == ["ok"] * 3
+    assert daemon.service.health.quota_refusals >= 1
+    assert len(sim.jobs) == (2 if mode == "refuse" else 3)  # a failed job stays listed
+
+
+def test_succeeded_job_whose_requests_all_failed(make_daemon: MakeDaemon, sim: Simulator) -> None:
     lines = ["a [[sim:error=500]]", "b [[sim:error=429]]", {"key": "k", "prompt": "c"}]
     sim.fail_keys["k"] = 400
-    assert _run_one(spool, lines=lines) == 0
-    assert_nothing_lost(spool, ["f.jsonl"], jobs=1)
-    recs = records(spool, "f.jsonl")
-    assert [r["status"] for r in recs] == ["error"] * 3
-    assert [r["error"]["stage"] for r in recs] == ["request"] * 3
-    assert [r["error"]["code"] for r in recs] == [500, 429, 400]
-    warnings = _events(spool, "the job succeeded but every request failed")
+    daemon = make_daemon()
+    assert run_one(daemon, lines) == 0
+    records = daemon.results("f.jsonl")
+    assert [r["status"] for r in records] == ["error"] * 3
+    assert [r["error"]["stage"] for r in records] == ["request"] * 3
+    assert [r["error"]["code"] for r in records] == [500, 429, 400]
+    assert [r["attempts"] for r in records] == [3, 3, 1]  # the retryable ones got two more tries
+    warnings = daemon.events("every request failed")
     assert warnings and warnings[0]["level"] == "warning"
 
 
-def test_expired_job_is_resubmitted_once(spool: Spool, sim: Simulator) -> None:
-    spool.configure(expired_resubmits=1)
+def test_expired_job_is_resubmitted_once(make_daemon: MakeDaemon, sim: Simulator) -> None:
     sim.pending_seconds = 3600
-    spool.drop("f.jsonl", LINES)
-    proc = spool.start()
-    wait_for(lambda: state_of(spool, "f.jsonl") == "running", timeout=30)
-    first = spool.sidecar("f.jsonl")
-    sim.pending_seconds = 0.1
+    daemon = make_daemon(expired_resubmits=1)
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("f.jsonl") == "RUNNING")
+    (first,) = daemon.sidecar("f.jsonl")["jobs"]
+    sim.pending_seconds = 5
     sim.set_job_state(first["job_name"], "EXPIRED")
-    wait_for(lambda: spool.finished("f.jsonl"), timeout=30)
-    assert proc.poll() is None
-    car = spool.sidecar("f.jsonl")
-    assert car["expired_resubmits"] == 1
-    assert car["job_name"] != first["job_name"]
-    assert car["display_name"] != first["display_name"]
+    daemon.run_all()
+    (job,) = daemon.sidecar("f.jsonl")["jobs"]
+    assert job["expired_resubmits"] == 1 and job["attempt"] == 2
+    assert job["job_name"] != first["job_name"]
+    assert job["display_name"] != first["display_name"]
     assert sim.jobs_created_for(first["display_name"]) == 1
-    assert sim.jobs_created_for(car["display_name"]) == 1
+    assert sim.jobs_created_for(job["display_name"]) == 1
     assert len(sim.jobs) == 2
-    assert [r["status"] for r in records(spool, "f.jsonl")] == ["ok"] * len(LINES)
-    assert _events(spool, "job expired; resubmitting")
+    assert [r["status"] for r in daemon.results("f.jsonl")] == ["ok"] * len(LINES)
+    assert daemon.events("job expired; resubmitting")
 
 
-def test_expired_twice_gives_a_report(spool: Spool, sim: Simulator) -> None:
-    spool.configure(expired_resubmits=1)
+def test_expired_twice_gives_a_report(make_daemon: MakeDaemon, sim: Simulator) -> None:
     sim.outcome = "EXPIRED"
-    assert _run_one(spool) == 1
-    car = spool.sidecar("f.jsonl")
-    assert car["expired_resubmits"] == 1
+    daemon = make_daemon(expired_resubmits=1)
+    assert run_one(daemon) == 1
+    (job,) = daemon.sidecar("f.jsonl")["jobs"]
+    assert job["expired_resubmits"] == 1
     assert len(sim.jobs) == 2
-    rep = report(spool, "f.jsonl")
-    assert rep["stage"] == "job" and rep["job_state"] == "JOB_STATE_EXPIRED"
+    report = assert_report(daemon, "job")
+    assert report["job_state"] == "JOB_STATE_EXPIRED"
 
 
 # ---- the outbox cannot be written -------------------------------------------------------
 
 
-@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit(2) (Linux)")
-def test_outbox_write_failure_mid_file_is_retried(tmp_path: Path, sim: Simulator) -> None:
-    """Writes over a size limit fail half-way (EFBIG), as on a full disk: no partial file shows.
+def test_a_write_failing_half_way_is_retried_and_shows_nothing(
+    make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up half-way through the results (EFBIG at the mid_write point, as a
+    file-size limit gives): no partial file in the outbox; the write is retried until it works."""
+    fail = {"times": 3}
+    real = publish.crash_point
 
-    `chmod` does not stop root, so the daemon's RLIMIT_FSIZE is lowered from outside
-    (prlimit) below the results file's size, and raised again later.
-    """
-    spool = Spool(tmp_path, sim, log_level="info")
-    lines = [f"request number {i} " + "x" * 100 for i in range(400)]  # about 120 KB of results
-    try:
-        proc = spool.start()
-        wait_started(spool, proc)
-        limit = 64 * 1024
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-        spool.drop("big.jsonl", lines)
-        failures = wait_for(
-            lambda: [
-                e for e in spool.log_events() if e.get("event") == "file system error; will retry"
-            ],
-            timeout=30,
-        )
-        assert spool.log_paths[0].stat().st_size < limit, "the log itself hit the limit"
-        for _ in range(20):  # while it fails, nothing partial is visible in the outbox
-            assert list(spool.outbox.iterdir()) == [] or all(
-                p.name.startswith(".") for p in spool.outbox.iterdir()
-            )
-            assert not (spool.outbox / "big.jsonl").exists()
-            time.sleep(0.02)
-        assert proc.poll() is None
-        assert "big.jsonl" in str(failures[0])
-        resource.prlimit(
-            proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-        )
-        wait_for(lambda: spool.finished("big.jsonl"), timeout=30)
-        assert_nothing_lost(spool, ["big.jsonl"], jobs=1)
-        recs = records(spool, "big.jsonl")
-        assert len(recs) == 400 and all(r["status"] == "ok" for r in recs)
-        assert_no_stray_traceback(spool)
-    finally:
-        spool.stop_all()
+    def disk_full(name: str) -> None:
+        if name == "mid_write" and fail["times"]:
+            fail["times"] -= 1
+            raise OSError(errno.EFBIG, "File too large")
+        real(name)
+
+    monkeypatch.setattr(publish, "crash_point", disk_full)
+    daemon = make_daemon()
+    daemon.drop("big.jsonl", [f"request number {i}" for i in range(40)])
+    daemon.run_until(lambda: len(daemon.events("step failed; will retry")) >= 2)
+    assert daemon.state() == {"big.jsonl": "WRITING"}
+    assert [p.name for p in daemon.outbox.iterdir()] == []  # not even a temporary file
+    failure = daemon.events("step failed; will retry")[0]
+    assert (failure["kind"], failure["file"]) == ("local", "big.jsonl")
+    daemon.run_all()
+    records = daemon.results("big.jsonl")
+    assert len(records) == 40 and all(r["status"] == "ok" for r in records)
+    assert fail["times"] == 0
 
 
-def test_read_only_outbox_is_retried(tmp_path: Path, sim: Simulator) -> None:
-    """The outbox cannot be written (chmod 0o555): the daemon logs it and retries until it can.
-
-    Root ignores file modes, so as root the daemon runs without CAP_DAC_OVERRIDE (setpriv);
-    where that is impossible the outbox is replaced by a plain file instead.
-    """
-    use_chmod = can_drop_caps() or os.geteuid() != 0
-    spool = (NoDacSpool if can_drop_caps() else Spool)(tmp_path, sim)
-    try:
-        sim.pending_seconds = 3600
-        proc = spool.start()
-        wait_started(spool, proc)
-        spool.drop("f.jsonl", LINES)
-        wait_for(lambda: state_of(spool, "f.jsonl") == "running", timeout=30)
-        real = spool.root / "outbox.real"
-        if use_chmod:
-            spool.outbox.chmod(0o555)
-        else:
-            os.rename(spool.outbox, real)
-            spool.outbox.write_text("not a folder\n")
-        sim.set_job_state(spool.sidecar("f.jsonl")["job_name"], "SUCCEEDED")
-        wait_for(lambda: len(_events(spool, "file system error; will retry")) >= 2, timeout=30)
-        assert proc.poll() is None
-        assert state_of(spool, "f.jsonl") == "writing"
-        if use_chmod:
-            assert list(spool.outbox.iterdir()) == []  # not even a temporary file
-            spool.outbox.chmod(0o755)
-        else:
-            spool.outbox.unlink()
-            os.rename(real, spool.outbox)
-        wait_for(lambda: spool.finished("f.jsonl"), timeout=30)
-        _assert_ok(spool)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if spool.outbox.is_dir():
-            spool.outbox.chmod(0o755)
-        spool.stop_all()
+def test_an_outbox_that_cannot_be_written_is_retried(
+    make_daemon: MakeDaemon, sim: Simulator, tmp_path: Path
+) -> None:
+    """The outbox is replaced by a plain file (what chmod does for a user other than root)."""
+    sim.pending_seconds = 3600
+    daemon = make_daemon()
+    daemon.drop("f.jsonl", LINES)
+    daemon.run_until(lambda: daemon.state().get("f.jsonl") == "RUNNING")
+    real = tmp_path / "outbox.real"
+    os.rename(daemon.outbox, real)
+    daemon.outbox.write_text("not a folder\n")
+    sim.set_job_state(daemon.sidecar("f.jsonl")["job_name"], "SUCCEEDED")
+    daemon.run_until(lambda: len(daemon.events("step failed; will retry")) >= 2)
+    assert daemon.state() == {"f.jsonl": "WRITING"}
+    daemon.outbox.unlink()
+    os.rename(real, daemon.outbox)
+    daemon.run_all()
+    assert_ok(daemon)
