@@ -134,21 +134,24 @@ def test_ready_in_the_order_first_seen_and_vanished_files_forgotten(
     assert watcher.pending == 1
 
 
-def test_ready_carries_each_file_s_arrival_and_sorts_by_it(
-    watcher: InboxWatcher, inbox: Path
+def test_arrival_is_when_a_file_was_moved_in_however_the_watcher_heard_of_it(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
 ) -> None:
-    """Arrival is when the watcher first heard of a file (an event), else its mtime (a rescan):
-    job slots are granted in that order."""
-    before = time.time_ns()
-    fresh(inbox / "evented.jsonl")
-    watcher.note("evented.jsonl", complete=True)
-    found = old(inbox / "found.jsonl")
-    watcher.rescan()
+    """Job slots go in arrival order: the file's ctime (its rename into place), the same for a
+    file noted by an event and one found by a rescan -- not when the watcher got to it."""
+    for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
+        (inbox / f".{name}").write_bytes(b'"x"\n')
+    for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
+        os.rename(inbox / f".{name}", inbox / name)
+        time.sleep(0.002)
+    watcher.note("third.jsonl", complete=True)  # its event came first
+    watcher.rescan()  # the others' events were dropped
+    watcher.ready()
+    clock.advance(SETTLE)  # found by a rescan: ready once settled
     ready = watcher.ready()
-    assert names(ready) == ["found.jsonl", "evented.jsonl"]  # an hour old: it came first
-    arrivals = dict((path.name, arrival) for path, arrival in ready)
-    assert arrivals["found.jsonl"] == found.stat().st_mtime_ns
-    assert arrivals["evented.jsonl"] >= before
+    assert names(ready) == ["first.jsonl", "second.jsonl", "third.jsonl"]
+    for path, arrival in ready:
+        assert arrival == path.lstat().st_ctime_ns
 
 
 # ---- rescans and names --------------------------------------------------------------------------
