@@ -131,11 +131,11 @@ def drive(ctx: Context, t: Tracked) -> Next:
         if ctx.stopping():
             return Next.after(0.05)
         if t.cancel_requested and job.state is JobState.QUEUED:
+            # Ended without a job: collected below like any ended job.
             remote.end_job(
                 ctx, t, job, "cancelled before a job was created", remote.CANCELLED, "job"
             )
-            continue
-        if job.state is JobState.QUEUED and job.index not in t.granted:
+        elif job.state is JobState.QUEUED and job.index not in t.granted:
             remaining = -seconds_since(job.not_before, ctx.wall()) if job.not_before else 0.0
             wait = wait.earliest(Next.after(remaining) if remaining > 0 else Next.wait_for_slot())
             continue
