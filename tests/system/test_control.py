@@ -1,282 +1,187 @@
-"""The control commands: `status` (table and --json) and `cancel`, against a running daemon."""
+"""`gemini-batchd cancel`, in-process: the command (daemon.cli.main) against a Service stepped by
+the test -- a queued file, a running job by file name, path or job name, a job being created,
+a create failing and retried, and a cancel while no daemon runs."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import threading
-import time
+import contextlib
+import io
 from email.message import Message
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon import cli
-from daemon.simulator import Simulator
-from tests.harness import Spool, wait_for
+from daemon.simulator import Fault, Simulator
+from tests.harness import TEST_API_KEY
+from tests.inprocess import Daemon
 
-SLOW_POLLS = {"initial_seconds": 30, "max_seconds": 60}
-"""Polls so far apart that only a cancel request can explain a prompt reaction."""
-
-
-def status_rows(spool: Spool) -> list[dict[str, Any]]:
-    done = spool.cli("status", "-c", str(spool.config_path), "--json")
-    assert done.returncode == 0, done.stderr
-    rows: list[dict[str, Any]] = json.loads(done.stdout)
-    return rows
+MakeDaemon = Any
 
 
-def row_of(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    [row] = [r for r in rows if r["input"] == name]
-    return row
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key `cancel` calls the API with (the daemon's own comes from tests.inprocess)."""
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BATCHD_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", TEST_API_KEY)
 
 
-def running(spool: Spool, name: str) -> bool:
-    try:
-        record = spool.sidecar(name)
-    except FileNotFoundError:
-        return False
-    return bool(record["state"] == "running" and record["job_name"])
+def cancel(daemon: Daemon, target: str) -> tuple[int, str, str]:
+    """Run `gemini-batchd cancel TARGET -c CONFIG`; the daemon's watcher then looks (as its
+    inotify event or its next rescan would make it)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["cancel", target, "-c", str(daemon.folder.config_path)])
+    if daemon.started:
+        daemon.service.watcher.rescan()
+    return code, out.getvalue(), err.getvalue()
 
 
-def is_queued(spool: Spool, name: str) -> bool:
-    try:
-        return bool(spool.sidecar(name)["state"] == "queued")
-    except FileNotFoundError:
-        return False
-
-
-def start_with_job_in_flight(spool: Spool, *names: str, **overrides: Any) -> None:
-    """A daemon whose jobs stay pending (the simulator's jobs take a minute)."""
-    spool.sim.pending_seconds = 60
-    spool.configure(**overrides)
-    spool.start()
-    slots = overrides.get("limits", {}).get("max_active_jobs", len(names))
-    for i, name in enumerate(names):  # one after the other: the first ones get the job slots
-        spool.drop(name, ["a prompt", "another"])
-        if i < slots:
-            wait_for(lambda name=name: running(spool, name), timeout=30)
-        else:
-            wait_for(lambda name=name: is_queued(spool, name), timeout=30)
-
-
-def table(spool: Spool) -> list[dict[str, str]]:
-    """`status` as a table, split into cells at the header's column starts."""
-    done = spool.cli("status", "-c", str(spool.config_path))
-    assert done.returncode == 0, done.stderr
-    header, *body = done.stdout.splitlines()
-    names = ["FILE", "STATE", "JOB", "JOB STATE", "AGE", "POLLS", "NEXT POLL", "PROGRESS"]
-    starts = [header.index(name) for name in names[:3]]
-    starts += [header.index(name, starts[-1] + 4) for name in names[3:4]]
-    starts += [header.index(name) for name in names[4:]]
-    assert starts == sorted(starts), header
-    bounds = [*starts, None]
-    return [
-        {name: line[a:b].strip() for name, a, b in zip(names, bounds, bounds[1:], strict=False)}
-        for line in body
-    ]
-
-
-def cancel(spool: Spool, target: str) -> subprocess.CompletedProcess[str]:
-    return spool.cli("cancel", target, "-c", str(spool.config_path))
-
-
-def wait_cancelled_report(spool: Spool, stem: str, timeout: float = 15) -> dict[str, Any]:
-    wait_for(lambda: spool.finished(stem + ".jsonl"), timeout=timeout)
-    report = spool.report(stem)
+def cancelled_report(daemon: Daemon, name: str) -> dict[str, Any]:
+    report = daemon.report(name)
     assert report["job_state"] == "JOB_STATE_CANCELLED", report
     assert report["stage"] == "job"
+    assert (daemon.inbox / "failed" / name).exists()
+    assert not (daemon.outbox / name).exists()
     return report
 
 
-# ---- status ------------------------------------------------------------------------------
+def running(daemon: Daemon, name: str) -> bool:
+    return daemon.state().get(name) == "RUNNING" and bool(daemon.sidecar(name)["job_name"])
 
 
-def test_status_without_a_daemon_lists_inbox_files(spool: Spool) -> None:
-    spool.drop("waiting.jsonl", ["x"])
-    rows = status_rows(spool)
-    assert row_of(rows, "waiting.jsonl")["state"] == "inbox"
-    table = spool.cli("status", "-c", str(spool.config_path))
-    assert table.returncode == 0
-    assert "waiting.jsonl" in table.stdout and "inbox" in table.stdout
-
-
-def test_status_on_an_empty_spool(spool: Spool) -> None:
-    assert status_rows(spool) == []
-    table = spool.cli("status", "-c", str(spool.config_path))
-    assert table.returncode == 0
-    assert "no files" in table.stdout
-
-
-def test_status_lists_in_flight_queued_and_finished_files(spool: Spool) -> None:
-    spool.configure(limits={"max_active_jobs": 1})
-    spool.start()
-    spool.drop("early.jsonl", ["finished before the others"])
-    wait_for(lambda: spool.finished("early.jsonl"), timeout=30)
-    spool.sim.pending_seconds = 60  # the next jobs stay in flight
-    spool.drop("flying.jsonl", ["a prompt", "another"])
-    wait_for(lambda: running(spool, "flying.jsonl"), timeout=30)
-    spool.drop("queued.jsonl", ["a prompt", "another"])
-    wait_for(lambda: is_queued(spool, "queued.jsonl"), timeout=30)
-    wait_for(lambda: spool.sidecar("flying.jsonl")["polls"] >= 2, timeout=30)
-    rows = status_rows(spool)
-
-    flying = row_of(rows, "flying.jsonl")
-    assert flying["state"] == "running"
-    assert flying["job_name"].startswith("batches/")
-    assert flying["job_state"] == "JOB_STATE_PENDING"
-    assert flying["polls"] >= 2
-    assert flying["next_poll_at"]
-    assert flying["requests"] == 2
-    queued = row_of(rows, "queued.jsonl")
-    assert queued["state"] == "queued"
-    assert queued["job_name"] is None
-    early = row_of(rows, "early.jsonl")
-    assert early["state"] == "done"
-    assert early["job_state"] == "JOB_STATE_SUCCEEDED"
-
-    cells = {row["FILE"]: row for row in table(spool)}
-    assert set(cells) == {"early.jsonl", "flying.jsonl", "queued.jsonl"}
-    assert cells["flying.jsonl"]["STATE"] == "running"
-    assert cells["flying.jsonl"]["JOB"] == flying["job_name"]
-    assert cells["flying.jsonl"]["JOB STATE"] == "PENDING"
-    assert int(cells["flying.jsonl"]["POLLS"]) >= 2
-    assert cells["flying.jsonl"]["NEXT POLL"] == "due" or cells["flying.jsonl"][
-        "NEXT POLL"
-    ].startswith("in ")
-    assert cells["flying.jsonl"]["AGE"].endswith("s")
-    assert cells["queued.jsonl"]["STATE"] == "queued"
-    assert cells["queued.jsonl"]["JOB"] == "-"
-    assert cells["early.jsonl"]["STATE"] == "done"
-    assert cells["early.jsonl"]["JOB"] == early["job_name"]
-    assert cells["early.jsonl"]["JOB STATE"] == "SUCCEEDED"
-    assert cells["early.jsonl"]["NEXT POLL"] == "-"
-
-    finished = cancel(spool, "early.jsonl")  # only queued and in-flight files can be cancelled
-    assert finished.returncode == 2
-    assert len(finished.stderr.splitlines()) == 1
-
-
-def test_progress_bar() -> None:
-    assert cli._progress({"succeeded": 3, "failed": 1}, 8) == "[#####.....] 4/8"
-    assert cli._progress({"succeeded": 8}, 8) == "[##########] 8/8"
-    assert cli._progress(None, 8) == "-"
-    assert cli._progress({"succeeded": 1}, None) == "-"
-
-
-# ---- cancel --------------------------------------------------------------------------------
-
-
-def test_cancel_by_file_name_path_or_job_name_and_before_a_job_exists(spool: Spool) -> None:
-    start_with_job_in_flight(
-        spool,
-        "byname.jsonl",
-        "bypath.jsonl",
-        "byjob.jsonl",
-        "queued.jsonl",
-        limits={"max_active_jobs": 3},
-        poll=SLOW_POLLS,
+def test_cancel_by_file_name_path_or_job_name_and_before_a_job_exists(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    sim.pending_seconds = 3600
+    # Polls an hour apart: only a cancel request can explain a prompt reaction.
+    daemon = make_daemon(
+        limits={"max_active_jobs": 3}, poll={"initial_seconds": 3600, "max_seconds": 3600}
     )
-    jobs = {
-        name: spool.sidecar(name + ".jsonl")["job_name"] for name in ("byname", "bypath", "byjob")
-    }
-    # First the queued file, while the three jobs hold every slot.
-    done = cancel(spool, "queued.jsonl")
-    assert done.returncode == 0, done.stderr
-    assert "no job yet" in done.stdout
-    wait_for(lambda: spool.finished("queued.jsonl"), timeout=15)
-    for stem, target in (
-        ("byname", "byname.jsonl"),
-        ("bypath", str(spool.inbox / "bypath.jsonl")),
-        ("byjob", jobs["byjob"]),
+    names = ["byname.jsonl", "bypath.jsonl", "byjob.jsonl", "queued.jsonl"]
+    for name in names:
+        daemon.drop(name, ["a prompt", "another"])
+    daemon.run_until(lambda: sum(running(daemon, n) for n in names) == 3)
+    assert daemon.state()["queued.jsonl"] == "QUEUED"
+    jobs = {n: daemon.sidecar(n)["job_name"] for n in names[:3]}
+
+    code, out, _ = cancel(daemon, "queued.jsonl")  # first the queued file, while slots are full
+    assert code == 0 and "no job yet" in out
+    daemon.run_until(lambda: daemon.outcome("queued.jsonl") is not None, longest=1)
+    for name, target in (
+        ("byname.jsonl", "byname.jsonl"),
+        ("bypath.jsonl", str(daemon.inbox / "bypath.jsonl")),
+        ("byjob.jsonl", jobs["byjob.jsonl"]),
     ):
-        done = cancel(spool, target)
-        assert done.returncode == 0, done.stderr
-        assert f"cancelled {jobs[stem]}" in done.stdout
-        assert spool.sim.jobs[jobs[stem]]["state"] == "BATCH_STATE_CANCELLED"
+        code, out, err = cancel(daemon, target)
+        assert code == 0, err
+        assert f"cancelled {jobs[name]}" in out
+        assert sim.jobs[jobs[name]]["state"] == "BATCH_STATE_CANCELLED"
+    started = daemon.clock.now
+    daemon.run_all(longest=1)
+    assert daemon.clock.now - started < 60  # not an hour: the cancel made the daemon look
 
-    # Polls are 30 s apart: only the cancel requests make the daemon look at once.
-    for stem in ("byname", "bypath", "byjob"):
-        report = wait_cancelled_report(spool, stem)
-        assert report["job_name"] == jobs[stem]
-        assert not (spool.outbox / f"{stem}.jsonl").exists()
-    report = wait_cancelled_report(spool, "queued")
-    assert report["job_name"] is None
-    assert spool.sim.create_calls == 3  # the queued file never got a job
-    assert not list((spool.inbox / "processing").iterdir())  # markers gone too
-    rows = status_rows(spool)
-    assert {r["input"]: r["state"] for r in rows} == dict.fromkeys(
-        ("byname.jsonl", "bypath.jsonl", "byjob.jsonl", "queued.jsonl"), "failed"
-    )
+    for name in names[:3]:
+        assert cancelled_report(daemon, name)["job_name"] == jobs[name]
+    assert cancelled_report(daemon, "queued.jsonl")["job_name"] is None
+    assert sim.create_calls == 3  # the queued file never got a job
+    assert not list((daemon.inbox / "processing").iterdir())  # markers gone too
+    assert {daemon.sidecar(n)["state"] for n in names} == {"FAILED"}
 
 
-class SlowCreate(Simulator):
-    """A simulator whose create call takes a while: time to cancel a file while it is submitting."""
+def test_cancel_of_a_finished_or_unknown_file_is_exit_2(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    daemon = make_daemon()
+    daemon.drop("early.jsonl", ["done before the cancel"])
+    daemon.run_all()
+    for target in ("early.jsonl", "nothing-here.jsonl", "not-a-file"):
+        code, out, err = cancel(daemon, target)
+        assert code == 2 and out == ""
+        [line] = err.splitlines()
+        assert line.startswith("gemini-batchd: ") and target in line
+    assert [r["status"] for r in daemon.results("early.jsonl")] == ["ok"]
 
-    def __init__(self, **kwargs: Any) -> None:
+
+def test_cancel_of_an_unknown_job_is_exit_2(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon()
+    code, _, err = cancel(daemon, "batches/does-not-exist")
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith("gemini-batchd: ") and "batches/does-not-exist" in line
+
+
+class CancelDuringCreate(Simulator):
+    """Runs `gemini-batchd cancel` while the daemon's create call is on the wire."""
+
+    def __init__(self, daemon_holder: list[Daemon], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.creating = threading.Event()
+        self.daemon_holder = daemon_holder
+        self.said: list[tuple[int, str]] = []
 
     def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> Any:
-        if method == "POST" and ":batchGenerateContent" in raw_path:
-            self.creating.set()
-            time.sleep(1.5)
+        if method == "POST" and ":batchGenerateContent" in raw_path and not self.said:
+            code, out, _ = cancel(self.daemon_holder[0], "racing.jsonl")
+            self.said.append((code, out))
         return super().handle(method, raw_path, headers, body)
 
 
-def test_cancel_while_the_job_is_being_created(tmp_path: Path) -> None:
-    with SlowCreate(pending_seconds=60) as sim:
-        spool = Spool(tmp_path, sim, poll=SLOW_POLLS)
+def test_cancel_while_the_job_is_being_created(tmp_path: Any, clock: Any) -> None:
+    holder: list[Daemon] = []
+    with CancelDuringCreate(holder, pending_seconds=3600, clock=clock) as sim:
+        daemon = Daemon(tmp_path, sim, clock, poll={"initial_seconds": 3600, "max_seconds": 3600})
+        holder.append(daemon)
         try:
-            spool.start()
-            spool.drop("racing.jsonl", ["x"])
-            wait_for(sim.creating.is_set, timeout=30)
-            assert spool.sidecar("racing.jsonl")["state"] == "submitting"
-            done = cancel(spool, "racing.jsonl")
-            assert done.returncode == 0, done.stderr
-            assert "being created" in done.stdout
-            report = wait_cancelled_report(spool, "racing")
-            assert report["job_name"] in sim.jobs
+            daemon.drop("racing.jsonl", ["x"])
+            daemon.run_all(longest=1)
+            [(code, out)] = sim.said
+            assert code == 0 and "being created" in out
+            report = cancelled_report(daemon, "racing.jsonl")
+            assert report["job_name"] in sim.jobs  # made, then cancelled: never abandoned
+            assert sim.jobs[report["job_name"]]["state"] == "BATCH_STATE_CANCELLED"
             assert sim.create_calls == 1
         finally:
-            spool.stop_all()
+            daemon.stop()
 
 
-@pytest.mark.parametrize("target", ["nothing-here.jsonl", "not-a-file"])
-def test_cancel_of_an_unknown_file_is_exit_2(spool: Spool, target: str) -> None:
-    done = cancel(spool, target)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    [line] = done.stderr.splitlines()
-    assert line.startswith("gemini-batchd: ") and target in line
+def test_cancel_while_the_create_fails_and_is_retried(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    """A cancel that comes while the create call is failing and being retried is not lost."""
+    fault = Fault(method="POST", path_contains="batchGenerateContent", status=503, times=10**6)
+    sim.add_fault(fault)
+    sim.pending_seconds = 3600
+    daemon = make_daemon()
+    daemon.drop("s.jsonl", ["a"])
+    daemon.run_until(lambda: daemon.sidecar("s.jsonl")["jobs"][0]["create_calls"] >= 2)
+    code, out, _ = cancel(daemon, "s.jsonl")
+    assert code == 0 and "batches/" not in out  # there was no job for the CLI to cancel
+    fault.times = 0  # the API recovers: the create that was in doubt is looked up
+    daemon.run_all()
+    report = cancelled_report(daemon, "s.jsonl")
+    assert all(job["state"] == "BATCH_STATE_CANCELLED" for job in sim.jobs.values())
+    assert report["job_name"] is None or report["job_name"] in sim.jobs
 
 
-def test_cancel_of_an_unknown_job_is_exit_2(spool: Spool) -> None:
-    done = cancel(spool, "batches/does-not-exist")
-    assert done.returncode == 2
-    [line] = done.stderr.splitlines()
-    assert line.startswith("gemini-batchd: ") and "batches/does-not-exist" in line
-    assert "Traceback" not in done.stderr
+def test_cancel_while_the_daemon_is_down(make_daemon: MakeDaemon, sim: Simulator) -> None:
+    """`cancel` of a file without a job yet, while no daemon runs: the next start honours it."""
+    sim.pending_seconds = 3600
+    daemon = make_daemon(limits={"max_active_jobs": 1})
+    daemon.drop("slow.jsonl", ["a"])
+    daemon.run_until(lambda: running(daemon, "slow.jsonl"))
+    daemon.drop("queued.jsonl", ["b"])
+    daemon.run_until(lambda: daemon.state().get("queued.jsonl") == "QUEUED")
+    daemon.stop()
+    (job,) = sim.jobs
+    sim.set_job_state(job, "SUCCEEDED")
+    code, out, _ = cancel(daemon, "queued.jsonl")
+    assert code == 0 and "batches/" not in out
 
-
-# ---- help --------------------------------------------------------------------------------
-
-
-def test_every_option_and_argument_has_help() -> None:
-    parser = cli._parser()
-    [sub] = [a for a in parser._actions if a.dest == "command"]
-    assert sub.choices is not None
-    assert set(sub.choices) == {"run", "status", "validate", "submit", "cancel", "simulator"}
-    for name, command in sub.choices.items():
-        assert command.description, name
-        for action in command._actions:
-            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
-
-
-@pytest.mark.parametrize("command", ["run", "status", "validate", "submit", "cancel", "simulator"])
-def test_help_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: gemini-batchd {command}")
+    daemon.restart()
+    daemon.run_all()
+    assert daemon.exit_status() == 1
+    assert cancelled_report(daemon, "queued.jsonl")["job_name"] is None
+    assert [r["status"] for r in daemon.results("slow.jsonl")] == ["ok"]
+    assert len(sim.jobs) == 1
+    assert not list((daemon.inbox / "processing").iterdir())
