@@ -23,6 +23,7 @@ from daemon.config import Config, load_config
 from daemon.jobrecord import FileState
 from daemon.service import Service
 from daemon.simulator import Simulator
+from daemon.watcher import InboxWatcher
 from tests.harness import TEST_API_KEY, FakeClock, Spool
 
 EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
@@ -59,6 +60,25 @@ def in_process_config(base_url: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+class QuietWatcher(InboxWatcher):
+    """The inbox watcher without its inotify thread: the test says when to look (`rescan`), so
+    nothing happens behind its back. (inotify itself: tests/unit/test_watcher.py, process/.)"""
+
+    def start(self) -> None:
+        self.rescan()
+
+
+class SteppedService(Service):
+    def _start_watcher(self) -> None:
+        self.watcher = QuietWatcher(
+            self.config.inbox,
+            self.config.inbox_settle_seconds,
+            self.clock,
+            on_event=self.scheduler.wake,
+        )
+        self.watcher.start()
+
+
 class Daemon:
     """A spool folder and a `Service` on it, stepped by the test."""
 
@@ -86,7 +106,7 @@ class Daemon:
             timeout_seconds=self.config.api.timeout_seconds,
             retries=self.config.api.retries,
         )
-        return Service(
+        return SteppedService(
             self.config,
             backend,
             once=self.once,

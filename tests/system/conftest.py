@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from daemon.simulator import Simulator
 from tests.inprocess import Daemon, WallClock
@@ -32,6 +34,11 @@ def make_daemon(tmp_path: Path, sim: Simulator, clock: WallClock) -> Iterator[ty
         made.append(daemon)
         return daemon
 
+    root = logging.getLogger()
+    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
     yield make  # type: ignore[misc]
     for daemon in made:
         daemon.stop()
+    root.handlers[:] = handlers  # each Daemon logs to its own buffer: put logging back
+    root.setLevel(level)
+    structlog.configure(**config)
