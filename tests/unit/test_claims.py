@@ -230,6 +230,24 @@ def test_a_crash_right_after_the_claim_leaves_an_input_without_sidecar(
     assert record.arrival == st.st_mtime_ns
 
 
+def test_a_crash_right_after_the_claim_keeps_the_claim_and_its_work_files(
+    spool: Spool, fds: list[int]
+) -> None:
+    """The second link, a partial index: the claim's own work files, removed when the file is
+    archived -- not an unknown claim's, left in processing/ for an hour."""
+    claimed = claim(spool, drop(spool, "a.jsonl"), 1)
+    assert claimed is not None
+    claim_id = claimed.record.claim_id
+    spool.work(claim_id, "index").write_bytes(b"[1, ")  # validation cut short
+    release(claimed.lock_fd)  # the process died
+    record = recover(spool, fds)["a.jsonl"].record
+    assert record.claim_id == claim_id
+    assert sorted(p.name for p in spool.work_files(claim_id)) == [
+        f".{claim_id}.index",
+        f".{claim_id}.input",
+    ]
+
+
 def test_an_input_gone_before_anything_happened_is_forgotten(spool: Spool, fds: list[int]) -> None:
     in_processing(spool, "a.jsonl", JobRecord("a.jsonl"), data=None)
     assert recover(spool, fds) == {}
