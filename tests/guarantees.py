@@ -6,17 +6,17 @@ the simulator's record of jobs, and the daemon's log.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.harness import TEST_API_KEY, Spool, wait_for
+from tests.harness import TEST_API_KEY, Process, Spool, wait_for
 
 OUTBOX_SUFFIXES = (".error.json", ".jsonl")
 
@@ -105,10 +105,9 @@ def report(spool: Spool, name: str) -> dict[str, Any]:
 
 
 def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = None) -> None:
-    """Every input finished (archived with its sidecar) with exactly one outbox file.
-
-    With `jobs`, the simulator holds exactly that many jobs and each submitted file made one.
-    """
+    """Every input finished (archived with its sidecar) with exactly one outbox file, and no
+    job was made twice (see `assert_one_job_per_name`); with `jobs`, the simulator holds
+    exactly that many jobs."""
     for name in names:
         assert spool.finished(name), f"{name} did not finish: {_tree(spool)}"
         assert not (spool.inbox / name).exists(), f"{name} is still in the inbox"
@@ -118,21 +117,32 @@ def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = No
     outbox = sorted(p.name for p in spool.outbox.iterdir())
     assert not [n for n in outbox if n.startswith(".")], f"temp files in the outbox: {outbox}"
     assert len(outbox) == len(names), f"outbox {outbox} for inputs {names}"
+    assert_one_job_per_name(spool, names)
     if jobs is not None:
-        assert_one_job_per_file(spool, names, jobs)
+        assert len(spool.sim.jobs) == jobs, f"{len(spool.sim.jobs)} jobs, expected {jobs}"
 
 
-def assert_one_job_per_file(spool: Spool, names: list[str], jobs: int) -> None:
+def assert_one_job_per_name(spool: Spool, names: list[str]) -> None:
+    """At most one job per display name (one name per part, round and attempt of a file):
+    every job at the simulator was made once, and each job a sidecar records exactly once (none
+    for a job whose create was refused or never sent); no job exists that no sidecar names."""
     sim = spool.sim
+    made = {job["display_name"] for job in sim.jobs.values()}
+    twice = sorted(n for n in made if sim.jobs_created_for(n) != 1)
+    assert not twice, f"made more than once: {twice}"
+    recorded: set[str] = set()
     for name in names:
-        car = spool.sidecar(name)
-        if not car.get("display_name"):
-            continue  # failed before submission
-        made = sim.jobs_created_for(car["display_name"])
-        # A job name in the sidecar: exactly that one job; none (a refused create): none at all.
-        expected = 1 if car.get("job_name") else 0
-        assert made == expected, f"{name}: {made} jobs for {car['display_name']}"
-    assert len(sim.jobs) == jobs, f"{len(sim.jobs)} jobs at the simulator, expected {jobs}"
+        for job in spool.sidecar(name).get("jobs", []):
+            display_name = job.get("display_name")
+            if not display_name:
+                continue  # never named: no create was ever sent for it
+            expected = 1 if job.get("job_name") else 0
+            count = sim.jobs_created_for(display_name)
+            assert count == expected, f"{name}: {count} jobs for {display_name}"
+            if expected:
+                recorded.add(display_name)
+    stray = sorted(made - recorded)
+    assert not stray, f"jobs no sidecar answers for: {stray}"
 
 
 def assert_no_secret(spool: Spool) -> None:
@@ -155,19 +165,19 @@ def _tree(spool: Spool) -> list[str]:
     return sorted(str(p.relative_to(spool.root)) for p in spool.root.rglob("*"))
 
 
-def wait_killed(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_killed(proc: Process, timeout: float = 60) -> None:
     """Wait until `proc` died by SIGKILL (a crash point fired)."""
     rc = proc.wait(timeout=timeout)
     assert rc == -signal.SIGKILL, f"expected death by SIGKILL, exit status {rc}"
 
 
-def kill9(proc: subprocess.Popen[bytes]) -> None:
+def kill9(proc: Process) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
 
-def wait_started(spool: Spool, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_started(spool: Spool, proc: Process, timeout: float = 30) -> None:
     """Until the daemon's log says `started` (it has recovered and is watching)."""
     log = spool.log_paths[spool.procs.index(proc)]
 
@@ -178,7 +188,7 @@ def wait_started(spool: Spool, proc: subprocess.Popen[bytes], timeout: float = 3
     wait_for(started, timeout=timeout)
 
 
-def sigterm_and_wait(proc: subprocess.Popen[bytes], limit: float = 10.0) -> float:
+def sigterm_and_wait(proc: Process, limit: float = 10.0) -> float:
     """SIGTERM; the exit status must be 0 within `limit` seconds. Returns the time taken."""
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -196,9 +206,14 @@ def state_of(spool: Spool, name: str) -> str | None:
         return None
 
 
-def baseline_records(tmp: Path, **overrides: Any) -> dict[str, list[dict[str, Any]]]:
-    """The corpus's records from a crash-free, fault-free run on a fresh simulator."""
+def baseline_records(
+    tmp: Path, knobs: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """The corpus's records from a crash-free, fault-free run on a fresh simulator set up with
+    `knobs` (its attributes, e.g. fail_keys_times)."""
     with Simulator(pending_seconds=0.05, running_seconds=0.1, seed=1) as sim:
+        for name, value in (knobs or {}).items():
+            setattr(sim, name, copy.deepcopy(value))
         spool = Spool(tmp, sim, **overrides)
         names = drop_corpus(spool)
         try:
