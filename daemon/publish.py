@@ -22,7 +22,7 @@ from typing import IO, Any
 import orjson
 
 from . import atomic, logs, records, rounds, wire
-from .claims import claimed_input, release
+from .claims import claimed_input
 from .context import Context, Next, Tracked
 from .faults import crash_point
 from .jobrecord import FileState, JobRecord, JobState, isotime
@@ -391,9 +391,8 @@ def archive(ctx: Context, t: Tracked) -> Next:
         atomic.fsync_dir(archived.parent)
     remove_quietly(list(folder.work_files(record.claim_id)))
     folder.cancel_marker(t.name).unlink(missing_ok=True)
-    folder.lock(t.name).unlink(missing_ok=True)
+    folder.lock(t.name).unlink(missing_ok=True)  # the service then releases the lock (forget)
     atomic.fsync_dir(folder.processing)
-    release(t.lock_fd)
     log.info(
         "archived",
         file=t.name,
