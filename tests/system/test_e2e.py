@@ -465,3 +465,14 @@ def test_once_exit_1_counts_every_file_of_the_same_name(make_daemon: MakeDaemon)
     assert [r["status"] for r in daemon.results("same.jsonl")] == ["ok"]
     assert (daemon.inbox / "failed" / "same.jsonl").read_bytes() == b"{broken\n"
     assert (daemon.inbox / "done" / "same.jsonl").read_text() == '"fine"\n'
+
+
+def test_once_takes_a_file_written_just_before_the_start(make_daemon: MakeDaemon) -> None:
+    """`--once` takes what is in the inbox when it starts, even a file written a moment ago
+    (not yet unchanged for inbox_settle_seconds), and exits only once it has finished."""
+    daemon = make_daemon(once=True, inbox_settle_seconds=30)
+    daemon.drop("fresh.jsonl", ["just written"])
+    daemon.start()
+    daemon.run_until(daemon.service.once_finished)
+    assert [r["status"] for r in daemon.results("fresh.jsonl")] == ["ok"]
+    assert daemon.exit_status() == 0
