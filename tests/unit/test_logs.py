@@ -12,31 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon import logs
 from tests.harness import TEST_API_KEY
 
 
 @pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
+def _restore(restore_logging: None) -> None:
     """logs.configure changes process-wide state: put it back for the other tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    named = {
-        name: logging.getLogger(name).level
-        for name in ("httpx", "httpx2", "google_genai", "watchdog", "tenacity")
-    }
-    config = structlog.get_config()
-    secrets, short_secrets = list(logs._secrets), list(logs._short_secrets)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, old in named.items():
-        logging.getLogger(name).setLevel(old)
-    structlog.configure(**config)
-    logs._secrets[:] = secrets
-    logs._short_secrets[:] = short_secrets
 
 
 class FakeStream(io.StringIO):
