@@ -13,7 +13,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from daemon import failures, wire
+from daemon import failures, http, wire
 from daemon.backend import BATCH_MIME_TYPE, LIST_PAGE_SIZE, Backend, key_fingerprint, parse_time
 from daemon.inputs import Defaults, Request, prompt_request
 from daemon.plan import request_line
@@ -293,13 +293,28 @@ def test_an_unusable_create_reply_is_a_bad_reply(
 def test_transient_get_is_retried_by_the_sdk(
     sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path, status: int
 ) -> None:
-    backend = new_backend(retries=3)
-    backend.client._api_client._http_options.retry_options.initial_delay = 0.01  # type: ignore[union-attr]
-    job = backend.create_job(MODEL, "r", request_file(tmp_path, requests("a")), inline=True)
-    sim.add_fault(Fault(method="GET", path_contains="batches/", status=status, times=2))
-    assert backend.get_job(job.name).name == job.name
-    statuses = [s for m, p, s in sim.requests_log if m == "GET"]
-    assert statuses == [status, status, 200]
+    """Backend's own retry options, with the SDK's waits made short for the test."""
+    retry = types.HttpRetryOptions(
+        attempts=3, initial_delay=0.01, max_delay=0.02, jitter=0, http_status_codes=[429, 503]
+    )
+    options = http.http_options(
+        base_url=sim.base_url, api_version=None, timeout_seconds=10, retry_options=retry
+    )
+    backend = Backend("test-key", client=genai.Client(api_key="test-key", http_options=options))
+    try:
+        job = backend.create_job(MODEL, "r", request_file(tmp_path, requests("a")), inline=True)
+        sim.add_fault(Fault(method="GET", path_contains="batches/", status=status, times=2))
+        assert backend.get_job(job.name).name == job.name
+        statuses = [s for m, p, s in sim.requests_log if m == "GET"]
+        assert statuses == [status, status, 200]
+        sim.add_fault(Fault(method="POST", path_contains="batchGenerateContent", status=status))
+        with pytest.raises(errors.APIError):  # never a create: it could make a second job
+            backend.create_job(MODEL, "once", request_file(tmp_path, requests("a")), inline=True)
+        assert sim.create_calls == 2
+    finally:
+        backend.close()
+        assert options.httpx_client is not None
+        options.httpx_client.close()
 
 
 def test_transient_get_without_retries_raises_and_the_next_works(
