@@ -10,6 +10,7 @@ import pytest
 import structlog
 
 from daemon.simulator import Simulator
+from tests.conftest import stop_soon
 from tests.inprocess import Daemon, WallClock
 
 
@@ -21,8 +22,9 @@ def clock() -> WallClock:
 @pytest.fixture
 def sim(clock: WallClock) -> Iterator[Simulator]:
     """A simulator on the test's clock: jobs pend 5 s and run 20 s of fake time."""
-    with Simulator(pending_seconds=5, running_seconds=20, seed=7, clock=clock) as simulator:
-        yield simulator
+    simulator = Simulator(pending_seconds=5, running_seconds=20, seed=7, clock=clock).start()
+    yield simulator
+    stop_soon(simulator)
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ def test_one_failed_part_fails_the_file_but_its_answers_are_kept(
 
 # ---- many small files -----------------------------------------------------------------------
 
-BURST_FILES = 150
+BURST_FILES = 60
 MAX_ACTIVE = 5
 
 

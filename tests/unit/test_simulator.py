@@ -24,6 +24,7 @@ from google.genai import errors, types
 
 from daemon import cli
 from daemon.simulator import Fault, Simulator
+from tests.conftest import stop_soon
 from tests.harness import ROOT, FakeClock
 
 MODEL = "gemini-2.5-flash"
@@ -36,8 +37,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def sim(clock: FakeClock) -> Iterator[Simulator]:
-    with Simulator(clock=clock, seed=7) as simulator:
-        yield simulator
+    simulator = Simulator(clock=clock, seed=7).start()
+    yield simulator
+    stop_soon(simulator)
 
 
 def make_client(
