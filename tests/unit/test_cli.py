@@ -427,6 +427,17 @@ def test_help(capsys: pytest.CaptureFixture[str], command: str | None) -> None:
         assert "--config" in out
 
 
+def test_every_option_and_argument_has_help() -> None:
+    parser = cli._parser()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    assert sub.choices is not None
+    assert set(sub.choices) >= set(SUBCOMMANDS)
+    for name, command in sub.choices.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
