@@ -253,6 +253,27 @@ def test_an_input_gone_before_anything_happened_is_forgotten(spool: Spool, fds: 
     assert recover(spool, fds) == {}
 
 
+def test_an_input_replaced_while_no_daemon_ran_is_answered_from_the_claim(
+    spool: Spool, fds: list[int]
+) -> None:
+    """An intruder renamed over processing/NAME while the daemon was down: recovery takes the
+    file over, and the claimed bytes (the second link) are what it answers for; the intruder
+    is given its own report when the file is archived (publish.intruder)."""
+    claimed = claim(spool, drop(spool, "a.jsonl", b'"claimed"\n'), 1)
+    assert claimed is not None
+    record = claimed.record
+    record.state = FileState.RUNNING
+    jobrecord.save(record, spool.sidecar("a.jsonl"))
+    release(claimed.lock_fd)  # the daemon stopped
+    intruder = spool.inbox / "intruder"
+    intruder.write_bytes(b'"never submitted"\n')
+    os.replace(intruder, spool.input("a.jsonl"))
+    taken = recover(spool, fds)["a.jsonl"].record
+    assert taken.claim_id == record.claim_id
+    assert claimed_input(spool, taken).read_bytes() == b'"claimed"\n'
+    assert spool.input("a.jsonl").read_bytes() == b'"never submitted"\n'
+
+
 def test_an_input_gone_with_jobs_in_flight_is_still_answered(spool: Spool, fds: list[int]) -> None:
     """Its jobs exist: their results are written even though the input went away."""
     in_processing(spool, "a.jsonl", running("a.jsonl"), data=None)
