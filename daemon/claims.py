@@ -118,6 +118,7 @@ class Recovery:
         self.key_id = key_id
         self._said: set[tuple[str, str]] = set()
         self._left: set[tuple[str, str]] = set()  # (name, claim id) whose jobs we cannot reach
+        self._claims_of_inputs: dict[tuple[int, int], str] = {}
 
     def scan(self, owned: dict[str, str]) -> list[Claimed]:
         """Take over what no live process owns; `owned`: our names and their claim ids."""
@@ -132,6 +133,7 @@ class Recovery:
                 names.add(entry)
             elif entry.endswith(spool.INPUT_SUFFIX + spool.SIDECAR_SUFFIX):
                 names.add(entry[: -len(spool.SIDECAR_SUFFIX)])
+        self._claims_of_inputs = _claims_of_inputs(entries)
         taken: list[Claimed] = []
         for name in sorted(names - owned.keys()):
             claimed = self._take(name)
@@ -178,7 +180,12 @@ class Recovery:
             if not has_input:
                 return None  # archived meanwhile
             st = folder.input(name).lstat()
-            return JobRecord(input=name, arrival=st.st_mtime_ns, inode=[st.st_dev, st.st_ino])
+            record = JobRecord(input=name, arrival=st.st_mtime_ns, inode=[st.st_dev, st.st_ino])
+            # Claimed just before a crash: keep that claim, so its work files are its own.
+            claim_id = self._claims_of_inputs.get((st.st_dev, st.st_ino))
+            if claim_id is not None:
+                record.claim_id = claim_id
+            return record
         except SidecarError as exc:
             record = JobRecord(input=name, state=FileState.WRITING)
             record.error = {
@@ -245,6 +252,19 @@ class Recovery:
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS:
                     Path(entry.path).unlink()
+
+
+def _claims_of_inputs(entries: dict[str, os.DirEntry[str]]) -> dict[tuple[int, int], str]:
+    """(device, inode) of each claim's second link to its input -> the claim id."""
+    found: dict[tuple[int, int], str] = {}
+    for entry_name, entry in entries.items():
+        match = spool.WORK_FILE.match(entry_name)
+        if match is None or match.group(2) != "input":
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            found[(st.st_dev, st.st_ino)] = match.group(1)
+    return found
 
 
 def _unnamed_remote(record: JobRecord) -> bool:

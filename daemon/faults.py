@@ -23,6 +23,7 @@ POINTS = (
     "after_round",  # follow-up jobs planned for failed requests, none created yet
     "mid_write",  # half the results records written to the temp file
     "after_write",  # outbox file published; input not yet archived
+    "while_archiving",  # input archived and work files removed; the sidecar still in processing/
 )
 _counts: dict[str, int] = {}
 _lock = threading.Lock()

@@ -497,8 +497,9 @@ def archive(ctx: Context, t: Tracked) -> Next:
     visible = folder.input(t.name)
     if os.path.lexists(visible) and source != visible and not atomic.same_entry(visible, source):
         intruder(ctx, t, visible)
+    archived: Path | None = None
     if ctx.config.archive == "delete":
-        for path in (source, visible, t.sidecar):
+        for path in (source, visible):
             path.unlink(missing_ok=True)
     else:
         if record.archived_as is None:
@@ -513,13 +514,19 @@ def archive(ctx: Context, t: Tracked) -> Next:
             return Next.now()
         if os.path.lexists(visible) and atomic.same_entry(visible, archived):
             visible.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(t.sidecar, Path(record.archived_as + SIDECAR_SUFFIX))
-        atomic.fsync_dir(archived.parent)
+    # The work files go while the sidecar is still in processing/: a crash from here on is
+    # finished by the next start, which archives the file again (its sidecar says so).
     remove_quietly(list(folder.work_files(record.claim_id)))
     folder.cancel_marker(t.name).unlink(missing_ok=True)
-    folder.lock(t.name).unlink(missing_ok=True)
-    atomic.fsync_dir(folder.processing)  # (the name lock is released by the supervisor)
+    crash_point("while_archiving")
+    if archived is None:
+        t.sidecar.unlink(missing_ok=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(t.sidecar, Path(str(archived) + SIDECAR_SUFFIX))
+        atomic.fsync_dir(archived.parent)
+    folder.lock(t.name).unlink(missing_ok=True)  # the service then releases the lock (forget)
+    atomic.fsync_dir(folder.processing)
     log.info(
         "archived",
         file=t.name,

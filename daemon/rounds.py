@@ -1,13 +1,16 @@
 """Follow-up rounds: requests that failed retryably (429, 5xx) or went missing are sent
-again as new jobs of the same file, up to `retry_requests` more rounds, with backoff."""
+again as new jobs of the same file, up to `retry_requests` more rounds, with backoff; the
+follow-up jobs are cut into parts by the same limits as the first round's."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
+
 from . import publish, records, wire
 from .context import Context, Tracked
-from .inputs import estimate_tokens
+from .inputs import estimate_tokens, prompt_chars
 from .jobrecord import JobEntry
 from .keymap import KeyMap
 
@@ -54,6 +57,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
         next_index = max(j.index for j in record.jobs) + 1
         limit_bytes = ctx.config.limits.max_job_bytes
         limit_requests = ctx.config.limits.max_requests_per_job
+        limit_tokens = ctx.config.limits.max_enqueued_tokens
         try:
             for job in jobs:
                 with t.job_file(job, "req").open("rb") as source:
@@ -61,6 +65,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                         key = wire.line_key(raw)
                         if key is None or final.get(key) is not None:
                             continue
+                        tokens = _tokens(raw)
                         current_job = added[-1] if added else None
                         if (
                             current_job is None
@@ -68,6 +73,10 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                             or (
                                 limit_requests is not None
                                 and current_job.requests >= limit_requests
+                            )
+                            or (
+                                limit_tokens is not None
+                                and current_job.tokens + tokens > limit_tokens
                             )
                         ):
                             if out is not None:
@@ -85,7 +94,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                         out.write(raw)
                         current_job.requests += 1
                         current_job.bytes += len(raw)
-                        current_job.tokens += estimate_tokens(len(raw))
+                        current_job.tokens += tokens
         finally:
             if out is not None:
                 out.close()
@@ -99,6 +108,16 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
     record.jobs.extend(added)
     ctx.save(t)
     return added
+
+
+def _tokens(raw: bytes) -> int:
+    """Estimated input tokens of a request line, counted as the validation pass counts them."""
+    try:
+        request = orjson.loads(raw).get("request")
+    except (orjson.JSONDecodeError, AttributeError):
+        request = None
+    chars = prompt_chars(request) if isinstance(request, dict) else len(raw)
+    return estimate_tokens(chars)
 
 
 def attempts(t: Tracked) -> dict[str, int]:

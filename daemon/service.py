@@ -30,7 +30,7 @@ from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
 from .notify import Notifier, SystemdStatus
 from .schedule import Backoff, Scheduler, Sleeper
 from .slots import Slots
-from .spool import Spool
+from .spool import Spool, is_candidate
 from .status import Presence
 from .steps import FILE_STEPS, advance
 from .watcher import InboxWatcher
@@ -211,7 +211,8 @@ class Service:
         self._start_watcher()
         self._report()  # the presence file: `status` shows a running daemon from here on
         if self.once:
-            self._once_names = {name for name, _ in self._inbox_candidates()}
+            # Every input in the inbox now, settled or not: each is taken once it is complete.
+            self._once_names = {n for n in os.listdir(self.spool.inbox) if is_candidate(n)}
             for name in self._once_names:
                 self.watcher.note(name, complete=True)
         self._claim_ready(limit=None)  # READY=1 means: what was in the inbox at start is claimed
@@ -359,10 +360,6 @@ class Service:
         )
 
     # ---- claiming and taking over --------------------------------------------------
-
-    def _inbox_candidates(self) -> list[tuple[str, int]]:
-        self.watcher.rescan()
-        return [(p.name, arrival) for p, arrival in self.watcher.ready()]
 
     def _claim_ready(self, limit: int | None) -> None:
         """Hand files that are ready to the file workers, oldest first: they claim and validate

@@ -920,12 +920,12 @@ class Simulator:
         return stored
 
     def _list_files(self, call: _Call) -> Reply:
-        """files.list: the project's files, newest first, in pages."""
+        """files.list: uploaded files, newest first (generated responses files are not listed)."""
         with self._lock:
-            stored = list(reversed(self._files.values()))
-            page, token = _paginate(stored, call)
-            body = _page_body("files", [self._file_json(f, call.version) for f in page], token)
-        return json_reply(body)
+            uploaded = [f for f in reversed(self._files.values()) if f.source == "UPLOADED"]
+            page, token = _paginate(uploaded, call)
+            items = [self._file_json(stored, call.version) for stored in page]
+        return json_reply(_page_body("files", items, token))
 
     def _get_file(self, call: _Call) -> Reply:
         with self._lock:

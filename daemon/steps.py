@@ -135,6 +135,7 @@ def drive(ctx: Context, t: Tracked) -> Next:
         if ctx.stopping():
             return Next.after(0.05)
         if t.cancel_requested and job.state is JobState.QUEUED:
+            # Ended without a job: collected below like any ended job.
             remote.end_job(
                 ctx, t, job, "cancelled before a job was created", remote.CANCELLED, "job"
             )

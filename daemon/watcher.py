@@ -61,7 +61,7 @@ class _Seen:
     signature: tuple[int, int] | None  # (size, mtime_ns) at the last look
     since: float  # clock time the signature was first seen
     complete: bool  # closed after writing or moved in: no need to wait for it to settle
-    arrival: int  # wall-clock ns it arrived (first event, else its mtime): the queue order
+    arrival: int  # when it was written or moved in (its ctime, in ns): the queue order
 
 
 class InboxWatcher:
@@ -133,7 +133,7 @@ class InboxWatcher:
         found: list[tuple[int, str]] = []
         for entry in entries:
             if is_candidate(entry.name):
-                found.append((_mtime_ns(entry), entry.name))
+                found.append((_arrival_ns(self.inbox / entry.name), entry.name))
             elif not entry.name.startswith(".") and entry.name not in _SPOOL_FOLDERS:
                 ignored[entry.name] = why_ignored(entry.name) or "not a file the daemon takes"
         with self._lock:
@@ -168,7 +168,8 @@ class InboxWatcher:
         with self._lock:
             seen = self._seen.get(name)
             if seen is None:
-                self._seen[name] = _Seen(None, self._clock(), complete, time.time_ns())
+                arrival = _arrival_ns(self.inbox / name)
+                self._seen[name] = _Seen(None, self._clock(), complete, arrival)
             else:
                 seen.complete = seen.complete or complete
                 if not complete:
@@ -244,9 +245,12 @@ class InboxWatcher:
         return now - seen.since >= self.settle_seconds and open_for_writing(path) is not True
 
 
-def _mtime_ns(entry: os.DirEntry[str]) -> int:
+def _arrival_ns(path: Path) -> int:
+    """When a file arrived: its inode's change time, which a rename into place or a write
+    sets. The same for files seen by an event and files found by a rescan, whichever the
+    watcher heard of first, so that job slots go in the order files really arrived."""
     try:
-        return entry.stat(follow_symlinks=False).st_mtime_ns
+        return path.lstat().st_ctime_ns
     except OSError:
         return time.time_ns()
 

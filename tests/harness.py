@@ -20,8 +20,12 @@ from typing import Any
 import yaml
 
 from daemon.simulator import Simulator
+from tests.forkserver import Forked, Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
+Process = subprocess.Popen[bytes] | Forked
+"""A daemon process the tests started: its pid, poll, wait, send_signal, kill, returncode."""
+
 TEST_API_KEY = "AIzaTEST-secret-key-0123456789"
 """The key the daemon under test uses; tests assert it never appears in any file or log."""
 
@@ -57,12 +61,19 @@ class FakeClock:
 
 
 def fast_config(base_url: str, **overrides: Any) -> dict[str, Any]:
-    """A configuration that polls and settles in fractions of a second."""
+    """A configuration that polls, settles, backs off and looks jobs up in fractions of a second."""
     config: dict[str, Any] = {
         "inbox_settle_seconds": 0.3,
         "inbox_rescan_seconds": 1,
         "log_level": "debug",
-        "api": {"base_url": base_url, "retries": 1, "timeout_seconds": 10},
+        "api": {
+            "base_url": base_url,
+            "retries": 1,
+            "timeout_seconds": 10,
+            "lookup_grace_seconds": 1,
+            "backoff_initial_seconds": 0.05,
+            "backoff_max_seconds": 0.5,
+        },
         "poll": {"initial_seconds": 0.05, "max_seconds": 0.3, "multiplier": 2.0, "jitter": 0.0},
     }
     for key, value in overrides.items():
@@ -88,6 +99,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 class Spool:
     """One daemon's folders and configuration, plus the processes started on them."""
 
+    launcher: Launcher | None = None
+    """The session's fork server, while the process tests run (tests/process/conftest.py)."""
+
     def __init__(self, root: Path, sim: Simulator, **overrides: Any) -> None:
         self.root = root
         self.sim = sim
@@ -95,7 +109,7 @@ class Spool:
         self.outbox = root / "outbox"
         self.config_path = root / "config.yaml"
         self.log_paths: list[Path] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Process] = []
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.configure(**overrides)
 
@@ -119,18 +133,25 @@ class Spool:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "daemon", *args]
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start `gemini-batchd run -c config.yaml ARGS` in the background; stderr goes to a log file."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Process:
+        """Start `gemini-batchd run -c config.yaml ARGS` in the background; stderr goes to a log
+        file. Forked from the test session's fork server where there is one (see
+        tests/forkserver.py), else `python -m daemon`."""
         log_path = self.root / f"daemon-{len(self.log_paths)}.log"
         self.log_paths.append(log_path)
+        argv = ["run", "-c", str(self.config_path), *args]
+        proc: Process
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                self.command("run", "-c", str(self.config_path), *args),
-                cwd=self.root,
-                env=self.env(env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            if Spool.launcher is not None and type(self).command is Spool.command:
+                proc = Spool.launcher.spawn(argv, cwd=self.root, env=self.env(env), log=log_path)
+            else:
+                proc = subprocess.Popen(
+                    self.command(*argv),
+                    cwd=self.root,
+                    env=self.env(env),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         self.procs.append(proc)
         return proc
 

@@ -8,6 +8,8 @@ talking HTTP to the simulator on 127.0.0.1, the files, the sidecars.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -15,11 +17,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from daemon import logs
 from daemon.backend import Backend
 from daemon.config import Config, load_config
 from daemon.jobrecord import FileState
 from daemon.service import Service
 from daemon.simulator import Simulator
+from daemon.watcher import InboxWatcher
 from tests.harness import TEST_API_KEY, FakeClock, Spool
 
 EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
@@ -56,6 +60,25 @@ def in_process_config(base_url: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+class QuietWatcher(InboxWatcher):
+    """The inbox watcher without its inotify thread: the test says when to look (`rescan`), so
+    nothing happens behind its back. (inotify itself: tests/unit/test_watcher.py, process/.)"""
+
+    def start(self) -> None:
+        self.rescan()
+
+
+class SteppedService(Service):
+    def _start_watcher(self) -> None:
+        self.watcher = QuietWatcher(
+            self.config.inbox,
+            self.config.inbox_settle_seconds,
+            self.clock,
+            on_event=self.scheduler.wake,
+        )
+        self.watcher.start()
+
+
 class Daemon:
     """A spool folder and a `Service` on it, stepped by the test."""
 
@@ -66,10 +89,11 @@ class Daemon:
         self.sim = sim
         self.clock = clock
         self.folder = Spool(root, sim)
-        self.folder.config_path.write_text(
-            json.dumps(in_process_config(sim.base_url, **overrides))
-        )
+        self.folder.config_path.write_text(json.dumps(in_process_config(sim.base_url, **overrides)))
         self.config: Config = load_config(self.folder.config_path)
+        self.log = io.StringIO()
+        logs.configure(self.config.log_level, stream=self.log)
+        logs.add_secret(TEST_API_KEY)  # as `gemini-batchd run` does with its key
         self.once = once
         self.service = self._service()
         self.started = False
@@ -77,11 +101,12 @@ class Daemon:
     def _service(self) -> Service:
         backend = Backend(
             TEST_API_KEY,
-            base_url=self.sim.base_url,
+            base_url=self.config.api.base_url,
+            api_version=self.config.api.api_version,
             timeout_seconds=self.config.api.timeout_seconds,
             retries=self.config.api.retries,
         )
-        return Service(
+        return SteppedService(
             self.config,
             backend,
             once=self.once,
@@ -99,10 +124,11 @@ class Daemon:
     def outbox(self) -> Path:
         return self.folder.outbox
 
-    def drop(self, name: str, lines: Iterable[Any] | bytes) -> Path:
-        path = self.folder.drop(name, lines)
+    def drop(self, name: str, lines: Iterable[Any] | bytes, *, how: str = "rename") -> Path:
+        """Put a file into the inbox (see `Spool.drop`); a started daemon's watcher looks again."""
+        path = self.folder.drop(name, lines, how=how)
         if self.started:
-            self.service.watcher.note(name, complete=True)
+            self.service.watcher.rescan()
         return path
 
     def start(self) -> Daemon:
@@ -152,6 +178,21 @@ class Daemon:
             self.service.shutdown()
             self.started = False
         self.service.backend.close()
+
+    def exit_status(self) -> int:
+        """What `run --once` would exit with: 1 if any file got an error report."""
+        failed = any(o.record.state is FileState.FAILED for o in self.service.outcomes)
+        return 1 if failed else 0
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log.getvalue().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.log_events() if e.get("event") == name]
 
     def state(self) -> dict[str, str]:
         return {name: t.record.state.value for name, t in self.service.files.items()}

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
-from daemon.backend import GeminiBackend
+from daemon.backend import Backend
 from daemon.inputs import Defaults, prompt_request
+from daemon.plan import request_line
 
 KEY = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
 
@@ -21,15 +23,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_create_find_and_cancel_a_real_job() -> None:
+def test_create_find_and_cancel_a_real_job(tmp_path: Path) -> None:
     assert KEY
-    backend = GeminiBackend(KEY, retries=3)
+    backend = Backend(KEY, retries=3)
     display_name = f"gemini-batchd-live-test/{uuid.uuid4().hex[:12]}"
-    request = prompt_request("1", 1, "Say OK.", Defaults(thinking_budget=0))
-    job = backend.create_job("gemini-2.5-flash", display_name, [request])
+    requests = tmp_path / "j1.req"
+    requests.write_bytes(
+        request_line(prompt_request("1", 1, "Say OK.", Defaults(thinking_budget=0)))
+    )
+    job = backend.create_job("gemini-2.5-flash", display_name, requests, inline=True)
     try:
-        assert job.name and job.name.startswith("batches/")
+        assert job.name.startswith("batches/")
+        assert job.display_name == display_name and not job.done
         found = backend.find_job(display_name)
         assert found is not None and found.name == job.name
+        assert backend.get_job(job.name).name == job.name
     finally:
-        backend.cancel_job(job.name or "")
+        backend.cancel_job(job.name)
+        backend.close()

@@ -1,4 +1,5 @@
-"""daemon.notify: sd_notify datagrams on a real AF_UNIX socket."""
+"""daemon.notify: sd_notify datagrams on a real AF_UNIX socket, and SystemdStatus (READY, STATUS
+when it changes, WATCHDOG only while work progresses)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier
+from daemon import notify
+from daemon.notify import Notifier, SystemdStatus
 
 
 @pytest.fixture
@@ -169,3 +171,109 @@ def test_watchdog_interval(
 ) -> None:
     _, path = listener
     assert Notifier({"NOTIFY_SOCKET": path, **extra}).watchdog_interval == expected
+
+
+# ---- SystemdStatus: what the service tells systemd ------------------------------------------
+
+
+class Monotonic:
+    """notify.time as the service sees it, with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def monotonic(monkeypatch: pytest.MonkeyPatch) -> Monotonic:
+    fake = Monotonic()
+    monkeypatch.setattr(notify, "time", fake)
+    return fake
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting on the socket, as its lines joined with '|'."""
+    found = []
+    sock.setblocking(False)
+    while True:
+        try:
+            found.append(sock.recv(4096).decode().replace("\n", "|"))
+        except BlockingIOError:
+            return found
+
+
+def watched(path: str, usec: int = 10_000_000) -> SystemdStatus:
+    return SystemdStatus(Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(usec)}))
+
+
+def test_ready_sends_status_and_a_first_ping(
+    listener: tuple[socket.socket, str], monotonic: Monotonic
+) -> None:
+    sock, path = listener
+    watched(path).ready("0 queued, 0 active, 0 done, 0 failed")
+    assert received(sock) == ["READY=1|STATUS=0 queued, 0 active, 0 done, 0 failed", "WATCHDOG=1"]
+
+
+def test_status_is_sent_when_it_changes_at_most_twice_a_second(
+    listener: tuple[socket.socket, str], monotonic: Monotonic
+) -> None:
+    sock, path = listener
+    systemd = SystemdStatus(Notifier({"NOTIFY_SOCKET": path}))
+    systemd.ready("a")
+    received(sock)
+    text = ["a"]
+    systemd.tick(lambda: text[0], progressing=True)
+    assert received(sock) == []  # unchanged
+    text[0] = "b"
+    monotonic.now += 0.1
+    systemd.tick(lambda: text[0], progressing=True)
+    assert received(sock) == []  # within half a second of the last look
+    monotonic.now += SystemdStatus.STATUS_EVERY
+    systemd.tick(lambda: text[0], progressing=True)
+    assert received(sock) == ["STATUS=b"]
+    monotonic.now += SystemdStatus.STATUS_EVERY
+    systemd.tick(lambda: text[0], progressing=True)
+    assert received(sock) == []  # sent once, not at every look
+
+
+def test_status_is_not_even_computed_without_systemd(monotonic: Monotonic) -> None:
+    systemd = SystemdStatus(Notifier({}))
+
+    def status() -> str:
+        raise AssertionError("computed for nobody")
+
+    systemd.ready("x")
+    systemd.tick(status, progressing=True)
+    assert systemd.next_ping_in() == float("inf")
+
+
+def test_watchdog_pings_at_half_the_interval_only_while_work_progresses(
+    listener: tuple[socket.socket, str], monotonic: Monotonic
+) -> None:
+    """A daemon whose workers are stuck stops pinging, so systemd restarts it."""
+    sock, path = listener
+    systemd = watched(path, usec=10_000_000)  # pings every 5 s, each ping due 2.5 s on
+    systemd.ready("s")
+    received(sock)
+    assert systemd.next_ping_in() == pytest.approx(2.5)
+    monotonic.now += 2.0
+    systemd.tick(lambda: "s", progressing=True)
+    assert received(sock) == []
+    assert systemd.next_ping_in() == pytest.approx(0.5)
+    monotonic.now += 0.5
+    systemd.tick(lambda: "s", progressing=True)
+    assert received(sock) == ["WATCHDOG=1"]
+    monotonic.now += 30
+    systemd.tick(lambda: "s", progressing=False)
+    assert received(sock) == []
+    assert systemd.next_ping_in() == 0.0  # overdue: the main loop wakes, but may not ping
+
+
+def test_reloading_and_stopping(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    systemd = SystemdStatus(Notifier({"NOTIFY_SOCKET": path}, clock_monotonic_us=lambda: 42))
+    systemd.reloading()
+    systemd.stopping()
+    assert received(sock) == ["RELOADING=1|MONOTONIC_USEC=42", "STOPPING=1"]

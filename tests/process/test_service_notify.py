@@ -119,11 +119,11 @@ def make_old(path: Path) -> None:
 
 def test_ready_status_watchdog_and_stopping(spool: Spool, listener: Listener) -> None:
     make_old(spool.drop("early.jsonl", ["hello"]))
-    sidecar = spool.inbox / "processing" / "early.jsonl.job.json"
-    listener.on_ready = sidecar.exists
+    claimed = spool.inbox / "processing" / "early.jsonl"
+    listener.on_ready = claimed.exists
     proc = spool.start(env=listener.env())
 
-    # READY=1 only once the files present at start are claimed (sidecar written).
+    # READY=1 only once the files present at start are claimed (moved into processing/).
     [ready] = wait_for(lambda: listener.with_key("READY", "1"), timeout=30)
     assert ready.snapshot is True, "READY=1 was sent before the file present at start was claimed"
     assert STATUS.search(ready.fields.get("STATUS", "")), ready.fields

@@ -24,6 +24,7 @@ from google.genai import errors, types
 
 from daemon import cli
 from daemon.simulator import Fault, Simulator
+from tests.conftest import stop_soon
 from tests.harness import ROOT, FakeClock
 
 MODEL = "gemini-2.5-flash"
@@ -36,8 +37,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def sim(clock: FakeClock) -> Iterator[Simulator]:
-    with Simulator(clock=clock, seed=7) as simulator:
-        yield simulator
+    simulator = Simulator(clock=clock, seed=7).start()
+    yield simulator
+    stop_soon(simulator)
 
 
 def make_client(
@@ -275,6 +277,25 @@ def test_multi_chunk_upload_and_download(sim: Simulator, client: genai.Client) -
     assert uploaded.name and sim.uploaded_files[uploaded.name] == data
     assert sum("upload_id=" in path for _, path, _ in sim.requests_log) == 2
     assert client.files.download(file=uploaded.name) == data
+
+
+def test_files_list_pages_through_uploads_only(sim: Simulator, client: genai.Client) -> None:
+    """files.list: how the daemon finds an upload whose reply it never saw."""
+    names = [
+        client.files.upload(
+            file=io.BytesIO(
+                b'{"key": "a", "request": {"contents": [{"parts": [{"text": "x"}]}]}}\n'
+            ),
+            config={"mime_type": "application/jsonl", "display_name": f"up{i}"},
+        ).name
+        for i in range(3)
+    ]
+    job = client.batches.create(model=MODEL, src=names[0], config={"display_name": "f"})
+    assert job.name and client.batches.get(name=job.name).done  # a responses file now exists
+    listed = list(client.files.list(config={"page_size": 2}))
+    assert [f.name for f in listed] == list(reversed(names))
+    assert [f.display_name for f in listed] == ["up2", "up1", "up0"]
+    assert sum(p.startswith("/v1beta/files?") for _, p, _ in sim.requests_log) == 2
 
 
 def test_list_pages_through_the_sdk_pager(sim: Simulator, client: genai.Client) -> None:

@@ -1,9 +1,8 @@
-"""KeyMap: bounded memory for the keys of huge files (duplicate detection, the responses index)."""
+"""KeyMap: bounded memory for the keys of huge files (duplicate detection, answers by key)."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from daemon import keymap
 from daemon.inputs import Defaults, LineError, Request, read_requests
 from daemon.keymap import KeyMap
-from daemon.results import ResponsesFileIndex, answer_text, line_key
+from daemon.wire import line_key
 
 
 @pytest.mark.parametrize("budget", [None, 0, 2000])
@@ -54,33 +53,39 @@ def test_duplicate_keys_are_found_after_the_spill(
     ]
 
 
-def ok_line(key: str, text: str) -> str:
-    response = {"candidates": [{"content": {"parts": [{"text": text}]}}]}
-    return json.dumps({"key": key, "response": response})
+@pytest.mark.parametrize("budget", [None, 0, 2000])
+def test_put_replaces_in_memory_and_on_disk(tmp_path: Path, budget: int | None) -> None:
+    """`put`: later answers win (a follow-up job's answer replaces the first job's)."""
+    keys = KeyMap(tmp_path / "kv.db", budget)
+    for i in range(200):
+        keys.put(f"k{i}", i)
+    keys.put("k5", 500)
+    keys.add("k6", 600)  # add never replaces, even buffered after a spill
+    keys.put("k6", 601)  # ... and a put after it still wins
+    assert [keys.get(k) for k in ("k0", "k5", "k6", "k199", "absent")] == [0, 500, 601, 199, None]
+    assert keys.spilled is (budget is not None)
+    keys.close()
 
 
-@pytest.mark.parametrize("budget", [None, 0])
-def test_responses_index_in_memory_and_spilled(tmp_path: Path, budget: int | None) -> None:
-    lines = [ok_line(f"k{i}", f"answer {i}") for i in range(500)]
-    lines.append(ok_line("k7", "a second answer for k7"))
-    lines += ['{"key": "broken", "response": ', '{"response": {}, "key": "late"}']
-    random.Random(2).shuffle(lines)
-    lines.insert(0, ok_line("k9", "first one wins"))
-    responses = tmp_path / "responses.jsonl"
-    responses.write_text("\n".join(lines) + "\n")
-    index = ResponsesFileIndex(responses, memory_bytes=budget)
-    try:
-        for i in (0, 42, 499):
-            entry = index.get(f"k{i}")
-            assert entry is not None and answer_text(entry["response"]) == f"answer {i}"
-        first = index.get("k9")
-        assert first is not None and answer_text(first["response"]) == "first one wins"
-        assert index.get("broken") is None  # the quick key scan saw it; the line is no JSON
-        assert index.get("late") == {"response": {}, "key": "late"}
-        assert index.get("absent") is None
-    finally:
-        index.close()
-    assert not responses.with_name(responses.name + ".idx").exists()
+def test_put_of_a_known_key_does_not_grow_the_budget() -> None:
+    keys = KeyMap(memory_bytes=1000)
+    for value in range(1000):
+        keys.put("the same key", value)
+    assert not keys.spilled and keys.get("the same key") == 999
+    for i in range(20):
+        keys.put(f"new {i}", i)
+    assert keys.spilled and keys.get("the same key") == 999 and keys.get("new 19") == 19
+    keys.close()
+
+
+def test_a_spill_file_left_by_a_crash_is_never_reused(tmp_path: Path) -> None:
+    spill = tmp_path / "kv.db"
+    stale = KeyMap(spill, memory_bytes=0)
+    stale.put("a", 1)  # never closed: as if the process was killed
+    keys = KeyMap(spill, memory_bytes=0)
+    keys.put("b", 2)
+    assert keys.get("a") is None and keys.get("b") == 2
+    keys.close()
 
 
 def test_quick_key_scan_agrees_with_a_full_parse() -> None:

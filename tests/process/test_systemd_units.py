@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
+from tests.harness import ROOT
+
+UNIT_DIR = ROOT / "systemd"
 PLAIN = UNIT_DIR / "gemini-batchd.service"
 TEMPLATE = UNIT_DIR / "gemini-batchd@.service"
 UNITS = [PLAIN, TEMPLATE]

@@ -1,5 +1,5 @@
-"""Logging: JSON lines off a terminal, console lines on one, journald priorities, redaction,
-library records in the same pipeline, and the lifecycle events of each file end to end."""
+"""Logging: JSON lines off a terminal, console lines on one, journald priorities, redaction
+(tracebacks included), and library records in the same pipeline."""
 
 from __future__ import annotations
 
@@ -7,37 +7,19 @@ import io
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon import logs
-from tests.harness import TEST_API_KEY, Spool
+from tests.harness import TEST_API_KEY
 
 
 @pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
+def _restore(restore_logging: None) -> None:
     """logs.configure changes process-wide state: put it back for the other tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    named = {
-        name: logging.getLogger(name).level
-        for name in ("httpx", "httpx2", "google_genai", "watchdog", "tenacity")
-    }
-    config = structlog.get_config()
-    secrets, short_secrets = list(logs._secrets), list(logs._short_secrets)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, old in named.items():
-        logging.getLogger(name).setLevel(old)
-    structlog.configure(**config)
-    logs._secrets[:] = secrets
-    logs._short_secrets[:] = short_secrets
 
 
 class FakeStream(io.StringIO):
@@ -305,53 +287,17 @@ def test_the_run_command_never_logs_the_key_itself(
     assert [e["event"] for e in json_lines(stream)] == ["configuration"]
 
 
-# ---- the lifecycle events of each file, end to end ------------------------------------
-
-LIFECYCLE = ("claimed", "validated", "submitted", "results written", "archived")
-
-
-def test_lifecycle_events_once_per_file(spool: Spool) -> None:
-    spool.drop("good.jsonl", ["one", "two"])
-    spool.drop("other.jsonl", ["three"])
-    spool.drop("bad.jsonl", b'"fine"\n{broken\n')
-    assert spool.run_once() == 1
-    events = spool.log_events()
-    assert events, spool.logs()
-    assert TEST_API_KEY not in spool.logs()
-
-    def of(name: str, event: str) -> list[dict[str, Any]]:
-        return [e for e in events if e.get("event") == event and e.get("file") == name]
-
-    for name in ("good.jsonl", "other.jsonl"):
-        job = spool.sidecar(name)["job_name"]
-        for event in LIFECYCLE:
-            assert len(of(name, event)) == 1, (name, event)
-        for event in ("submitted", "results written", "archived"):
-            assert of(name, event)[0]["job"] == job, (name, event)
-        changes = of(name, "job state changed")
-        assert changes and all(e["job"] == job for e in changes)
-        states = Counter(e["job_state"] for e in changes)
-        assert max(states.values()) == 1, states
-        assert changes[-1]["job_state"] == "JOB_STATE_SUCCEEDED"
-        assert not of(name, "failed")
-
-    assert len(of("bad.jsonl", "claimed")) == 1
-    [failed] = of("bad.jsonl", "failed")
-    assert failed["stage"] == "validation"
-    assert failed["level"] == "warning"
-    assert len(of("bad.jsonl", "archived")) == 1
-    assert of("bad.jsonl", "archived")[0]["outcome"] == "failed"
-    assert not of("bad.jsonl", "submitted")
-    assert not of("bad.jsonl", "validated")
-
-
-def test_a_failed_job_logs_failed_with_its_job(spool: Spool) -> None:
-    spool.sim.outcome = "FAILED"
-    spool.drop("doomed.jsonl", ["x"])
-    assert spool.run_once() == 1
-    events = [e for e in spool.log_events() if e.get("file") == "doomed.jsonl"]
-    job = spool.sidecar("doomed.jsonl")["job_name"]
-    [failed] = [e for e in events if e["event"] == "failed"]
-    assert failed["job"] == job
-    assert failed["stage"] == "job"
-    assert [e["event"] for e in events].count("archived") == 1
+def test_logged_exception_text_is_redacted() -> None:
+    """A traceback is formatted after the event's fields: its text must be redacted too."""
+    stream = FakeStream(tty=False)
+    logs.configure("info", stream=stream)
+    logs.add_secret(TEST_API_KEY)
+    try:
+        raise RuntimeError(f"something echoed {TEST_API_KEY}")
+    except RuntimeError:
+        logs.get().exception("unexpected error; will retry")
+        logging.getLogger("google_genai").exception("library failure")
+    text = stream.getvalue()
+    assert "unexpected error" in text and "library failure" in text
+    assert "RuntimeError" in text
+    assert TEST_API_KEY not in text

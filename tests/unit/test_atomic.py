@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon import atomic
+from tests.harness import ROOT
 
 
 def mode(path: Path) -> int:
@@ -305,7 +306,7 @@ def test_a_crashed_writer_leaves_a_temp_that_the_next_start_removes(tmp_path: Pa
     target = tmp_path / "out.jsonl"
     proc = subprocess.run(
         [sys.executable, "-c", script, str(target)],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
         check=False,
     )
     assert proc.returncode == -9

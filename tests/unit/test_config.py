@@ -22,8 +22,7 @@ from daemon.config import (
     raise_problems,
     resolve_api_key,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import ROOT
 
 CONTRACT_DEFAULTS = {
     "model": "gemini-2.5-flash",

@@ -1,27 +1,21 @@
-"""The `gemini-batchd` command line: validate, submit, configuration errors, help, simulator.
+"""The `gemini-batchd` command line in-process (daemon.cli.main, output captured): validate,
+submit, configuration errors of `run` (found before anything starts), help.
 
-Most commands run in-process through `daemon.cli.main` (fast, output captured); those whose
-point is the process boundary (a traceback-free exit, a served port) run as subprocesses.
+Commands whose point is the process boundary -- a traceback-free exit, a served port, a daemon
+that runs -- are in tests/process/test_commands.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import select
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from google import genai
-from google.genai import types
 
 from daemon import cli
-from tests.harness import ROOT
 
 SUBCOMMANDS = ["run", "status", "validate", "submit", "retry", "cancel", "simulator"]
 
@@ -43,11 +37,11 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, out, err
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "GOOGLE_"))}
-    env.pop("CREDENTIALS_DIRECTORY", None)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+@pytest.fixture
+def keyless(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    """No API key anywhere in the environment (and `run` may reconfigure logging)."""
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -344,72 +338,40 @@ def test_unreadable_configs(project: Path, capsys: pytest.CaptureFixture[str]) -
         assert name in err
 
 
-def test_run_with_bad_config_or_no_key_exits_2_without_traceback(project: Path) -> None:
+def test_run_with_bad_config_or_no_key_exits_2(
+    project: Path, capsys: pytest.CaptureFixture[str], keyless: None
+) -> None:
     write_config(project, poll={"jitter": 5})
-    bad = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--once", "-c", "config.yaml"],
-        cwd=project,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2
-    assert "Traceback" not in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert "poll.jitter" in bad.stderr
+    code, _, err = run_cli(capsys, "run", "--once", "-c", "config.yaml")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "poll.jitter" in err
 
     write_config(project)
-    no_key = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--once"],
-        cwd=project,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert no_key.returncode == 2
-    assert "Traceback" not in no_key.stderr
-    assert "API key" in no_key.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--once")
+    assert code == 2
+    assert "API key" in err.strip().splitlines()[-1]
 
 
-def test_missing_system_prompt_file_exits_2(project: Path) -> None:
+def test_missing_system_prompt_file_exits_2(
+    project: Path, capsys: pytest.CaptureFixture[str], keyless: None
+) -> None:
     write_config(project, system_prompt_file="nope.md")
-    proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--once", "--simulate"],
-        cwd=project,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert "system_prompt_file" in proc.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--once", "--simulate")
+    assert code == 2
+    assert "system_prompt_file" in err.strip().splitlines()[-1]
 
 
-def run_daemon(
-    project: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--once", *args],
-        cwd=project,
-        env=env or clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def test_run_lists_every_configuration_problem_at_once(project: Path) -> None:
+def test_run_lists_every_configuration_problem_at_once(
+    project: Path, capsys: pytest.CaptureFixture[str], keyless: None
+) -> None:
     """Without --simulate a missing key does not hide a missing system_prompt_file; a bad inbox
     names its key and the configuration file."""
     (project / "blocker").write_text("a file where the outbox should be\n")
     write_config(project, inbox="/proc/nope", outbox="blocker", system_prompt_file="nope.md")
-    proc = run_daemon(project)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--once")
+    assert code == 2
+    last = err.strip().splitlines()[-1]
     assert last.startswith(
         f"gemini-batchd: {project / 'config.yaml'}: 'inbox': cannot create /proc/nope: "
     )
@@ -421,41 +383,24 @@ def test_run_lists_every_configuration_problem_at_once(project: Path) -> None:
         assert fragment in last, last
 
 
-def test_run_checks_the_configuration_before_starting_the_simulator(project: Path) -> None:
+def test_run_checks_the_configuration_before_starting_the_simulator(
+    project: Path, capsys: pytest.CaptureFixture[str], keyless: None
+) -> None:
     write_config(project, outbox="/proc/nope/out")
-    proc = run_daemon(project, "--simulate")
-    assert proc.returncode == 2
-    assert "simulator started" not in proc.stderr
-    assert "'outbox': cannot create /proc/nope/out" in proc.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--once", "--simulate")
+    assert code == 2
+    assert "simulator started" not in err
+    assert "'outbox': cannot create /proc/nope/out" in err.strip().splitlines()[-1]
 
 
-def test_run_names_an_unreadable_key_file_with_other_problems(project: Path) -> None:
+def test_run_names_an_unreadable_key_file_with_other_problems(
+    project: Path, capsys: pytest.CaptureFixture[str], keyless: None
+) -> None:
     write_config(project, system_prompt_file="nope.md", api={"key_file": "absent-key"})
-    proc = run_daemon(project)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "run", "--once")
+    assert code == 2
+    last = err.strip().splitlines()[-1]
     assert "'system_prompt_file'" in last and "'api.key_file': cannot read" in last
-
-
-def test_run_logs_which_configuration_it_uses(project: Path) -> None:
-    proc = run_daemon(project, "--simulate")
-    assert proc.returncode == 0, proc.stderr
-    [event] = [json.loads(line) for line in proc.stderr.splitlines() if '"configuration"' in line]
-    assert event["file"] == str(project / "config.yaml")
-    assert event["level"] == "info"
-    lines = proc.stderr.splitlines()
-    assert min(i for i, line in enumerate(lines) if "simulator started" in line) > lines.index(
-        next(line for line in lines if '"configuration"' in line)
-    )
-
-
-def test_run_without_a_configuration_file_says_it_uses_defaults(project: Path) -> None:
-    (project / "config.yaml").unlink()
-    proc = run_daemon(project, "--simulate")
-    assert proc.returncode == 0, proc.stderr
-    [event] = [json.loads(line) for line in proc.stderr.splitlines() if '"configuration"' in line]
-    assert event["file"] == f"none: defaults ({project / 'config.yaml'} not found)"
-    assert event["level"] == "warning"
 
 
 def test_cancel_unknown_target(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -482,57 +427,21 @@ def test_help(capsys: pytest.CaptureFixture[str], command: str | None) -> None:
         assert "--config" in out
 
 
-def test_python_m_daemon_help() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "--help"],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0
-    assert proc.stdout.startswith("usage: gemini-batchd")
+def test_every_option_and_argument_has_help() -> None:
+    parser = cli._parser()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    assert sub.choices is not None
+    assert set(sub.choices) >= set(SUBCOMMANDS)
+    for name, command in sub.choices.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
     assert exit_info.value.code == 2
-
-
-# ---- simulator -------------------------------------------------------------------------------
-
-
-def test_simulator_prints_its_base_url_first(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "simulator", "--port", "0", "--pending-seconds", "0"],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "the simulator printed nothing"
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:")
-        port = int(url.rsplit(":", 1)[1])
-        assert port > 0
-
-        client = genai.Client(api_key="any-key", http_options=types.HttpOptions(base_url=url))
-        assert list(client.batches.list()) == []
-        job = client.batches.create(
-            model="gemini-2.5-flash",
-            src=[types.InlinedRequest(contents="hello", metadata={"key": "k"})],
-        )
-        assert job.name and job.name.startswith("batches/")
-        assert client.batches.get(name=job.name).name == job.name
-    finally:
-        proc.terminate()
-        code = proc.wait(timeout=15)
-    assert code == 0
 
 
 def test_names_too_long_for_the_daemon(project: Path, capsys: pytest.CaptureFixture[str]) -> None:

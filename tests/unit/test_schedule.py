@@ -1,15 +1,19 @@
-"""daemon.schedule: backoff delays and the timer queue, with an injected clock and sleeper."""
+"""daemon.schedule: backoff delays and the timer queue (an injected clock and sleeper), and the
+wake-up pipe that signal handlers poke."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
 from daemon.config import PollSettings
-from daemon.schedule import Backoff, Scheduler
+from daemon.schedule import Backoff, Scheduler, Wakeup
 from tests.harness import FakeClock
 
 
@@ -275,3 +279,57 @@ def test_real_wait_returns_when_the_next_key_is_due() -> None:
     scheduler.wait(10)
     assert 0.04 <= time.monotonic() - started < 2
     assert scheduler.pop_due() == ["a"]
+
+
+# ---- the wake-up pipe ------------------------------------------------------------------------
+
+
+def _poke_by_signal(handler: Any) -> float:
+    """Wait on a Wakeup while SIGUSR1 arrives 50 ms in; seconds until the wait returned."""
+    wakeup = Wakeup()
+    previous = signal.signal(signal.SIGUSR1, handler(wakeup))
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        started = time.monotonic()
+        wakeup.wait(10)
+        return time.monotonic() - started
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+        wakeup.close()
+
+
+def test_a_signal_handler_that_pokes_ends_a_wait() -> None:
+    """What SIGTERM and SIGHUP do in the daemon: the handler only pokes the pipe."""
+    assert _poke_by_signal(lambda wakeup: lambda *_: wakeup.poke()) < 2
+
+
+def test_set_wakeup_fd_makes_every_signal_end_a_wait() -> None:
+    """The interpreter writes to the pipe itself, even while the handler cannot run yet."""
+
+    def handler(wakeup: Wakeup) -> Any:
+        previous = signal.set_wakeup_fd(wakeup.fd, warn_on_full_buffer=False)
+        assert previous == -1
+        return lambda *_: None
+
+    try:
+        assert _poke_by_signal(handler) < 2
+    finally:
+        signal.set_wakeup_fd(-1)
+
+
+def test_poking_a_full_pipe_never_blocks_or_raises() -> None:
+    wakeup = Wakeup()
+    try:
+        for _ in range(100_000):  # far past a pipe's 64 KiB
+            wakeup.poke()
+        started = time.monotonic()
+        wakeup.wait(10)  # drains everything
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        wakeup.wait(0.05)
+        assert time.monotonic() - started >= 0.04  # nothing left over
+    finally:
+        wakeup.close()
+    wakeup.close()  # twice is harmless

@@ -14,13 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.watcher import (
-    InboxWatcher,
-    is_candidate,
-    name_too_long,
-    open_for_writing,
-    why_ignored,
-)
+from daemon.spool import is_candidate, name_too_long
+from daemon.watcher import InboxWatcher, open_for_writing
 from tests.harness import FakeClock, wait_for
 
 SETTLE = 2.0
@@ -60,8 +55,12 @@ def old(path: Path, data: bytes = b'"x"\n') -> Path:
     return path
 
 
-def names(paths: list[Path]) -> list[str]:
-    return [p.name for p in paths]
+def names(ready: list[tuple[Path, int]]) -> list[str]:
+    return [path.name for path, _ in ready]
+
+
+def paths(ready: list[tuple[Path, int]]) -> list[Path]:
+    return [path for path, _ in ready]
 
 
 # ---- events ---------------------------------------------------------------------------------
@@ -72,13 +71,13 @@ def test_closed_after_write_is_ready_at_once(watcher: InboxWatcher, inbox: Path)
     watcher.note("a.jsonl", complete=False)  # created, written ...
     assert watcher.ready() == []
     watcher.note("a.jsonl", complete=True)  # ... closed
-    assert watcher.ready() == [inbox / "a.jsonl"]
+    assert paths(watcher.ready()) == [inbox / "a.jsonl"]
 
 
 def test_moved_in_is_ready_at_once(watcher: InboxWatcher, inbox: Path) -> None:
     fresh(inbox / "b.jsonl")
     watcher.note("b.jsonl", complete=True)
-    assert watcher.ready() == [inbox / "b.jsonl"]
+    assert paths(watcher.ready()) == [inbox / "b.jsonl"]
 
 
 def test_created_only_waits_until_settled(
@@ -90,7 +89,7 @@ def test_created_only_waits_until_settled(
     clock.advance(SETTLE - 0.01)
     assert watcher.ready() == []
     clock.advance(0.02)
-    assert watcher.ready() == [inbox / "c.jsonl"]
+    assert paths(watcher.ready()) == [inbox / "c.jsonl"]
 
 
 def test_a_file_that_keeps_changing_is_not_ready(
@@ -105,7 +104,7 @@ def test_a_file_that_keeps_changing_is_not_ready(
         fresh(path, data, bump=i)  # changed without an event (events can be dropped)
         assert watcher.ready() == [], f"round {i}"
     clock.advance(SETTLE)
-    assert watcher.ready() == [path]
+    assert paths(watcher.ready()) == [path]
 
 
 def test_a_write_after_close_starts_settling_again(
@@ -117,7 +116,7 @@ def test_a_write_after_close_starts_settling_again(
     watcher.note("e.jsonl", complete=False)  # modified again after the close
     assert watcher.ready() == []
     clock.advance(SETTLE)
-    assert watcher.ready() == [path]
+    assert paths(watcher.ready()) == [path]
 
 
 def test_ready_in_the_order_first_seen_and_vanished_files_forgotten(
@@ -135,6 +134,26 @@ def test_ready_in_the_order_first_seen_and_vanished_files_forgotten(
     assert watcher.pending == 1
 
 
+def test_arrival_is_when_a_file_was_moved_in_however_the_watcher_heard_of_it(
+    watcher: InboxWatcher, inbox: Path, clock: FakeClock
+) -> None:
+    """Job slots go in arrival order: the file's ctime (its rename into place), the same for a
+    file noted by an event and one found by a rescan -- not when the watcher got to it."""
+    for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
+        (inbox / f".{name}").write_bytes(b'"x"\n')
+    for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
+        os.rename(inbox / f".{name}", inbox / name)
+        time.sleep(0.002)
+    watcher.note("third.jsonl", complete=True)  # its event came first
+    watcher.rescan()  # the others' events were dropped
+    watcher.ready()
+    clock.advance(SETTLE)  # found by a rescan: ready once settled
+    ready = watcher.ready()
+    assert names(ready) == ["first.jsonl", "second.jsonl", "third.jsonl"]
+    for path, arrival in ready:
+        assert arrival == path.lstat().st_ctime_ns
+
+
 # ---- rescans and names --------------------------------------------------------------------------
 
 
@@ -146,7 +165,7 @@ def test_rescan_finds_files_whose_events_were_missed(
     assert watcher.ready() == []  # no event came
     watcher.rescan()
     assert watcher.pending == 2
-    assert watcher.ready() == [inbox / "old.jsonl"]  # unchanged for an hour already
+    assert paths(watcher.ready()) == [inbox / "old.jsonl"]  # unchanged for an hour already
     clock.advance(SETTLE)
     assert sorted(names(watcher.ready())) == ["new.jsonl", "old.jsonl"]
 
@@ -157,7 +176,7 @@ def test_rescan_keeps_what_it_already_knows(
     fresh(inbox / "f.jsonl")
     watcher.note("f.jsonl", complete=True)
     watcher.rescan()
-    assert watcher.ready() == [inbox / "f.jsonl"]
+    assert paths(watcher.ready()) == [inbox / "f.jsonl"]
 
 
 @pytest.mark.parametrize(
@@ -172,15 +191,7 @@ def test_dot_files_and_other_names_are_ignored(
     clock.advance(10 * SETTLE)
     assert watcher.ready() == []
     assert watcher.pending == 0
-    assert not is_candidate(Path(name))
-
-
-def test_candidates() -> None:
-    assert is_candidate(Path("a.jsonl"))
-    assert is_candidate(Path("with space é.jsonl"))
-    assert is_candidate(Path("inbox/x.y.jsonl"))
-    assert not is_candidate(Path(".a.jsonl"))
-    assert not is_candidate(Path("a.json"))
+    assert not is_candidate(name)
 
 
 # ---- writers that keep the file open -------------------------------------------------------------
@@ -211,7 +222,7 @@ def test_a_file_held_open_for_writing_is_not_ready(
     with path.open("ab"):
         clock.advance(10 * SETTLE)
         assert watcher.ready() == []
-    assert watcher.ready() == [path]
+    assert paths(watcher.ready()) == [path]
 
 
 # ---- the real inotify observer ----------------------------------------------------------------
@@ -286,7 +297,7 @@ def test_names_too_long_for_the_sidecar_are_not_candidates(
     assert reason is not None and "246 bytes" in reason
     long_name = "é" * 120 + ".jsonl"  # 246 bytes in UTF-8
     assert name_too_long(long_name) is not None
-    assert not is_candidate(Path(long_name))
+    assert not is_candidate(long_name)
     old(inbox / long_name)
     watcher.rescan()
     watcher.note(long_name, complete=True)
@@ -294,26 +305,16 @@ def test_names_too_long_for_the_sidecar_are_not_candidates(
     assert watcher.pending == 0
 
 
-@pytest.mark.parametrize(
-    ("name", "fragment"),
-    [
-        ("a.jsonl", None),
-        ("with space.jsonl", None),
-        ("notes.txt", "only names ending in .jsonl are taken"),
-        ("README", "only names ending in .jsonl are taken"),
-        ("a.jsonl.tmp", "only names ending in .jsonl are taken"),
-        ("UP.JSONL", "(lower case) are taken: rename it UP.jsonl"),
-        ("Mixed.Jsonl", "rename it Mixed.jsonl"),
-        ("prompts.json", "if it holds one request per line, rename it prompts.jsonl"),
-        (".hidden.jsonl", "names starting with '.' are left alone"),
-        (".jsonl", "names starting with '.'"),
-        ("n" * 240 + ".jsonl", "the name is 246 bytes long"),
-    ],
-)
-def test_why_ignored_explains_and_agrees_with_is_candidate(name: str, fragment: str | None) -> None:
-    reason = why_ignored(name)
-    assert (reason is None) == is_candidate(Path(name))
-    if fragment is None:
-        assert reason is None
-    else:
-        assert reason is not None and fragment in reason
+def test_rescan_says_which_inbox_entries_are_ignored_and_why(
+    watcher: InboxWatcher, inbox: Path
+) -> None:
+    for name in ("notes.txt", "UP.JSONL", ".writing.jsonl", "a.jsonl"):
+        old(inbox / name)
+    for folder in ("processing", "done", "failed"):
+        (inbox / folder).mkdir()
+    watcher.rescan()
+    assert sorted(watcher.ignored) == ["UP.JSONL", "notes.txt"]  # dot-files and folders: silent
+    assert "rename it UP.jsonl" in watcher.ignored["UP.JSONL"]
+    (inbox / "notes.txt").unlink()
+    watcher.rescan()
+    assert sorted(watcher.ignored) == ["UP.JSONL"]
