@@ -133,7 +133,7 @@ class Recovery:
                 names.add(entry)
             elif entry.endswith(spool.INPUT_SUFFIX + spool.SIDECAR_SUFFIX):
                 names.add(entry[: -len(spool.SIDECAR_SUFFIX)])
-        self._claims_of_inputs = _claims_of_inputs(entries)
+        self._claims_of_inputs = _claims_of_inputs(folder.workdir)
         taken: list[Claimed] = []
         for name in sorted(names - owned.keys()):
             claimed = self._take(name)
@@ -254,11 +254,15 @@ class Recovery:
                     Path(entry.path).unlink()
 
 
-def _claims_of_inputs(entries: dict[str, os.DirEntry[str]]) -> dict[tuple[int, int], str]:
+def _claims_of_inputs(workdir: Path) -> dict[tuple[int, int], str]:
     """(device, inode) of each claim's second link to its input -> the claim id."""
     found: dict[tuple[int, int], str] = {}
-    for entry_name, entry in entries.items():
-        match = spool.WORK_FILE.match(entry_name)
+    try:
+        entries = list(os.scandir(workdir))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        match = spool.WORK_FILE.match(entry.name)
         if match is None or match.group(2) != "input":
             continue
         with contextlib.suppress(OSError):

@@ -153,13 +153,16 @@ class InboxWatcher:
         return Spool(self.inbox, self.inbox).cancels
 
     def _rescan_cancel_requests(self) -> None:
-        """Cancel markers written while no daemon watched (or whose events were dropped)."""
+        """Cancel markers written while no daemon watched (or whose events were dropped), of
+        files still in processing/ (a marker for a file that has finished means nothing)."""
         try:
             names = {entry.name for entry in os.scandir(self.cancels)}
         except OSError:
             return
+        processing = self.cancels.parent
+        live = {n for n in names if not n.startswith(".") and (processing / n).exists()}
         with self._lock:
-            self._cancel_requests.update(n for n in names if not n.startswith("."))
+            self._cancel_requests.update(live)
 
     def note(self, name: str, *, complete: bool) -> None:
         """An event touched inbox/`name`."""
@@ -209,8 +212,8 @@ class InboxWatcher:
         """Hand out candidates that are complete now, with their arrival time, oldest first.
 
         A file closed after writing or moved in is complete as it is; any other must have been
-        unchanged for `settle_seconds` and be open for writing nowhere. At most `limit`. What is
-        handed out is not handed out again unless `put_back`.
+        unchanged for `settle_seconds`; none may be open for writing anywhere. At most `limit`.
+        What is handed out is not handed out again unless `put_back`.
         """
         now = self._clock()
         ready: list[tuple[Path, int]] = []
@@ -221,6 +224,8 @@ class InboxWatcher:
                 break
             if not seen.complete and not self._settled(name, seen, now):
                 continue
+            if open_for_writing(self.inbox / name) is True:
+                continue  # a writer still has it open (its events may have been dropped)
             ready.append((self.inbox / name, seen.arrival))
             with self._lock:
                 if self._seen.pop(name, None) is not None:
@@ -242,7 +247,7 @@ class InboxWatcher:
             age = max(0.0, _wall_age(st.st_mtime_ns))
             seen.since = now - (age if seen.signature is None else 0.0)
             seen.signature = signature
-        return now - seen.since >= self.settle_seconds and open_for_writing(path) is not True
+        return now - seen.since >= self.settle_seconds
 
 
 def _arrival_ns(path: Path) -> int:

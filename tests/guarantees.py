@@ -105,6 +105,20 @@ def report(spool: Spool, name: str) -> dict[str, Any]:
     return result
 
 
+def left_in_processing(inbox: Path) -> list[str]:
+    """What is left in inbox/processing/ of the files: the daemon's own folders (`.work/`,
+    `.cancel/`, empty once every file has finished) and presence files aside."""
+    found = []
+    for path in (inbox / "processing").iterdir():
+        if path.name.startswith(".daemon."):
+            continue  # a live daemon's presence file and lock
+        if path.name in (".work", ".cancel") and path.is_dir():
+            found += [f"{path.name}/{p.name}" for p in path.iterdir()]
+        else:
+            found.append(path.name)
+    return found
+
+
 def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = None) -> None:
     """Every input finished (archived with its sidecar) with exactly one outbox file, and no
     job was made twice (see `assert_one_job_per_name`); with `jobs`, the simulator holds
@@ -113,25 +127,11 @@ def assert_nothing_lost(spool: Spool, names: list[str], *, jobs: int | None = No
         assert spool.finished(name), f"{name} did not finish: {_tree(spool)}"
         assert not (spool.inbox / name).exists(), f"{name} is still in the inbox"
         outbox_entry(spool, name)
-    processing = spool.inbox / "processing"
-
-    def leftovers() -> list[str]:
-        """What is left of the files (the daemon's own folders and presence files aside)."""
-        found = []
-        for path in processing.iterdir():
-            if path.name.startswith(".daemon."):
-                continue  # a live daemon's presence file and lock
-            if path.name in (".work", ".cancel") and path.is_dir():
-                found += [f"{path.name}/{p.name}" for p in path.iterdir()]
-            else:
-                found.append(path.name)
-        return found
-
     # A running daemon removes a file's work files and lock just after archiving it, and a
     # peer's rescan removes a lock file it recreated for a name that had just finished.
     with contextlib.suppress(AssertionError):
-        wait_for(lambda: not leftovers(), timeout=5)
-    leftovers_now = leftovers()
+        wait_for(lambda: not left_in_processing(spool.inbox), timeout=5)
+    leftovers_now = left_in_processing(spool.inbox)
     assert not leftovers_now, f"left in processing/: {leftovers_now}"
     outbox = sorted(p.name for p in spool.outbox.iterdir())
     assert not [n for n in outbox if n.startswith(".")], f"temp files in the outbox: {outbox}"

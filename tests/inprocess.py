@@ -179,10 +179,14 @@ class Daemon:
             self.started = False
         self.service.backend.close()
 
+    @property
+    def finished(self) -> int:
+        """Files the service has finished (done or failed) since it started."""
+        return self.service.finished.done + self.service.finished.failed
+
     def exit_status(self) -> int:
         """What `run --once` would exit with: 1 if any file got an error report."""
-        failed = any(o.record.state is FileState.FAILED for o in self.service.outcomes)
-        return 1 if failed else 0
+        return 1 if self.service.finished.failed else 0
 
     def log_events(self) -> list[dict[str, Any]]:
         events = []
@@ -214,7 +218,8 @@ class Daemon:
         raise FileNotFoundError(name)
 
     def outcome(self, name: str) -> FileState | None:
-        for outcome in self.service.outcomes:
-            if outcome.record.input == name:
-                return outcome.record.state
+        """DONE or FAILED once NAME has been archived (by where its sidecar is), else None."""
+        for folder, state in (("done", FileState.DONE), ("failed", FileState.FAILED)):
+            if (self.inbox / folder / (name + ".job.json")).exists():
+                return state
         return None

@@ -32,6 +32,7 @@ from tests.guarantees import (
     assert_nothing_lost,
     can_drop_caps,
     kill9,
+    left_in_processing,
     state_of,
     wait_killed,
     wait_started,
@@ -517,7 +518,7 @@ def test_an_input_replaced_in_flight(make_spool: MakeSpool, sim: Simulator) -> N
     done = sorted(p.name for p in (spool.inbox / "done").iterdir())
     assert done == ["r.jsonl", "r.jsonl.job.json"], done
     assert (spool.inbox / "done" / "r.jsonl").read_text().splitlines()[0] == '"original request 1"'
-    assert not [p.name for p in (spool.inbox / "processing").iterdir()]
+    assert not left_in_processing(spool.inbox)
     claimed = events(spool, "claimed", file="r.jsonl") + events(spool, "resumed", file="r.jsonl")
     assert len(claimed) == 1, claimed
     assert len(sim.jobs) == 1

@@ -13,6 +13,7 @@ import pytest
 
 from daemon import cli
 from daemon.simulator import Fault, Simulator
+from tests.guarantees import left_in_processing
 from tests.harness import TEST_API_KEY
 from tests.inprocess import Daemon
 
@@ -86,7 +87,7 @@ def test_cancel_by_file_name_path_or_job_name_and_before_a_job_exists(
         assert cancelled_report(daemon, name)["job_name"] == jobs[name]
     assert cancelled_report(daemon, "queued.jsonl")["job_name"] is None
     assert sim.create_calls == 3  # the queued file never got a job
-    assert not list((daemon.inbox / "processing").iterdir())  # markers gone too
+    assert not left_in_processing(daemon.inbox)  # markers gone too
     assert {daemon.sidecar(n)["state"] for n in names} == {"FAILED"}
 
 
@@ -184,4 +185,4 @@ def test_cancel_while_the_daemon_is_down(make_daemon: MakeDaemon, sim: Simulator
     assert cancelled_report(daemon, "queued.jsonl")["job_name"] is None
     assert [r["status"] for r in daemon.results("slow.jsonl")] == ["ok"]
     assert len(sim.jobs) == 1
-    assert not list((daemon.inbox / "processing").iterdir())
+    assert not left_in_processing(daemon.inbox)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from daemon.simulator import Simulator
+from tests.guarantees import left_in_processing
 from tests.harness import CONTRACT_SIDECAR_FIELDS, TEST_API_KEY
 from tests.inprocess import Daemon
 
@@ -332,9 +333,10 @@ def test_skip_line_delete_archive_include_response_system_prompt_file(
         assert system == "You are very terse.\n"
 
     # archive: delete leaves nothing of the input behind
-    for folder in ("", "processing", "done", "failed"):
+    for folder in ("", "done", "failed"):
         leftovers = [p.name for p in (daemon.inbox / folder).iterdir() if p.is_file()]
         assert leftovers == [], folder
+    assert not left_in_processing(daemon.inbox)
 
 
 def test_same_name_waits_for_the_first(make_daemon: MakeDaemon, sim: Simulator) -> None:
@@ -395,7 +397,7 @@ def test_unusual_inputs_get_error_reports_or_results(
     daemon.run_until(
         lambda: (
             not daemon.service.files
-            and daemon.service.outcomes
+            and daemon.finished
             and all(
                 not (inbox / n).exists()
                 for n in ("link.jsonl", "empty.jsonl", "huge.jsonl", "crlf.jsonl")

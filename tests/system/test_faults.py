@@ -16,6 +16,7 @@ import pytest
 
 from daemon import publish
 from daemon.simulator import Fault, Simulator
+from tests.guarantees import left_in_processing
 from tests.harness import TEST_API_KEY
 from tests.inprocess import Daemon
 
@@ -35,7 +36,7 @@ def assert_ok(daemon: Daemon, name: str = "f.jsonl", jobs: int = 1) -> None:
     assert [r["status"] for r in daemon.results(name)] == ["ok"] * len(LINES)
     assert (daemon.inbox / "done" / name).exists()
     assert sorted(p.name for p in daemon.outbox.iterdir()) == [name]
-    assert not list((daemon.inbox / "processing").iterdir())
+    assert not left_in_processing(daemon.inbox)
     sim = daemon.sim
     assert len(sim.jobs) == jobs
     assert all(sim.jobs_created_for(j["display_name"]) == 1 for j in sim.jobs.values())

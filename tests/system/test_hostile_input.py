@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
+from tests.guarantees import left_in_processing
 from tests.harness import TEST_API_KEY
 from tests.inprocess import Daemon
 
@@ -168,7 +169,7 @@ def test_hostile_corpus_then_a_good_file(
     # Nothing lost: one outbox file per input, nothing left in processing/, one job per file.
     outbox = sorted(p.name for p in daemon.outbox.iterdir())
     assert len(outbox) == len(names) and not [n for n in outbox if n.startswith(".")]
-    assert not list((inbox / "processing").iterdir())
+    assert not left_in_processing(inbox)
     assert len(sim.jobs) == 3
     assert all(sim.jobs_created_for(j["display_name"]) == 1 for j in sim.jobs.values())
     assert TEST_API_KEY not in daemon.log.getvalue()
@@ -216,4 +217,4 @@ def test_a_file_renamed_over_one_in_processing_gets_its_own_report(
     assert (daemon.inbox / "done" / "a.jsonl").read_text() == '"the claimed file"\n'
     assert (daemon.inbox / "failed" / "a.jsonl").read_text() == '"never submitted"\n'
     assert "never submitted" not in json.dumps(sim.jobs)
-    assert not list((daemon.inbox / "processing").iterdir())
+    assert not left_in_processing(daemon.inbox)

@@ -111,8 +111,9 @@ def test_file_over_max_file_bytes_gets_a_validation_report(
 def test_an_input_split_into_parts_inline_and_file_api(
     make_daemon: MakeDaemon, sim: Simulator
 ) -> None:
-    """limits.max_job_bytes cuts the input into parts, each its own job (a big part through the
-    File API), merged back in input order, with each part's progress in the sidecar."""
+    """limits.max_job_bytes cuts the input into parts, each its own job, merged back in input
+    order. The file as a whole decides inline or File API (as `validate` says): over
+    inline_max_bytes, every part goes through the File API."""
     lines = keyed_lines(30, width=100)
     daemon = make_daemon(limits={"max_job_bytes": 2500, "inline_max_bytes": 2400})
     sim.shuffle_output = True
@@ -123,7 +124,7 @@ def test_an_input_split_into_parts_inline_and_file_api(
     assert all(r["status"] == "ok" and r["attempts"] == 1 for r in records)
     jobs = daemon.sidecar("parts.jsonl")["jobs"]
     assert len(jobs) >= 2 and [j["part"] for j in jobs] == list(range(1, len(jobs) + 1))
-    assert {j["mode"] for j in jobs} == {"inline", "file"}
+    assert {j["mode"] for j in jobs} == {"file"}
     assert sum(j["requests"] for j in jobs) == 30
     assert len(sim.jobs) == len(jobs) and not sim.files
 
@@ -180,7 +181,7 @@ def test_a_burst_of_small_files_under_the_job_slot_limit(
         nonlocal peak
         unfinished = [j for j in sim.jobs.values() if not j["state"].endswith("SUCCEEDED")]
         peak = max(peak, len(unfinished))
-        return len(daemon.service.outcomes) == BURST_FILES
+        return daemon.finished == BURST_FILES
 
     daemon.service.watcher.rescan()
     daemon.run_until(all_done)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from daemon import claims, publish
+from tests.guarantees import left_in_processing
 
 MakeDaemon = Any
 
@@ -43,4 +44,4 @@ def test_each_name_lock_is_released_once(
     daemon.run_all()
     assert len(taken) == 2
     assert [released[fd] for fd in taken] == [1, 1]
-    assert not list((daemon.inbox / "processing").iterdir())
+    assert not left_in_processing(daemon.inbox)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,7 +103,7 @@ def test_a_lock_file_removed_by_its_owner_is_no_lock(
 
 
 def test_lock_name_without_processing_raises_for_the_caller_to_heal(spool: Spool) -> None:
-    os.rmdir(spool.processing)
+    shutil.rmtree(spool.processing)
     with pytest.raises(FileNotFoundError):
         lock_name(spool, "a.jsonl")
 
@@ -243,8 +244,8 @@ def test_a_crash_right_after_the_claim_keeps_the_claim_and_its_work_files(
     record = recover(spool, fds)["a.jsonl"].record
     assert record.claim_id == claim_id
     assert sorted(p.name for p in spool.work_files(claim_id)) == [
-        f".{claim_id}.index",
-        f".{claim_id}.input",
+        f"{claim_id}.index",
+        f"{claim_id}.input",
     ]
 
 

@@ -278,10 +278,17 @@ def test_quota_requeues_a_create_or_upload_and_retries_elsewhere() -> None:
     assert decide(Kind.QUOTA, Call.POLL)[0] is Action.RETRY
 
 
-@pytest.mark.parametrize("kind", [Kind.REFUSED, Kind.NOT_FOUND])
-@pytest.mark.parametrize("call", [Call.CREATE, Call.UPLOAD])
+@pytest.mark.parametrize(
+    ("kind", "call"),
+    [(Kind.REFUSED, Call.CREATE), (Kind.REFUSED, Call.UPLOAD), (Kind.NOT_FOUND, Call.CREATE)],
+)
 def test_the_api_saying_no_to_a_create_or_upload_gives_up(kind: Kind, call: Call) -> None:
     assert decide(kind, call) == (Action.GIVE_UP, 0.0)
+
+
+def test_a_404_from_an_upload_session_is_tried_again() -> None:
+    """The SDK retries a chunk whose reply was lost; the session is then gone: not a refusal."""
+    assert decide(Kind.NOT_FOUND, Call.UPLOAD)[0] is Action.RETRY
 
 
 @pytest.mark.parametrize("call", [Call.POLL, Call.COLLECT])

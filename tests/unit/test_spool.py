@@ -32,8 +32,8 @@ def test_names_of_one_input(spool: Spool) -> None:
     assert spool.input("a.jsonl") == processing / "a.jsonl"
     assert spool.sidecar("a.jsonl") == processing / "a.jsonl.job.json"
     assert spool.lock("a.jsonl") == processing / ".a.jsonl.lock"
-    assert spool.cancel_marker("a.jsonl") == processing / "a.jsonl.cancel"
-    assert spool.work("0123456789ab", "j3.req") == processing / ".0123456789ab.j3.req"
+    assert spool.cancel_marker("a.jsonl") == processing / ".cancel" / "a.jsonl"
+    assert spool.work("0123456789ab", "j3.req") == processing / ".work" / "0123456789ab.j3.req"
     assert spool.results_target("a.jsonl") == spool.outbox / "a.jsonl"
     assert spool.report_target("a.jsonl") == spool.outbox / "a.error.json"
     assert spool.archive_folder(failed=True) == spool.failed
@@ -43,12 +43,12 @@ def test_names_of_one_input(spool: Spool) -> None:
 @pytest.mark.parametrize(
     ("name", "match"),
     [
-        (".0123456789ab.index", ("0123456789ab", "index")),
-        (".0123456789ab.j12.req", ("0123456789ab", "j12.req")),
-        (".0123456789ab.input", ("0123456789ab", "input")),
+        ("0123456789ab.index", ("0123456789ab", "index")),
+        ("0123456789ab.j12.req", ("0123456789ab", "j12.req")),
+        ("0123456789ab.input", ("0123456789ab", "input")),
         (".a.jsonl.lock", None),
-        (".0123456789AB.index", None),
-        ("0123456789ab.index", None),
+        ("0123456789AB.index", None),
+        (".0123456789ab.index", None),
     ],
 )
 def test_work_file_names(name: str, match: tuple[str, str] | None) -> None:

@@ -119,19 +119,20 @@ def test_a_write_after_close_starts_settling_again(
     assert paths(watcher.ready()) == [path]
 
 
-def test_ready_in_the_order_first_seen_and_vanished_files_forgotten(
+def test_ready_hands_each_file_out_once_in_the_order_first_seen(
     watcher: InboxWatcher, inbox: Path
 ) -> None:
     for name in ("z.jsonl", "a.jsonl", "m.jsonl"):
         fresh(inbox / name)
         watcher.note(name, complete=True)
-    assert names(watcher.ready()) == ["z.jsonl", "a.jsonl", "m.jsonl"]
-    (inbox / "a.jsonl").unlink()
-    assert names(watcher.ready()) == ["z.jsonl", "m.jsonl"]
-    assert watcher.pending == 2
-    watcher.forget("z.jsonl")
+    assert names(watcher.ready(limit=2)) == ["z.jsonl", "a.jsonl"]
     assert names(watcher.ready()) == ["m.jsonl"]
-    assert watcher.pending == 1
+    assert watcher.ready() == []  # handed out: claimed, or put back
+    assert watcher.pending == 3
+    watcher.put_back("a.jsonl")  # its name was busy: it waits
+    watcher.forget("z.jsonl")  # claimed
+    assert names(watcher.ready()) == ["a.jsonl"]
+    assert watcher.pending == 2
 
 
 def test_arrival_is_when_a_file_was_moved_in_however_the_watcher_heard_of_it(
@@ -143,15 +144,17 @@ def test_arrival_is_when_a_file_was_moved_in_however_the_watcher_heard_of_it(
         (inbox / f".{name}").write_bytes(b'"x"\n')
     for name in ("first.jsonl", "second.jsonl", "third.jsonl"):
         os.rename(inbox / f".{name}", inbox / name)
-        time.sleep(0.002)
+        time.sleep(0.02)  # past the file system's timestamp granularity
     watcher.note("third.jsonl", complete=True)  # its event came first
     watcher.rescan()  # the others' events were dropped
-    watcher.ready()
+    ready = watcher.ready()  # only the one moved in is complete yet
     clock.advance(SETTLE)  # found by a rescan: ready once settled
-    ready = watcher.ready()
-    assert names(ready) == ["first.jsonl", "second.jsonl", "third.jsonl"]
+    ready += watcher.ready()
+    assert sorted(names(ready)) == ["first.jsonl", "second.jsonl", "third.jsonl"]
     for path, arrival in ready:
         assert arrival == path.lstat().st_ctime_ns
+    by_arrival = [path.name for path, arrival in sorted(ready, key=lambda item: item[1])]
+    assert by_arrival == ["first.jsonl", "second.jsonl", "third.jsonl"]
 
 
 # ---- rescans and names --------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def test_rescan_finds_files_whose_events_were_missed(
     assert watcher.pending == 2
     assert paths(watcher.ready()) == [inbox / "old.jsonl"]  # unchanged for an hour already
     clock.advance(SETTLE)
-    assert sorted(names(watcher.ready())) == ["new.jsonl", "old.jsonl"]
+    assert names(watcher.ready()) == ["new.jsonl"]
 
 
 def test_rescan_keeps_what_it_already_knows(
@@ -231,7 +234,7 @@ def test_a_file_held_open_for_writing_is_not_ready(
 @pytest.fixture
 def observed(inbox: Path, clock: FakeClock) -> Iterator[InboxWatcher]:
     """A started watcher whose settle time never passes: only events can make files ready."""
-    (inbox / "processing").mkdir()
+    (inbox / "processing" / ".cancel").mkdir(parents=True)
     watcher = InboxWatcher(inbox, 10_000, clock)
     watcher.start()
     yield watcher
@@ -267,7 +270,7 @@ def test_observer_start_lists_existing_files(inbox: Path, clock: FakeClock) -> N
 
 
 def test_observer_cancel_marker(observed: InboxWatcher, inbox: Path) -> None:
-    (inbox / "processing" / "job.jsonl.cancel").write_bytes(b"")
+    (inbox / "processing" / ".cancel" / "job.jsonl").write_bytes(b"")
     assert wait_for(observed.take_cancel_requests, timeout=10) == {"job.jsonl"}
     assert observed.take_cancel_requests() == set()
     assert observed.ready() == []
@@ -277,11 +280,11 @@ def test_rescan_finds_cancel_markers_of_files_in_processing(
     watcher: InboxWatcher, inbox: Path
 ) -> None:
     processing = inbox / "processing"
-    processing.mkdir()
+    (processing / ".cancel").mkdir(parents=True)
     (processing / "a.jsonl").write_bytes(b'"x"\n')
-    (processing / "a.jsonl.cancel").write_bytes(b"")
-    (processing / "gone.jsonl.cancel").write_bytes(b"")  # its file has finished
-    (processing / ".b.jsonl.cancel.host.1.2.tmp").write_bytes(b"")
+    (processing / ".cancel" / "a.jsonl").write_bytes(b"")
+    (processing / ".cancel" / "gone.jsonl").write_bytes(b"")  # its file has finished
+    (processing / ".cancel" / ".b.jsonl.host.1.2.tmp").write_bytes(b"")
     watcher.rescan()
     assert watcher.take_cancel_requests() == {"a.jsonl"}
     assert watcher.take_cancel_requests() == set()
