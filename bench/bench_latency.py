@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -52,10 +53,18 @@ def _wait_submitted(log: Path, count: int, timeout: float) -> None:
     with log.open("rb") as handle:
         while seen < count:
             *lines, pending = (pending + handle.read()).split(b"\n")
-            seen += sum(b'"event": "submitted"' in line for line in lines)
+            seen += sum(_submitted(line) for line in lines if b"submitted" in line)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{count - seen} of {count} files got no job in {timeout:.0f} s")
             time.sleep(0.1)
+
+
+def _submitted(line: bytes) -> bool:
+    """Whether a log line is the daemon's "submitted" event (a job was created)."""
+    with suppress(ValueError):
+        event = json.loads(line)
+        return isinstance(event, dict) and event.get("event") == "submitted"
+    return False
 
 
 def _created(sim: common.SimProcess, names: set[str]) -> dict[str, float]:
