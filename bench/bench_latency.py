@@ -25,6 +25,7 @@ import common
 P95_TARGET = 5.0
 MAX_TARGET = 8.0
 SPACING_SECONDS = 0.1
+BURST_FILES = 1000  # the burst of the target
 
 
 def _content(i: int) -> bytes:
@@ -111,7 +112,7 @@ def _scenario(files: int, spacing: float, tag: str) -> tuple[list[float], float]
 
 
 def run(quick: bool) -> str:
-    burst_files = 250 if quick else 1000
+    burst_files = 250 if quick else BURST_FILES
     spaced_files = 50 if quick else 100
     rows = []
     for pattern, files, spacing, tag in (
@@ -126,7 +127,9 @@ def run(quick: bool) -> str:
         latencies, cpu_per_file = _scenario(files, spacing, tag)
         p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
         worst = latencies[-1]
-        met = p95 < P95_TARGET and worst < MAX_TARGET
+        verdict = common.verdict(p95 < P95_TARGET and worst < MAX_TARGET)
+        if files < BURST_FILES:
+            verdict += f" ({files} files, not {BURST_FILES:,})"
         rows.append(
             [
                 pattern,
@@ -135,7 +138,7 @@ def run(quick: bool) -> str:
                 f"{p95:.2f}",
                 f"{worst:.2f}",
                 f"{cpu_per_file * 1000:.1f}",
-                common.verdict(met),
+                verdict,
             ]
         )
     headers = [
