@@ -11,6 +11,8 @@ from pathlib import Path
 
 import common
 
+TARGET_PERCENT = 0.1
+
 
 def run(quick: bool) -> str:
     window = 30.0 if quick else 60.0
@@ -24,15 +26,23 @@ def run(quick: bool) -> str:
             time.sleep(window)
             used = common.proc_cpu_seconds(daemon.pid) - before
             elapsed = time.monotonic() - started
+    share = used / elapsed * 100
     rows = [
         [
             f"{elapsed:.0f}",
             f"{used:.2f}" if used else "< 0.01 (under one clock tick)",
-            f"{used / elapsed * 100:.3f}%",
+            f"{share:.3f}%",
             f"{used / elapsed * 3600:.1f}",
+            common.verdict(share < TARGET_PERCENT),
         ]
     ]
-    headers = ["window (s)", "CPU used (s)", "of one core", "CPU s per hour"]
+    headers = [
+        "window (s)",
+        "CPU used (s)",
+        "of one core",
+        "CPU s per hour",
+        f"target < {TARGET_PERCENT:g}% of one core",
+    ]
     return (
         "### CPU used by an idle daemon (empty inbox, default configuration)\n\n"
         + common.table(headers, rows)

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: a simulator process, spool folders, inputs, tables."""
+"""Shared helpers of the benchmarks: a simulator process, spool folders, the daemon as a measured
+child, inputs, the orjson yardstick and tables."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,18 +28,20 @@ if str(ROOT) not in sys.path:
 
 API_KEY = "bench-key"
 PYTHON = sys.executable
+MB = 1_000_000
+
+FAST_POLLS = {"initial_seconds": 0.2, "max_seconds": 2, "jitter": 0}
+"""Poll settings for runs against a simulator whose jobs end at once: no time spent waiting."""
 
 
 def machine() -> str:
     """`nproc`, CPU model and Python version, for the results file."""
     model = "unknown CPU"
-    try:
+    with suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return (
         f"{len(os.sched_getaffinity(0))} CPU(s) (`nproc`), {model}, Python {platform.python_version()} "
         f"({platform.python_implementation()}), {platform.system()} {platform.release()}"
@@ -56,6 +62,27 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / (1 << 20):.1f}"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def progress(message: str) -> None:
+    """A line on stderr while a benchmark runs (the tables go to stdout)."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # ---- the simulator, in its own process ------------------------------------------------------
@@ -83,28 +110,20 @@ class SimProcess:
             if not token:
                 return out
 
+    def peak_rss(self) -> int:
+        """The simulator's own peak RSS (VmHWM), in bytes: it keeps every job in memory."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
 
 @contextmanager
 def simulator(pending: float = 0.0, running: float = 0.0) -> Iterator[SimProcess]:
-    """`python -m daemon simulator` in its own process, so its memory is not the daemon's."""
-    proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "daemon",
-            "simulator",
-            "--port",
-            "0",
-            "--pending-seconds",
-            str(pending),
-            "--running-seconds",
-            str(running),
-        ],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    """`python -m daemon simulator` in its own process, so its CPU and memory are not the daemon's."""
+    command = [PYTHON, "-m", "daemon", "simulator", "--port", "0"]
+    command += ["--pending-seconds", str(pending), "--running-seconds", str(running)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().strip()
@@ -184,28 +203,100 @@ import json, os, subprocess, sys, time
 started = time.monotonic()
 with open(sys.argv[1], "wb") as log:
     proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
+print(proc.pid, flush=True)
+_, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024,
                   time.monotonic() - started, usage.ru_utime + usage.ru_stime]))
 """
 
 
-def run_measured(command: list[str], log: Path, cwd: Path) -> ChildRun:
-    """Run a child to completion; its own peak RSS and CPU time from wait4().
+def run_measured(
+    command: list[str],
+    log: Path,
+    cwd: Path,
+    until: Callable[[], bool] | None = None,
+    timeout: float = 7200,
+) -> ChildRun:
+    """Run a child to its end; its own peak RSS and CPU time (all its threads) from wait4().
 
-    Through a small Python parent: a child's ru_maxrss counts the memory of the process it
-    was forked from, so forking straight from this (larger) process would inflate it.
+    With `until`, the child is stopped with SIGTERM as soon as `until()` is true (a daemon
+    that would otherwise run on). Through a small Python parent: a child's ru_maxrss counts
+    the memory of the process it was forked from, so forking from this (larger) process
+    would inflate it.
     """
-    out = subprocess.run(
+    parent = subprocess.Popen(
         [PYTHON, "-S", "-c", _MEASURE, str(log), *command],
         cwd=cwd,
         env=env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    returncode, max_rss, wall, cpu = json.loads(out.stdout)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    deadline = time.monotonic() + timeout
+    try:
+        while until is not None and parent.poll() is None:
+            if until():
+                os.kill(pid, signal.SIGTERM)
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not finished after {timeout:.0f} s: {command}")
+            time.sleep(0.05)
+        out = parent.stdout.read()
+        parent.wait()
+    except BaseException:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
+        raise
+    returncode, max_rss, wall, cpu = json.loads(out)
     return ChildRun(returncode, max_rss, wall, cpu)
+
+
+def archived(root: Path, name: str) -> bool:
+    """Whether the daemon has finished inbox file `name`: its sidecar is in done/ or failed/
+    and its name lock is gone (archiving is the last step)."""
+    inbox = root / "inbox"
+    sidecar = name + ".job.json"
+    moved = (inbox / "done" / sidecar).exists() or (inbox / "failed" / sidecar).exists()
+    return moved and not (inbox / "processing" / f".{name}.lock").exists()
+
+
+def process_inbox(config: Path, root: Path, name: str) -> ChildRun:
+    """`gemini-batchd run` until inbox file `name` is archived, then SIGTERM; its rusage.
+
+    Not `run --once`: it can stop before the file it was meant to process is tracked (its
+    check runs while a worker thread is between moving the file and tracking it).
+    """
+    run = run_measured(
+        daemon_command(config), root / "daemon.log", root, lambda: archived(root, name)
+    )
+    if run.returncode != 0 or not (root / "inbox" / "done" / f"{name}.job.json").exists():
+        raise RuntimeError(f"the daemon failed: {(root / 'daemon.log').read_text()[-3000:]}")
+    return run
+
+
+def sidecar(root: Path, name: str) -> dict[str, Any]:
+    """The archived sidecar of a finished file."""
+    value: dict[str, Any] = json.loads((root / "inbox" / "done" / f"{name}.job.json").read_text())
+    return value
+
+
+def check_results(root: Path, name: str, requests: int) -> dict[str, Any]:
+    """The outbox file holds one record per request, the first one ok (the run did what it
+    was measured for); returns that first record."""
+    records = 0
+    first: dict[str, Any] = {}
+    with (root / "outbox" / name).open("rb") as handle:
+        for line in handle:
+            records += 1
+            if records == 1:
+                first = orjson.loads(line)
+    if first.get("status") != "ok":
+        raise RuntimeError(f"unexpected first record: {first}")
+    if records != requests:
+        raise RuntimeError(f"{records} records for {requests} requests")
+    return first
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -230,12 +321,30 @@ _WORDS = [
     *("lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi"),
     *("chi", "psi", "omega", "categorise", "summarise", "translate", "explain"),
 ]
+JSON_CONFIG = {"responseMimeType": "application/json"}
 
 
-def prompt_line(key: str, form: int, rng: random.Random, width: int) -> bytes:
-    """One input line of about `width` bytes in one of the four input forms."""
-    words = " ".join(rng.choice(_WORDS) for _ in range(max(1, width // 7)))
-    value: Any
+def _words(rng: random.Random, width: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, width // 7)))
+
+
+def prompt_line(
+    key: str,
+    form: int,
+    rng: random.Random,
+    width: int,
+    json_answers: bool = False,
+    system_width: int = 0,
+) -> bytes:
+    """One input line with a prompt of about `width` bytes in one of the four input forms.
+
+    `json_answers`: each line asks for `responseMimeType: application/json`, so that the
+    simulator answers JSON (and the daemon parses it under `filter_json`). `system_width`:
+    a system prompt of about that many bytes too (the simulator does not echo it: long lines,
+    short answers).
+    """
+    words = _words(rng, width)
+    value: dict[str, Any]
     if form == 0:
         value = {"key": key, "prompt": words}
     elif form == 1:
@@ -247,26 +356,48 @@ def prompt_line(key: str, form: int, rng: random.Random, width: int) -> bytes:
             "key": key,
             "request": {"contents": [{"role": "user", "parts": [{"text": words}]}]},
         }
+    if json_answers and form == 3:
+        value["request"]["generationConfig"] = dict(JSON_CONFIG)
+    elif json_answers:
+        value["config"] = {**value.get("config", {}), **JSON_CONFIG}
+    if system_width and form == 3:
+        value["request"]["systemInstruction"] = {"parts": [{"text": _words(rng, system_width)}]}
+    elif system_width:
+        value["system_prompt"] = _words(rng, system_width)
     return json.dumps(value).encode() + b"\n"
 
 
-def write_input(path: Path, target_bytes: int, width: int = 1000, seed: int = 1) -> int:
-    """Write keyed prompt lines (all four forms) until the file holds `target_bytes`.
+def write_input(
+    path: Path,
+    target_bytes: int | None = None,
+    *,
+    requests: int | None = None,
+    width: int = 1000,
+    json_answers: bool = False,
+    system_width: int = 0,
+    line_overhead: int = 0,
+    seed: int = 1,
+) -> int:
+    """Write keyed prompt lines (all four forms) until the file holds `target_bytes` (counting
+    `line_overhead` more per line) or `requests` lines; returns the request count.
 
-    Returns the request count. Lines come from a pool of templates, so even 1 GB is quick.
+    Lines come from a pool of templates with a fresh key each, so even 5 GB is quick.
     """
     rng = random.Random(seed)
     pool = [
-        tuple(prompt_line("@KEY@", form, rng, width).split(b"@KEY@"))
+        tuple(prompt_line("@KEY@", form, rng, width, json_answers, system_width).split(b"@KEY@"))
         for _ in range(16)
         for form in range(4)
     ]
+    limit = target_bytes if target_bytes is not None else float("inf")
     count = written = 0
     with path.open("wb", buffering=1 << 20) as out:
-        while written < target_bytes:
+        while written < limit and (requests is None or count < requests):
             head, tail = pool[count % len(pool)]
             line = b"%sr%d%s" % (head, count, tail)
+            if target_bytes is not None and written + len(line) + line_overhead > limit:
+                break
             out.write(line)
-            written += len(line)
+            written += len(line) + line_overhead
             count += 1
     return count

@@ -1,8 +1,9 @@
 """Run the benchmarks: `python bench/run.py [--quick] [--write] [NAME ...]`.
 
 NAME is any of: polls, idle, latency, cpu, rss (default: all, in that order). `--quick` is a
-smaller run (about two minutes); `--write` also saves the tables, with the machine they ran
-on, to bench/RESULTS.md.
+smaller run (a few minutes); `--write` also saves the tables, with the machine they ran on,
+to bench/RESULTS.md. Each table says which of issue 12's targets it measures and whether it
+is met.
 """
 
 from __future__ import annotations
