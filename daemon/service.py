@@ -115,6 +115,7 @@ class Service:
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
+        self._config_source = config.describe_source()
         self.spool = Spool(config.inbox, config.outbox)
         self.defaults = Defaults.from_config(config)
         self.poll = Backoff.from_settings(config.poll, self._rng)
@@ -279,7 +280,7 @@ class Service:
 
     def once_finished(self) -> bool:
         with self._lock:
-            if self.files:
+            if self.files or self._claiming:
                 return False
         return not any(os.path.lexists(self.spool.inbox / name) for name in self._once_names)
 
@@ -329,7 +330,7 @@ class Service:
             self.presence = presence = None
         if presence is None and not final:
             presence = Presence(
-                self.spool, config=self.config.describe_source(), clock=self.clock, wall=self.wall
+                self.spool, config=self._config_source, clock=self.clock, wall=self.wall
             )
             try:
                 for stale in presence.start(self.health.paused):
@@ -338,7 +339,7 @@ class Service:
             except OSError as exc:
                 self._say("cannot write the presence file", "presence", error=str(exc))
         elif presence is not None:
-            presence.beat(paused=self.health.paused, config=self.config.describe_source())
+            presence.beat(paused=self.health.paused, config=self._config_source)
         path = self.config.metrics_file
         if path is not None and (final or self.clock() >= self._next_metrics):
             self._next_metrics = self.clock() + metrics.METRICS_SECONDS
@@ -394,9 +395,8 @@ class Service:
                 self._heal()
         except OSError as exc:
             self._say("cannot claim", f"claim:{exc.errno}", file=path.name, error=str(exc))
-        finally:
-            self._claiming.discard(path.name)
         if taken is None:
+            self._claiming.discard(path.name)
             if os.path.lexists(path):
                 self._say(
                     "waiting: a file of the same name is still being processed",
@@ -409,8 +409,10 @@ class Service:
             return
         self.watcher.forget(path.name)
         log.info("claimed", file=taken.record.input)
-        t = self._track(taken, schedule=False)
-        t.busy = True
+        with self._lock:  # tracked before it stops counting as being claimed (`once_finished`)
+            t = self._track(taken, schedule=False)
+            t.busy = True
+            self._claiming.discard(path.name)
         self._run_steps(t.name, Pool.LOCAL)
 
     def _recover(self) -> None:
