@@ -137,7 +137,9 @@ class Request(NamedTuple):
     line: int
     body: dict[str, Any]
     filter_json: bool
-    chars: int = 0  # characters of text it sends (prompt and system instruction): the token estimate
+    chars: int = (
+        0  # characters of text it sends (prompt and system instruction): the token estimate
+    )
 
 
 @dataclass(frozen=True, slots=True)

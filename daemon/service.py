@@ -42,6 +42,9 @@ WORKERS = {Pool.LOCAL: 2, Pool.API: 4}
 STOP_GRACE_SECONDS = 8.0
 """On SIGTERM, wait this long for steps in progress (a write finishes; an API call is cut off)."""
 
+READY_CLAIM_SECONDS = 60.0
+"""At start, READY=1 waits (at most this long) until the files already in the inbox are claimed."""
+
 CLAIM_BATCH = 16
 """Files claimed per turn of the main loop before dispatching work."""
 
@@ -108,6 +111,9 @@ class Service:
         self.presence: Presence | None = None
         self._started_wall = time.time()
         self._next_metrics = 0.0
+        # Work files hold prompts and answers: like everything the daemon writes (its folders
+        # included), not for other users (as UMask=0027).
+        os.umask(os.umask(0o077) | 0o027)
         self._apply_config(config)
         self.ctx = self._context()
 
@@ -193,9 +199,6 @@ class Service:
 
     def start(self) -> None:
         """Clean up after a crash, start workers and the watcher, take what is there."""
-        # Work files hold prompts and answers: like everything the daemon writes, not for
-        # other users (as UMask=0027).
-        os.umask(os.umask(0o077) | 0o027)
         for folder in (
             self.spool.outbox,
             self.spool.processing,
@@ -217,6 +220,9 @@ class Service:
             for name in self._once_names:
                 self.watcher.note(name, complete=True)
         self._claim_ready(limit=None)  # READY=1 means: what was in the inbox at start is claimed
+        deadline = time.monotonic() + READY_CLAIM_SECONDS
+        while self._claiming and time.monotonic() < deadline:
+            time.sleep(0.01)  # the file workers claim them
         self.systemd.ready(self.status_text())
         self._next_rescan = self.clock() + self.config.inbox_rescan_seconds
         self._next_heal = self.clock() + HEAL_EVERY
@@ -610,4 +616,3 @@ class Service:
         fd, t.lock_fd = t.lock_fd, -1
         if fd >= 0:
             claims.release(fd)
-
