@@ -274,8 +274,10 @@ def _parse_raw(
     value: Any = _NOT_PARSED
     digits = len(raw) - len(raw.translate(None, _DIGITS))
     if digits < 19 or _LONG_NUMBER.search(raw) is None:
-        with contextlib.suppress(orjson.JSONDecodeError):
+        try:
             value = orjson.loads(raw)  # fast, strict; anything it refuses is explained below
+        except orjson.JSONDecodeError:
+            pass
     if value is _NOT_PARSED:
         parsed = _parse_slowly(raw, number)
         if isinstance(parsed, LineError):
@@ -371,7 +373,8 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         body = value["request"]
         if not isinstance(body, dict):
             raise _BadLine(f"'request' must be an object, got {_kind(body)}")
-        body = {camel(k): v for k, v in body.items()}
+        if any("_" in k for k in body):  # snake_case names, as the SDK's own types have them
+            body = {camel(k): v for k, v in body.items()}
         contents = body.get("contents")
         if not isinstance(contents, list) or not contents:
             raise _BadLine("'request.contents' must be a non-empty array")
@@ -380,7 +383,8 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         _check_bounds(body.get("generationConfig"), "'request.generationConfig'")
         config = dict(body.get("generationConfig") or {})
         config.update({v: body[k] for k, v in LIFTED_FIELDS.items() if k in body})
-        _check(types.GenerateContentConfig.model_validate, config, "'request'")
+        if config:
+            _check(types.GenerateContentConfig.model_validate, config, "'request'")
         return Request(key, number, body, filter_json, prompt_chars(body))
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
@@ -421,10 +425,13 @@ def _prompt_request(
     filter_json: bool,
     defaults: Defaults,
 ) -> Request:
-    generation: dict[str, Any] = {
-        "temperature": defaults.temperature,
-        "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
-    }
+    if not overrides:  # the common case: settings shared by every such line of the file
+        generation = _default_generation(defaults.temperature, defaults.thinking_budget)
+    else:
+        generation = {
+            "temperature": defaults.temperature,
+            "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
+        }
     for name, setting in overrides.items():
         field_name = camel(name)
         if field_name not in _GENERATION_FIELDS:
@@ -444,8 +451,21 @@ def _prompt_request(
     }
     system = system if system is not None else defaults.system_prompt
     if system:
-        body["systemInstruction"] = {"parts": [{"text": system}]}
+        body["systemInstruction"] = _system_instruction(system)
     return Request(key, number, body, filter_json, len(prompt) + len(system or ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _default_generation(temperature: float, thinking_budget: int) -> dict[str, Any]:
+    """The generationConfig of a line without overrides. One object shared by every request
+    that uses it: request bodies are only ever read (dumped), never changed."""
+    return {"temperature": temperature, "thinkingConfig": {"thinkingBudget": thinking_budget}}
+
+
+@functools.lru_cache(maxsize=16)
+def _system_instruction(text: str) -> dict[str, Any]:
+    """The systemInstruction for `text`, shared like `_default_generation`'s dict."""
+    return {"parts": [{"text": text}]}
 
 
 def _prompt_text(value: Any, what: str) -> str:
