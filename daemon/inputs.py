@@ -274,7 +274,7 @@ def _parse_raw(
     value: Any = _NOT_PARSED
     digits = len(raw) - len(raw.translate(None, _DIGITS))
     if digits < 19 or _LONG_NUMBER.search(raw) is None:
-        try:
+        try:  # noqa: SIM105 (a context manager a line costs more than the parse itself)
             value = orjson.loads(raw)  # fast, strict; anything it refuses is explained below
         except orjson.JSONDecodeError:
             pass

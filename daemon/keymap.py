@@ -15,6 +15,10 @@ MEMORY_BYTES = 4 << 20
 
 _ENTRY_OVERHEAD = 100
 
+KEYSET_MEMORY_BYTES = 32 << 20
+"""Budget of an input's keys in memory (~300,000 keys) before they spill to disk: each key
+checked on disk costs ~10 us, and the validation pass is most of the daemon's CPU."""
+
 
 class KeyMap:
     """First value wins, like `dict.setdefault`. `path`: where to spill (None: a private temp file).
@@ -115,7 +119,9 @@ class KeySet:
     each (they can only clash with a key a line gives itself); given keys go in a `KeyMap`."""
 
     def __init__(self, memory_bytes: int | None = None) -> None:
-        self._given = KeyMap(memory_bytes=memory_bytes)
+        self._given = KeyMap(
+            memory_bytes=KEYSET_MEMORY_BYTES if memory_bytes is None else memory_bytes
+        )
         self._numbered = bytearray()  # bit n: line n has no key of its own
 
     def add(self, key: str, line: int, *, auto: bool) -> int | None:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -192,11 +193,11 @@ class AnswerStream:
             return None  # missing, or out of order: `finish` tells
         raw = self._raw
         self._advance()
-        with contextlib.suppress(orjson.JSONDecodeError):
+        try:
             value = orjson.loads(raw)
-            if isinstance(value, dict):
-                return wire.entry_from_obj(value)
-        return None
+        except orjson.JSONDecodeError:
+            return None
+        return wire.entry_from_obj(value, key) if isinstance(value, dict) else None
 
     def finish(self) -> None:
         if self._key is not None:
@@ -458,6 +459,7 @@ def publish_step(ctx: Context, t: Tracked) -> Next:
 
 def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
     record = t.record
+    started = time.thread_time()
     answered = [j for j in record.jobs if t.job_file(j, "out").exists()]
     merge = Merge(
         index=t.work("index"),
@@ -487,7 +489,13 @@ def write_file_results(ctx: Context, t: Tracked, target: Path) -> None:
     bound = log.bind(file=t.name, job=record.job_name, output=target.name)
     if tally.total and not tally.ok:
         bound.warning("every request failed", errors=tally.errors)
-    bound.info("results written", ok=tally.ok, errors=tally.errors, tokens=tally.tokens)
+    bound.info(
+        "results written",
+        ok=tally.ok,
+        errors=tally.errors,
+        tokens=tally.tokens,
+        cpu_seconds=round(time.thread_time() - started, 3),
+    )
 
 
 def archive(ctx: Context, t: Tracked) -> Next:

@@ -101,11 +101,25 @@ def usage(response: Mapping[str, Any]) -> dict[str, int] | None:
     meta = response.get("usageMetadata")
     if not isinstance(meta, dict):
         return None
-    counts = {}
-    for name, api_name in USAGE_FIELDS:
-        value = meta.get(api_name, 0)
-        counts[name] = value if type(value) is int and value >= 0 else count(value)
-    return counts
+    get = meta.get  # (unrolled: this runs once per request)
+    prompt, output, thinking = (
+        get("promptTokenCount", 0),
+        get("candidatesTokenCount", 0),
+        get("thoughtsTokenCount", 0),
+    )
+    total, cached, tool = (
+        get("totalTokenCount", 0),
+        get("cachedContentTokenCount", 0),
+        get("toolUsePromptTokenCount", 0),
+    )
+    return {
+        "prompt_tokens": prompt if type(prompt) is int and prompt >= 0 else count(prompt),
+        "output_tokens": output if type(output) is int and output >= 0 else count(output),
+        "thinking_tokens": thinking if type(thinking) is int and thinking >= 0 else count(thinking),
+        "total_tokens": total if type(total) is int and total >= 0 else count(total),
+        "cached_tokens": cached if type(cached) is int and cached >= 0 else count(cached),
+        "tool_prompt_tokens": tool if type(tool) is int and tool >= 0 else count(tool),
+    }
 
 
 def _str_field(obj: Mapping[str, Any], name: str) -> str | None:
@@ -322,11 +336,13 @@ class Tally:
             stage = stage if isinstance(stage, str) else "unknown"
             self.errors[stage] = self.errors.get(stage, 0) + 1
         counts = record.get("usage")
-        if isinstance(counts, dict):
+        if type(counts) is dict and len(counts) == len(USAGE_KEYS):  # made by `usage`
             tokens = self.tokens
-            for name, value in counts.items():  # made by `usage`: known names, int values
-                if name in tokens:
-                    tokens[name] += value if type(value) is int else count(value)
+            for name, value in counts.items():
+                tokens[name] += value
+        elif isinstance(counts, dict):
+            for name in USAGE_KEYS:
+                self.tokens[name] += count(counts.get(name))
 
     def as_dict(self) -> dict[str, Any]:
         return {

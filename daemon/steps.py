@@ -10,6 +10,7 @@ decided by the retry policy (`failures.RetryPolicy`), never by the handler that 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
         inline_max_bytes=config.limits.inline_max_bytes,
     )
     skip = config.on_invalid_line == "skip_line"
+    started = time.thread_time()
     try:
         found = plan.write_plan(
             path,
@@ -119,6 +121,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
         mode=record.jobs[0].mode if len(record.jobs) == 1 else "parts",
         skipped_lines=scan.error_count,
         tokens_estimate=found.tokens,
+        cpu_seconds=round(time.thread_time() - started, 3),
     )
     return Next.wait_for_slot()
 

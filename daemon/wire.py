@@ -304,14 +304,15 @@ class Entry(NamedTuple):
     error: dict[str, Any] | None
 
 
-def entry_from_obj(obj: Mapping[str, Any]) -> Entry:
-    """`{"key", "response" | "error" | "status"}` (a file line) or `{..., "metadata": {"key"}}`."""
+def entry_from_obj(obj: Mapping[str, Any], key: str | None = None) -> Entry:
+    """`{"key", "response" | "error" | "status"}` (a file line) or `{..., "metadata": {"key"}}`;
+    `key` when the caller has read it already (`line_key`)."""
     response = obj.get("response")
     raw_error = obj.get("error")
     if raw_error is None:
         raw_error = obj.get("status")
     return Entry(
-        entry_key(obj),
+        entry_key(obj) if key is None else key,
         response if isinstance(response, dict) else None,
         None if raw_error is None else _status(raw_error),
     )
