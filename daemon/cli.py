@@ -389,9 +389,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         make_backend=lambda c: make_backend(c, api_key.value, base_url),
     )
     # Everything the daemon imports lives as long as it does: keep those objects out of the
-    # garbage collector's full passes, which otherwise walk them all again and again.
+    # garbage collector's full passes, which otherwise walk them all again and again. Parsing
+    # a big reply makes objects by the million, nearly all without cycles: a young generation
+    # of 50,000 instead of 700 halves the time an inline job's answers take to read.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
     _return_freed_buffers()
     # Handlers only set flags and poke the wake-up pipe; the main loop does the work.
     signal.set_wakeup_fd(service.scheduler.wakeup.fd, warn_on_full_buffer=False)
@@ -555,7 +558,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             invalid += 1
             continue
         scan = scan_file(path, defaults)
-        mode = {"file": "File API", "inline": "inline"}[scan.mode(config.limits.inline_max_bytes)]
+        mode = {"file": "File API", "inline": "inline"}[scan.mode(config.limits)]
         if scan.requests and (skip_lines or not scan.error_count):
             skipped = f", {scan.error_count} line(s) would be skipped" if scan.error_count else ""
             estimate = _input_estimate(config, scan.estimated_tokens)

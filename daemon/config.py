@@ -86,13 +86,27 @@ MAX_FILE_BYTES = 100_000_000_000
 2 GB) takes a 10 GB input with room to spare and still refuses a runaway writer's file."""
 
 
+INLINE_MAX_BYTES = 2_000_000
+INLINE_MAX_REQUESTS = 1_000
+"""Defaults of `limits.inline_max_bytes` and `limits.inline_max_requests`. An inline job's
+requests go out in one create call and its answers come back in one reply, both held in
+memory (about 4 MiB per MB of requests, and ~16 KiB per answer of ~3 KB); the File API
+streams both through files. Measured (bench/bench_rss.py), 15 MB inline peaks at ~280 MiB,
+so the API's own 20 MB limit is far above what keeps the daemon under 150 MiB."""
+
+
 class Limits(_Section):
     max_active_jobs: int = Field(default=100, ge=1)
-    inline_max_bytes: int = Field(default=19_000_000, ge=1)
+    inline_max_bytes: int = Field(default=INLINE_MAX_BYTES, ge=1)
+    inline_max_requests: int = Field(default=INLINE_MAX_REQUESTS, ge=1)
     max_file_bytes: int = Field(default=MAX_FILE_BYTES, ge=1)
     max_job_bytes: int = Field(default=1_990_000_000, ge=1)
     max_requests_per_job: int | None = Field(default=None, ge=1)
     max_enqueued_tokens: int | None = Field(default=None, ge=1)
+
+    def inline(self, payload_bytes: int, requests: int) -> bool:
+        """Whether a job of this size goes inline (else through the File API)."""
+        return payload_bytes <= self.inline_max_bytes and requests <= self.inline_max_requests
 
 
 class ModelPrice(_Section):

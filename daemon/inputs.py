@@ -20,7 +20,7 @@ import orjson
 from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
-from .config import Config
+from .config import Config, Limits
 from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
@@ -173,9 +173,10 @@ class Scan:
         """Input tokens of the valid requests, estimated (see CHARS_PER_TOKEN)."""
         return estimate_tokens(self.prompt_chars)
 
-    def mode(self, inline_max_bytes: int) -> str:
-        """`inline` when the requests fit in one create call, else `file` (the File API)."""
-        return "file" if self.payload_bytes > inline_max_bytes else "inline"
+    def mode(self, limits: Limits) -> str:
+        """`inline` when the requests are few enough for one create call and one reply, else
+        `file` (the File API)."""
+        return "inline" if limits.inline(self.payload_bytes, self.requests) else "file"
 
     def summary(self) -> str:
         if self.error_count:

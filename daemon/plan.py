@@ -26,12 +26,11 @@ from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_re
 
 @dataclass(frozen=True)
 class JobLimits:
-    """Where a file is cut into parts, and which parts go inline."""
+    """Where a file is cut into parts."""
 
     max_job_bytes: int
     max_requests_per_job: int | None
     max_job_tokens: int | None
-    inline_max_bytes: int
 
 
 @dataclass

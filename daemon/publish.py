@@ -360,7 +360,7 @@ def ensure_work_files(ctx: Context, t: Tracked) -> None:
     found = write_plan(
         source,
         t.defaults,
-        JobLimits(2**62, None, None, ctx.config.limits.inline_max_bytes),
+        JobLimits(2**62, None, None),
         t.work("index"),
         lambda n: t.work(f"j{n}.req"),
         keep_invalid=ctx.config.on_invalid_line == "skip_line",

@@ -100,10 +100,9 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                 out.close()
     finally:
         final.close()
-    inline_max = ctx.config.limits.inline_max_bytes
     delay = ctx.policy.backoff.delay(current - 1)
     for job in added:
-        job.mode = "inline" if job.bytes <= inline_max else "file"
+        job.mode = "inline" if ctx.config.limits.inline(job.bytes, job.requests) else "file"
         job.not_before = ctx.stamp(delay)
     record.jobs.extend(added)
     ctx.save(t)

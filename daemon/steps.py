@@ -66,7 +66,6 @@ def validate(ctx: Context, t: Tracked) -> Next:
         max_job_bytes=config.limits.max_job_bytes,
         max_requests_per_job=config.limits.max_requests_per_job,
         max_job_tokens=config.limits.max_enqueued_tokens,
-        inline_max_bytes=config.limits.inline_max_bytes,
     )
     skip = config.on_invalid_line == "skip_line"
     started = time.thread_time()
@@ -106,7 +105,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             requests=job.requests,
             bytes=job.bytes,
             tokens=job.tokens,
-            mode=scan.mode(limits.inline_max_bytes),
+            mode=scan.mode(config.limits),
         )
         for job in found.jobs
     ]

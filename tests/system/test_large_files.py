@@ -68,6 +68,22 @@ def test_file_over_inline_limit_goes_through_the_file_api(
     assert (daemon.inbox / "done" / "big.jsonl").exists()
 
 
+def test_many_small_requests_go_through_the_file_api_by_default(
+    make_daemon: MakeDaemon, sim: Simulator
+) -> None:
+    """A small input of many requests is not inline: its answers would come back in one reply
+    held in memory (limits.inline_max_requests); a few requests still go inline."""
+    daemon = make_daemon(retry_requests=0)
+    many = daemon.drop("many.jsonl", [f"p{i}" for i in range(1001)])
+    assert many.stat().st_size < 20_000
+    daemon.drop("few.jsonl", [f"p{i}" for i in range(1000)])
+    daemon.run_all()
+    assert daemon.sidecar("many.jsonl")["jobs"][0]["mode"] == "file"
+    assert daemon.sidecar("few.jsonl")["jobs"][0]["mode"] == "inline"
+    assert len(daemon.results("many.jsonl")) == 1001
+    assert len(daemon.results("few.jsonl")) == 1000
+
+
 def test_multi_chunk_upload_keeps_every_request(make_daemon: MakeDaemon, sim: Simulator) -> None:
     """Over the SDK's 8 MiB chunk size: the upload takes several chunks, results stay complete."""
     daemon = make_daemon(limits={"inline_max_bytes": INLINE_MAX})

@@ -15,7 +15,7 @@ from daemon.inputs import Defaults, prompt_request
 from daemon.plan import IndexEntry, JobLimits, Plan, dumps, read_index, request_line, write_plan
 
 DEFAULTS = Defaults()
-UNLIMITED = JobLimits(2**40, None, None, 19_000_000)
+UNLIMITED = JobLimits(2**40, None, None)
 
 
 def write_input(folder: Path, lines: list[Any]) -> Path:
@@ -76,7 +76,7 @@ def test_request_lines_are_the_file_api_batch_format(tmp_path: Path) -> None:
 
 
 def test_parts_by_request_count(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, [f"p{i}" for i in range(7)], JobLimits(2**40, 3, None, 10**9))
+    plan = plan_of(tmp_path, [f"p{i}" for i in range(7)], JobLimits(2**40, 3, None))
     assert [(j.part, j.requests) for j in plan.jobs] == [(1, 3), (2, 3), (3, 1)]
     assert [request_keys(j.path) for j in plan.jobs] == [["1", "2", "3"], ["4", "5", "6"], ["7"]]
     assert [e.part for e in read_index(tmp_path / ".c.index")] == [1, 1, 1, 2, 2, 2, 3]
@@ -85,14 +85,14 @@ def test_parts_by_request_count(tmp_path: Path) -> None:
 def test_parts_by_bytes_never_split_a_line(tmp_path: Path) -> None:
     lines = [f"prompt {i} " + "x" * 100 for i in range(10)]
     size = len(request_line(prompt_request("1", 1, lines[0], DEFAULTS)))
-    plan = plan_of(tmp_path, lines, JobLimits(3 * size, None, None, 10**9))
+    plan = plan_of(tmp_path, lines, JobLimits(3 * size, None, None))
     assert [j.requests for j in plan.jobs] == [3, 3, 3, 1]
     assert all(j.bytes <= 3 * size for j in plan.jobs)
     assert sum(j.bytes for j in plan.jobs) == sum(j.path.stat().st_size for j in plan.jobs)
 
 
 def test_a_line_bigger_than_a_part_gets_a_part_of_its_own(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, ["small", "x" * 5000, "small too"], JobLimits(1000, None, None, 10**9))
+    plan = plan_of(tmp_path, ["small", "x" * 5000, "small too"], JobLimits(1000, None, None))
     assert [j.requests for j in plan.jobs] == [1, 1, 1]
     assert plan.jobs[1].bytes > 1000
 
@@ -100,13 +100,13 @@ def test_a_line_bigger_than_a_part_gets_a_part_of_its_own(tmp_path: Path) -> Non
 def test_parts_by_the_token_budget(tmp_path: Path) -> None:
     """Each part's estimated input tokens (characters / 4) stay within the budget."""
     lines = ["a" * 400] * 5  # 100 tokens each
-    plan = plan_of(tmp_path, lines, JobLimits(2**40, None, 250, 10**9))
+    plan = plan_of(tmp_path, lines, JobLimits(2**40, None, 250))
     assert [(j.requests, j.tokens) for j in plan.jobs] == [(2, 200), (2, 200), (1, 100)]
     assert plan.tokens == 500 and plan.too_big is None
 
 
 def test_a_request_over_the_token_budget_is_named(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, ["ok", "b" * 4000, "c" * 8000], JobLimits(2**40, None, 500, 10**9))
+    plan = plan_of(tmp_path, ["ok", "b" * 4000, "c" * 8000], JobLimits(2**40, None, 500))
     assert plan.too_big is not None
     assert plan.too_big.startswith("line 2 alone is about 1000 input tokens")
     assert "limits.max_enqueued_tokens (500)" in plan.too_big

@@ -24,7 +24,7 @@ from daemon.records import Tally, answer_text
 from daemon.wire import Entry
 
 DEFAULTS = Defaults()
-NO_LIMITS = JobLimits(2**40, None, None, 2**40)
+NO_LIMITS = JobLimits(2**40, None, None)
 
 
 def response(text: str, **extra: Any) -> dict[str, Any]:
@@ -224,7 +224,7 @@ def test_write_results_mixed_outcomes(tmp_path: Path) -> None:
 
 
 def test_a_failed_part_fails_only_its_own_requests(tmp_path: Path) -> None:
-    limits = JobLimits(2**40, 2, None, 2**40)
+    limits = JobLimits(2**40, 2, None)
     index, requests = planned(tmp_path, [b'"a"', b'"b"', b'"c"', b'"d"', b'"e"'], limits=limits)
     assert len(requests) == 3
     part1 = answers_file(tmp_path / ".claim.j1.out", [ok_line("1", "a"), ok_line("2", "b")])

@@ -135,6 +135,17 @@ def test_a_big_follow_up_job_goes_through_the_file_api(
     assert job.bytes > 100 and job.mode == "file"
 
 
+def test_a_follow_up_job_of_many_requests_goes_through_the_file_api(
+    tmp_path: Path, contexts: list[Context]
+) -> None:
+    """An inline job's answers come back in one reply: its request count is capped too."""
+    ctx = make_context(tmp_path, limits={"inline_max_requests": 2})
+    contexts.append(ctx)
+    t = tracked(ctx, {1: (["a", "b", "c"], [failed("a"), failed("b"), failed("c")])})
+    (job,) = rounds.plan_retry_round(ctx, t, 1)
+    assert job.requests == 3 and job.mode == "file"
+
+
 def test_follow_up_jobs_keep_to_the_token_budget(tmp_path: Path, contexts: list[Context]) -> None:
     """The first round's parts each fit `limits.max_enqueued_tokens`; so must the retries,
     else the API's quota refuses a job that can never fit."""
