@@ -281,3 +281,25 @@ def baseline_records(
         finally:
             spool.stop_all()
         return {name: records(spool, name) for name in names}
+
+
+# The fields of `status --json` that the contract fixes.
+CONTRACT_DAEMON_FIELDS = {"running", "pid", "since", "paused", "config"}
+CONTRACT_TOTALS = {"waiting", "queued", "active", "done", "failed"}
+CONTRACT_ROW_FIELDS = {
+    "input",
+    "state",
+    "job_name",
+    "job_state",
+    "requests",
+    "progress",
+    "polls",
+    "next_poll_at",
+    "retries",
+    "last_error",
+    "ok",
+    "errors",
+    "output",
+    "created_at",
+    "updated_at",
+}

@@ -76,6 +76,11 @@ def fast_config(base_url: str, **overrides: Any) -> dict[str, Any]:
         },
         "poll": {"initial_seconds": 0.05, "max_seconds": 0.3, "multiplier": 2.0, "jitter": 0.0},
     }
+    return merged(config, overrides)
+
+
+def merged(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` with `overrides`; a section given as a dict is merged key by key."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}

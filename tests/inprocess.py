@@ -24,7 +24,7 @@ from daemon.jobrecord import FileState
 from daemon.service import Service
 from daemon.simulator import Simulator
 from daemon.watcher import InboxWatcher
-from tests.harness import TEST_API_KEY, FakeClock, Spool
+from tests.harness import TEST_API_KEY, FakeClock, Spool, merged
 
 EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -52,12 +52,7 @@ def in_process_config(base_url: str, **overrides: Any) -> dict[str, Any]:
         },
         "poll": {"initial_seconds": 1, "max_seconds": 30, "multiplier": 2.0, "jitter": 0.0},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
+    return merged(config, overrides)
 
 
 class QuietWatcher(InboxWatcher):

@@ -12,28 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.guarantees import wait_started
+from tests.guarantees import (
+    CONTRACT_DAEMON_FIELDS,
+    CONTRACT_ROW_FIELDS,
+    CONTRACT_TOTALS,
+    wait_started,
+)
 from tests.harness import TEST_API_KEY, Spool, wait_for
 
-CONTRACT_DAEMON_FIELDS = {"running", "pid", "since", "paused", "config"}
-CONTRACT_TOTALS = {"waiting", "queued", "active", "done", "failed"}
-CONTRACT_ROW_FIELDS = {
-    "input",
-    "state",
-    "job_name",
-    "job_state",
-    "requests",
-    "progress",
-    "polls",
-    "next_poll_at",
-    "retries",
-    "last_error",
-    "ok",
-    "errors",
-    "output",
-    "created_at",
-    "updated_at",
-}
 QUICK_RETRIES = {"backoff_initial_seconds": 0.1, "backoff_max_seconds": 0.5}
 """A paused daemon tries again this soon (else once a minute)."""
 

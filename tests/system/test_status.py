@@ -10,25 +10,9 @@ from typing import Any
 from daemon import status
 from daemon.simulator import Simulator
 from daemon.spool import Spool
+from tests.guarantees import CONTRACT_ROW_FIELDS
 from tests.inprocess import Daemon, WallClock
 
-CONTRACT_ROW_FIELDS = {
-    "input",
-    "state",
-    "job_name",
-    "job_state",
-    "requests",
-    "progress",
-    "polls",
-    "next_poll_at",
-    "retries",
-    "last_error",
-    "ok",
-    "errors",
-    "output",
-    "created_at",
-    "updated_at",
-}
 """Every field of a `status --json` file row in the contract's example."""
 
 
