@@ -283,6 +283,18 @@ def baseline_records(
         return {name: records(spool, name) for name in names}
 
 
+# The fields of an error report that the contract fixes.
+CONTRACT_REPORT_FIELDS = {
+    "input",
+    "stage",
+    "message",
+    "job_name",
+    "job_state",
+    "errors",
+    "error_count",
+    "time",
+}
+
 # The fields of `status --json` that the contract fixes.
 CONTRACT_DAEMON_FIELDS = {"running", "pid", "since", "paused", "config"}
 CONTRACT_TOTALS = {"waiting", "queued", "active", "done", "failed"}

@@ -60,6 +60,17 @@ class FakeClock:
         self.now += seconds
 
 
+def write_jsonl(path: Path, lines: Iterable[Any]) -> Path:
+    """Each line as JSON (bytes as they are), one per line."""
+    path.write_bytes(
+        b"".join(
+            (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+            for line in lines
+        )
+    )
+    return path
+
+
 def fast_config(base_url: str, **overrides: Any) -> dict[str, Any]:
     """A configuration that polls, settles, backs off and looks jobs up in fractions of a second."""
     config: dict[str, Any] = {

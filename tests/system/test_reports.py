@@ -5,23 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from daemon.simulator import Simulator
+from tests.guarantees import CONTRACT_REPORT_FIELDS
 from tests.inprocess import Daemon
-
-REPORT_FIELDS = {
-    "input",
-    "stage",
-    "message",
-    "job_name",
-    "job_state",
-    "errors",
-    "error_count",
-    "time",
-}
 
 
 def check(daemon: Daemon, name: str, stage: str) -> dict[str, Any]:
     report = daemon.report(name)
-    assert report.keys() >= REPORT_FIELDS, report
+    assert report.keys() >= CONTRACT_REPORT_FIELDS, report
     assert isinstance(report["errors"], list) and isinstance(report["error_count"], int)
     assert report["error_count"] >= len(report["errors"])
     assert report["stage"] == stage

@@ -26,14 +26,6 @@ DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.3, thinking_budget=
 
 
 @pytest.fixture
-def clock(sim: Simulator) -> FakeClock:
-    """Drive the `sim` fixture's job timing by hand: no sleeping."""
-    fake = FakeClock()
-    sim.clock = fake
-    return fake
-
-
-@pytest.fixture
 def made(sim: Simulator) -> Iterator[list[Backend]]:
     backends: list[Backend] = []
     yield backends

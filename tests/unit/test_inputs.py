@@ -25,6 +25,7 @@ from daemon.inputs import (
     read_requests,
     scan_file,
 )
+from tests.harness import write_jsonl
 
 DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.2, thinking_budget=24576)
 
@@ -33,14 +34,8 @@ def write(tmp_path: Path, lines: list[Any] | bytes) -> Path:
     path = tmp_path / "in.jsonl"
     if isinstance(lines, bytes):
         path.write_bytes(lines)
-    else:
-        path.write_bytes(
-            b"".join(
-                (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
-                for line in lines
-            )
-        )
-    return path
+        return path
+    return write_jsonl(path, lines)
 
 
 def parse(

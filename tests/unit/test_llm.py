@@ -24,13 +24,6 @@ JSON_CONFIG = "[[sim:fenced]]"  # the simulator answers with fenced, trailing-co
 
 
 @pytest.fixture
-def clock(sim: Simulator) -> FakeClock:
-    fake = FakeClock()
-    sim.clock = fake
-    return fake
-
-
-@pytest.fixture
 def client(sim: Simulator) -> genai.Client:
     return genai.Client(api_key="test-key", http_options=types.HttpOptions(base_url=sim.base_url))
 

@@ -4,7 +4,6 @@ cut into parts at line boundaries by bytes, request count and the token budget."
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,14 @@ import pytest
 
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import IndexEntry, JobLimits, Plan, dumps, read_index, request_line, write_plan
+from tests.harness import write_jsonl
 
 DEFAULTS = Defaults()
 UNLIMITED = JobLimits(2**40, None, None)
 
 
 def write_input(folder: Path, lines: list[Any]) -> Path:
-    path = folder / "in.jsonl"
-    path.write_bytes(
-        b"".join(
-            (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
-            for line in lines
-        )
-    )
-    return path
+    return write_jsonl(folder / "in.jsonl", lines)
 
 
 def plan_of(

@@ -22,6 +22,7 @@ from daemon.plan import JobLimits, dumps, write_plan
 from daemon.publish import Answers, Merge, write_report, write_results
 from daemon.records import Tally, answer_text
 from daemon.wire import Entry
+from tests.guarantees import CONTRACT_REPORT_FIELDS
 
 DEFAULTS = Defaults()
 NO_LIMITS = JobLimits(2**40, None, None)
@@ -366,17 +367,7 @@ def test_write_report_is_private_and_never_overwrites(tmp_path: Path) -> None:
 
 
 NOW = datetime(2026, 11, 28, 16, 4, tzinfo=timezone.utc)
-REPORT_FIELDS = {
-    "input",
-    "stage",
-    "message",
-    "job_name",
-    "job_state",
-    "errors",
-    "error_count",
-    "time",
-    "claim_id",
-}
+REPORT_FIELDS = CONTRACT_REPORT_FIELDS | {"claim_id"}  # claim_id: an addition
 
 
 def test_report_always_carries_every_field() -> None:
