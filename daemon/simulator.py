@@ -36,7 +36,6 @@ from .simanswers import (
 )
 from .simwire import (
     NO_KEY_MESSAGE,
-    STATUS_NAMES,
     ApiError,
     Fault,
     Reply,
@@ -44,18 +43,15 @@ from .simwire import (
     error_reply,
     json_reply,
     key_error,
-    status_name,
     with_unknown_fields,
 )
 
 __all__ = [
-    "STATUS_NAMES",
     "ApiError",
     "Fault",
     "Simulator",
     "estimate_tokens",
     "simulate_response",
-    "status_name",
 ]
 
 JSON = dict[str, Any]
@@ -147,6 +143,13 @@ class _Job:
     @property
     def name(self) -> str:
         return f"batches/{self.id}"
+
+    def force(
+        self, state: str, at: float, code: int | None = None, message: str | None = None
+    ) -> None:
+        """End (or move) the job by hand; `code` and `message` replace its state's usual error."""
+        self.forced_state, self.forced_at = state, at
+        self.error_code, self.error_message = code, message
 
     @property
     def output_file(self) -> str:
@@ -427,9 +430,7 @@ class Simulator:
         if state not in ALL_STATES:
             raise ValueError(f"unknown batch state {state!r}")
         with self._lock:
-            job = self._jobs[name]
-            job.forced_state, job.forced_at = state, self.clock()
-            job.error_code, job.error_message = None, message
+            self._jobs[name].force(state, self.clock(), message=message)
 
     def forget_job(self, name: str) -> None:
         """Drop a job without an API call: later GETs answer 404."""
@@ -673,8 +674,7 @@ class Simulator:
             expire_after=self.expire_after_seconds,
         )
         if quota_error is not None:
-            job.forced_state, job.forced_at = FAILED, now
-            job.error_code, job.error_message = _QUOTA_CODE, quota_error
+            job.force(FAILED, now, _QUOTA_CODE, quota_error)
         self._jobs[job.name] = job
         self._created_by_name[display_name] = self._created_by_name.get(display_name, 0) + 1
         return job
@@ -730,8 +730,7 @@ class Simulator:
             job = self._job(call)
             now = self.clock()
             if self._state(job, now)[0] not in FINAL_STATES:
-                job.forced_state, job.forced_at = CANCELLED, now
-                job.error_code = job.error_message = None
+                job.force(CANCELLED, now)
         return json_reply({})
 
     def _delete_batch(self, call: _Call) -> Reply:
