@@ -61,11 +61,8 @@ def release(fd: int) -> None:
         os.close(fd)
 
 
-def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -> Claimed | None:
-    """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits).
-
-    `durable=False` leaves the fsync of processing/ to the caller (one for a batch of claims).
-    """
+def claim(folder: Spool, path: Path, arrival_ns: int) -> Claimed | None:
+    """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits)."""
     name = path.name
     fd = lock_name(folder, name)
     if fd is None:
@@ -74,6 +71,8 @@ def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -
     try:
         if os.path.lexists(target) or folder.sidecar(name).exists():
             release(fd)  # a previous owner's file: recovery takes it over; this one waits
+            if atomic.same_entry(path, target):  # unless it is this file, linked before a crash
+                path.unlink(missing_ok=True)
             return None
         if not atomic.link_or_rename(path, target):
             release(fd)
@@ -83,8 +82,7 @@ def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -
             os.link(target, folder.work(record.claim_id, "input"), follow_symlinks=False)
         st = target.lstat()
         record.inode = [st.st_dev, st.st_ino]
-        if durable:
-            atomic.fsync_dir(folder.processing)
+        atomic.fsync_dir(folder.processing)
     except BaseException:
         release(fd)
         raise

@@ -155,6 +155,18 @@ def test_a_name_still_in_processing_waits(spool: Spool, left: str) -> None:
     release(fd)
 
 
+def test_a_file_linked_into_processing_before_a_crash_is_not_claimed_twice(spool: Spool) -> None:
+    """A crash between the claim's link and unlink leaves one file under both names: the inbox
+    name goes, recovery answers for processing/NAME, and no second claim ever follows."""
+    path = drop(spool, "a.jsonl")
+    os.link(path, spool.input("a.jsonl"))
+    assert claim(spool, path, 1) is None
+    assert not path.exists() and spool.input("a.jsonl").exists()
+    (taken,) = Recovery(spool, ENDPOINT, KEY_ID).scan({})
+    assert taken.record.input == "a.jsonl"
+    release(taken.lock_fd)
+
+
 def test_a_file_gone_before_the_claim_raises(spool: Spool) -> None:
     with pytest.raises(FileNotFoundError):
         claim(spool, spool.inbox / "gone.jsonl", 1)
