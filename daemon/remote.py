@@ -246,7 +246,7 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     answers = t.job_file(job, "out")
     if job.succeeded and not answers.exists():
         crash_point("while_fetching")
-        if job.mode == "inline" or not job.results_file:
+        if not job.results_file:
             remote = t.remote.pop(job.index, None)
             if remote is None or (remote.inline_responses is None and not remote.responses_file):
                 assert job.job_name

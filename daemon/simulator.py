@@ -218,6 +218,7 @@ class Simulator:
     - ``extra_fields``: unknown fields in every object of every JSON reply and result line.
     - ``echo_metadata``: False leaves ``metadata`` out of inline responses.
     - ``errors_as_status``: result lines carry a failed request's error as ``"status"``.
+    - ``inline_results_in_file``: inline jobs answer through a responses file too.
     """
 
     def __init__(
@@ -243,6 +244,7 @@ class Simulator:
         extra_fields: bool = False,
         echo_metadata: bool = True,
         errors_as_status: bool = False,
+        inline_results_in_file: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -262,6 +264,7 @@ class Simulator:
         self.extra_fields = extra_fields
         self.echo_metadata = echo_metadata
         self.errors_as_status = errors_as_status
+        self.inline_results_in_file = inline_results_in_file
         self.clock = clock
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -818,7 +821,7 @@ class Simulator:
             op["error"] = error
             return op
         output: JSON
-        if job.input_file is not None:
+        if job.input_file is not None or self.inline_results_in_file:
             self._ensure_output_file(job, wall(since))
             output = {"responsesFile": job.output_file}
         elif listing:
@@ -867,7 +870,9 @@ class Simulator:
             "state": state,
             "requests": [{"key": r.key, "request": r.request} for r in job.requests],
             "input_file": job.input_file,
-            "output_file": job.output_file if job.input_file else None,
+            "output_file": (
+                job.output_file if job.input_file or self.inline_results_in_file else None
+            ),
             "outcome": job.outcome,
             "error": error["message"] if error else None,
             "create_time": _iso(job.created_wall),

@@ -37,6 +37,19 @@ def test_inline_file_gets_results_in_order(make_daemon: Any) -> None:
     assert not list((daemon.inbox / "processing" / ".work").iterdir())
 
 
+def test_an_inline_job_answered_through_a_responses_file(make_daemon: Any, sim: Simulator) -> None:
+    """The API may answer an inline job with a responses file: it is downloaded once."""
+    sim.inline_results_in_file = True
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 4
+    assert daemon.sidecar("a.jsonl")["jobs"][0]["mode"] == "inline"
+    downloads = [p for m, p, _ in sim.requests_log if m == "GET" and ":download" in p]
+    assert len(downloads) == 1, downloads
+    assert not sim.files
+
+
 def test_file_api_path(make_daemon: Any, sim: Simulator) -> None:
     daemon = make_daemon(limits={"inline_max_bytes": 10})
     daemon.drop("a.jsonl", LINES)
