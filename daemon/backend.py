@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-import orjson
 from google import genai
 from google.genai import types
 
@@ -190,7 +189,7 @@ def _inlined(source: Path) -> Iterator[dict[str, Any]]:
     """The inlined requests of a request file: `{"request", "metadata": {"key"}}` each."""
     with source.open("rb") as handle:
         for raw in handle:
-            line = orjson.loads(raw)
+            line = wire.parse_json(raw)  # integers past 64 bits stay exact
             yield {"request": line["request"], "metadata": {"key": line["key"]}}
 
 

@@ -37,11 +37,12 @@ class BadReply(ValueError):
 
 # ---- JSON ----------------------------------------------------------------------------------------
 
-# orjson turns integers wider than 64 bits into floats: a body holding a run of 20 digits may
-# carry one, so it goes to the stdlib parser, which keeps every integer exact. The run is found
+# orjson turns integers beyond 64 bits into floats (-9300000000000000000 has 19 digits): a body
+# holding a run of 19 digits may carry one, so it goes to the stdlib parser, which keeps every
+# integer exact. The run is found
 # by mapping every byte to "0" (digit) or " " and searching: a regex is ten times slower.
 _DIGIT_MASK = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_LONG_NUMBER = b"0" * 20
+_LONG_NUMBER = b"0" * 19
 _HTML_TITLE = re.compile(r"<title[^>]*>([^<]{1,80})", re.IGNORECASE)
 
 

@@ -84,6 +84,19 @@ def test_create_inline_sends_keys_in_metadata_and_the_request_body(
     assert sim.create_calls == 1
 
 
+def test_an_inline_create_sends_integers_past_64_bits_exactly(
+    sim: Simulator, new_backend: MakeBackend, tmp_path: Path
+) -> None:
+    source = tmp_path / "job.req"
+    request = {"contents": [{"role": "user", "parts": [{"text": "x"}]}]}
+    for seed in (-9300000000000000000, 123456789012345678901234):
+        request["generationConfig"] = {"seed": seed}
+        source.write_text(json.dumps({"key": "k", "request": request}) + "\n")
+        job = new_backend().create_job(MODEL, f"s{seed}", source, inline=True)
+        sent = sim.jobs[job.name]["requests"][0]["request"]
+        assert sent["generationConfig"]["seed"] == seed
+
+
 def test_a_model_path_is_sent_as_given(
     sim: Simulator, new_backend: MakeBackend, tmp_path: Path
 ) -> None:
