@@ -95,8 +95,14 @@ class Failure:
 
     @property
     def server_refused(self) -> bool:
-        """The server answered with a well-formed 4xx error: it did not act on the request."""
-        return self.code is not None and 400 <= self.code < 500 and self.code != 408
+        """The API answered with its own 4xx error (a Google status): it did not act on the
+        request. A proxy's 4xx page proves nothing of what lies behind it."""
+        return (
+            self.code is not None
+            and 400 <= self.code < 500
+            and self.code != 408
+            and self.status in RPC_STATUSES
+        )
 
 
 def classify(exc: BaseException, action: str) -> Failure:

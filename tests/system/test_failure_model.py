@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from daemon.simulator import Fault, Simulator
 
 LINES = ["one", ["two", "parts"], {"key": "three", "prompt": "three"}]
@@ -71,6 +73,20 @@ def test_transient_faults_on_every_call_are_retried(make_daemon: Any, sim: Simul
     daemon.run_all()
     assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
     assert len(sim.jobs) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 403])
+def test_a_proxy_4xx_page_after_the_job_was_made_is_looked_up_not_sent_again(
+    make_daemon: Any, sim: Simulator, status: int
+) -> None:
+    """A proxy answers the create with an HTML 4xx page, but the job was made behind it: the
+    daemon looks the job up by name and adopts it; it never creates a second one."""
+    sim.add_fault(Fault("POST", ":batchGenerateContent", status=status, after=True, body="html"))
+    daemon = make_daemon()
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
+    assert len(sim.jobs) == 1 and sim.create_calls == 1
 
 
 def test_a_lost_upload_reply_leaves_no_upload_behind(make_daemon: Any, sim: Simulator) -> None:

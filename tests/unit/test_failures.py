@@ -135,6 +135,7 @@ def test_an_html_4xx_from_a_proxy_never_fails_a_file(
     sim.add_fault(Fault("GET", "batches", status=status, body="html"))
     failure = classify(raised(lambda: backend.find_job("x")), "lookup")
     assert (failure.kind, failure.code) == (kind, status)
+    assert not failure.server_refused  # a create that met it is looked up before another
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
@@ -238,8 +239,9 @@ def test_messages_are_one_line_redacted_and_name_the_action() -> None:
 
 
 def test_server_refused_means_a_well_formed_4xx() -> None:
-    assert Failure(Kind.REFUSED, "m", 400).server_refused
-    assert Failure(Kind.QUOTA, "m", 429).server_refused
+    assert Failure(Kind.REFUSED, "m", 400, "INVALID_ARGUMENT").server_refused
+    assert Failure(Kind.QUOTA, "m", 429, "RESOURCE_EXHAUSTED").server_refused
+    assert not Failure(Kind.TRANSIENT, "m", 404).server_refused  # a proxy's page
     assert not Failure(Kind.TRANSIENT, "m", 408).server_refused  # a timeout: it may have acted
     assert not Failure(Kind.TRANSIENT, "m", 503).server_refused
     assert not Failure(Kind.TRANSIENT, "m", None).server_refused
