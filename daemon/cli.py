@@ -409,7 +409,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             simulator.stop()
     if not args.once:
         return code
-    finished = [outcome.record for outcome in service.outcomes]
+    finished = service.outcomes
     for record in finished:
         print(status.outcome_line(record, service.config))
     print(status.totals_line(finished, service.config), flush=True)
@@ -585,8 +585,7 @@ def _input_estimate(config: Config, tokens: int) -> str:
     price = config.price()
     if price is not None:
         usd = price.batch_cost(prompt_tokens=tokens)
-        amount = f"{usd:,.2f}" if usd >= 1 else f"{usd:.6f}".rstrip("0").rstrip(".")
-        text += f" (~${amount} at {config.model} batch price)"
+        text += f" (~${status.money(usd)} at {config.model} batch price)"
     return text
 
 
@@ -941,9 +940,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def _find_record(config: Config, target: str) -> tuple[JobRecord | None, Path | None]:
     name = Path(target).name
-    for sidecar in (
-        config.processing_dir.glob("*" + SIDECAR_SUFFIX) if config.processing_dir.is_dir() else []
-    ):
+    for sidecar in status.sidecars(Spool(config.inbox, config.outbox).processing):
         try:
             record = jobrecord.load(sidecar)
         except (OSError, SidecarError):

@@ -198,24 +198,14 @@ class Config(_Section):
             return f"none: defaults ({self._looked_for} not found)"
         return "none: defaults"
 
-    def price(self) -> ModelPrice | None:
-        """The configured price of `model` (`models/` prefix or not), if any."""
+    def price(self, model: str | None = None) -> ModelPrice | None:
+        """The configured price of `model` (default: the configured one; `models/` prefix or
+        not), if any."""
+        model = model or self.model
         if not self.prices:
             return None
-        name = self.model.removeprefix("models/")
+        name = model.removeprefix("models/")
         return self.prices.get(name) or self.prices.get(f"models/{name}")
-
-    @property
-    def processing_dir(self) -> Path:
-        return self.inbox / "processing"
-
-    @property
-    def done_dir(self) -> Path:
-        return self.inbox / "done"
-
-    @property
-    def failed_dir(self) -> Path:
-        return self.inbox / "failed"
 
 
 def default_config_path(explicit: str | None = None) -> Path:

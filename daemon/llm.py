@@ -147,7 +147,11 @@ class GeminiLLM:
             path = Path(folder) / "answers.jsonl"
             if job.responses_file is not None:
                 self._backend.download(job.responses_file, path)
-                keys = known[0] if known else _ordered_keys(_file_keys(path))
+                keys = (
+                    known[0]
+                    if known
+                    else _ordered_keys(list(dict.fromkeys(publish.request_keys(path))))
+                )
             else:
                 items = job.inline_responses or []
                 keys = known[0] if known else _inline_keys(items)
@@ -193,16 +197,6 @@ def _results(
             assert entry is not None and entry.response is not None
             results.append(sdk_response(entry.response))
     return results, failed
-
-
-def _file_keys(path: Path) -> list[str]:
-    keys = []
-    with path.open("rb") as handle:
-        for raw in handle:
-            key = wire.line_key(raw)
-            if key is not None:
-                keys.append(key)
-    return list(dict.fromkeys(keys))
 
 
 def _problem(error: Mapping[str, Any]) -> str:

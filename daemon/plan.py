@@ -12,7 +12,6 @@ One streaming read of the input checks every line and writes, in processing/:
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -164,9 +163,3 @@ def read_index(path: Path) -> Iterator[IndexEntry]:
                 yield IndexEntry(item[0], item[1], bool(item[2]), item[3])
             else:
                 yield IndexEntry(item[0], item[1], False, 0, item[4])
-
-
-def remove(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

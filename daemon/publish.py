@@ -122,10 +122,8 @@ class Answers:
     """
 
     def __init__(self, files: list[Path], spill: Path | None = None) -> None:
-        self._files = files
         self._handles: list[IO[bytes]] = []
-        self._offsets = KeyMap(spill)
-        self._spill = spill
+        self._offsets = KeyMap(spill)  # removes its spill file when closed
         try:
             for number, path in enumerate(files):
                 handle = path.open("rb")
@@ -160,8 +158,6 @@ class Answers:
             handle.close()
         self._handles = []
         self._offsets.close()
-        if self._spill is not None:
-            self._spill.unlink(missing_ok=True)
 
 
 class OutOfOrder(Exception):

@@ -111,10 +111,6 @@ class Scheduler:
         with self._lock:
             self._due_at.pop(key, None)
 
-    def due_at(self, key: str) -> float | None:
-        with self._lock:
-            return self._due_at.get(key)
-
     def __contains__(self, key: str) -> bool:
         return key in self._due_at
 

@@ -16,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -57,13 +56,6 @@ HEAL_EVERY = 1.0
 log = logs.get()
 
 
-@dataclass
-class Outcome:
-    """A finished file, for the `--once` summary and the exit status."""
-
-    record: JobRecord
-
-
 class Service:
     """The daemon. `run()` blocks until stopped (or, with `once`, until the inbox is done)."""
 
@@ -80,7 +72,6 @@ class Service:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         workers: dict[Pool, int] | None = None,
-        config_source: Path | None = None,
         wall: Callable[[], datetime] = utcnow,
     ) -> None:
         self.backend = backend
@@ -93,7 +84,6 @@ class Service:
         self.scheduler = Scheduler(clock, sleeper)
         self.health = Health(clock)
         self.systemd = SystemdStatus(notifier or Notifier())
-        self.config_source = config_source
         self._workers = WORKERS if workers is None else workers
         self._lock = threading.RLock()
         self.files: dict[str, Tracked] = {}
@@ -101,7 +91,7 @@ class Service:
         self._stop = False  # set by signal handlers: plain flags, no locks
         self._reload = False
         self._once_names: set[str] = set()
-        self.outcomes: list[Outcome] = []  # with `once` only: for its summary
+        self.outcomes: list[JobRecord] = []  # with `once` only: for its summary
         self.finished = metrics.Finished()
         self._said: dict[str, float] = {}
         self._probing = False
@@ -160,10 +150,6 @@ class Service:
         """Signal-safe: reload the configuration at the next turn of the main loop."""
         self._reload = True
         self.scheduler.wake()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop
 
     def reload(self) -> None:
         self._reload = False
@@ -597,7 +583,7 @@ class Service:
             self._forget(t)
             self.finished.add(t.record)
             if self.once:
-                self.outcomes.append(Outcome(t.record))
+                self.outcomes.append(t.record)
             self.watcher.rescan()  # a same-named file may be waiting in the inbox
             return
         if result.slot:

@@ -511,17 +511,9 @@ def retry_info(record: JobRecord) -> tuple[int, str | None]:
     return worst.retries, worst.last_error
 
 
-def price_for(config: Config, model: str | None) -> ModelPrice | None:
-    """The configured price of `model` (`models/` prefix or not)."""
-    if not config.prices or not model:
-        return None
-    name = model.removeprefix("models/")
-    return config.prices.get(name) or config.prices.get(f"models/{name}")
-
-
 def cost(config: Config, record: JobRecord) -> float | None:
     """USD at batch price of the tokens the results report, where `prices` has the model."""
-    price = price_for(config, record.model)
+    price = config.price(record.model) if record.model else None
     if price is None or not record.tokens:
         return None
     return round(token_cost(price, record.tokens), 6)

@@ -161,6 +161,7 @@ def drive(ctx: Context, t: Tracked) -> Next:
 
 
 def collected(job: JobEntry) -> bool:
+    """A function, not an inline test: `run_job` changes `job.state` behind mypy's narrowing."""
     return job.state is JobState.COLLECTED
 
 

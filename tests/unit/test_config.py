@@ -201,9 +201,6 @@ def test_relative_paths_resolve_against_the_config_folder(
     assert config.outbox.resolve() == (tmp_path / "out").resolve()
     assert config.system_prompt_file == base / "prompt.md"
     assert config.api.key_file == base / "secrets/key"
-    assert config.processing_dir == base / "spool/in/processing"
-    assert config.done_dir == base / "spool/in/done"
-    assert config.failed_dir == base / "spool/in/failed"
 
 
 def test_relative_config_path_resolves_from_cwd(
