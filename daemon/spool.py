@@ -39,6 +39,9 @@ WORK_FILE = re.compile(r"^([0-9a-f]{12})\.([a-z0-9.]+)$")
 
 HOST = socket.gethostname().replace(".", "_")
 
+SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
+"""The daemon's own folders in the inbox: never inputs, never listed as ignored."""
+
 
 def is_candidate(name: str) -> bool:
     """Whether the daemon takes an inbox entry of this name (see `why_ignored`)."""

@@ -23,7 +23,15 @@ from typing import Any
 from . import __version__, atomic, jobrecord, logs
 from .config import Config, ModelPrice
 from .jobrecord import FileState, JobEntry, JobRecord, JobState, SidecarError, isotime, utcnow
-from .spool import DAEMON_PREFIX, HOST, LOCK_SUFFIX, SIDECAR_SUFFIX, Spool, why_ignored
+from .spool import (
+    DAEMON_PREFIX,
+    HOST,
+    LOCK_SUFFIX,
+    SIDECAR_SUFFIX,
+    SPOOL_FOLDERS,
+    Spool,
+    why_ignored,
+)
 
 HEARTBEAT_SECONDS = 30.0
 """A running daemon rewrites its presence file at least this often."""
@@ -41,8 +49,6 @@ ACTIVE_STATES = frozenset(
     {FileState.UPLOADING, FileState.SUBMITTING, FileState.RUNNING, FileState.WRITING}
 )
 """Files counted as `active` in the totals; CLAIMED and QUEUED count as `queued`."""
-
-_SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 
 log = logs.get()
 
@@ -358,7 +364,7 @@ def _inbox_rows(spool: Spool, now: datetime) -> list[dict[str, Any]]:
     waiting: list[tuple[int, dict[str, Any]]] = []
     ignored: list[dict[str, Any]] = []
     for entry in entries:
-        if entry.name.startswith(".") or entry.name in _SPOOL_FOLDERS:
+        if entry.name.startswith(".") or entry.name in SPOOL_FOLDERS:
             continue  # writers' temporary files; the daemon's own folders
         try:
             mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns

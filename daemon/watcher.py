@@ -28,7 +28,7 @@ from watchdog.observers import Observer
 
 from . import logs
 from .schedule import Clock
-from .spool import Spool, is_candidate, why_ignored
+from .spool import SPOOL_FOLDERS, Spool, is_candidate, why_ignored
 
 log = logs.get()
 
@@ -75,6 +75,7 @@ class InboxWatcher:
         on_event: Callable[[], None] = lambda: None,
     ) -> None:
         self.inbox = inbox
+        self._spool = Spool(inbox, inbox)  # only its names inside the inbox are used
         self.settle_seconds = settle_seconds
         self._clock = clock
         self._on_event = on_event
@@ -130,14 +131,19 @@ class InboxWatcher:
             return
         now = self._clock()
         ignored: dict[str, str] = {}
-        found: list[tuple[int, str]] = []
+        candidates: list[str] = []
         for entry in entries:
-            if is_candidate(entry.name):
-                found.append((_arrival_ns(self.inbox / entry.name), entry.name))
-            elif not entry.name.startswith(".") and entry.name not in _SPOOL_FOLDERS:
-                ignored[entry.name] = why_ignored(entry.name) or "not a file the daemon takes"
+            reason = why_ignored(entry.name)
+            if reason is None:
+                candidates.append(entry.name)
+            elif not entry.name.startswith(".") and entry.name not in SPOOL_FOLDERS:
+                ignored[entry.name] = reason
         with self._lock:
-            for arrival, name in sorted(found):  # oldest first: the order files are taken in
+            new = [n for n in candidates if n not in self._seen and n not in self._handed]
+        # Only files not known yet are looked at: a rescan runs after every finished file.
+        found = sorted((_arrival_ns(self.inbox / name), name) for name in new)
+        with self._lock:
+            for arrival, name in found:  # oldest first: the order files are taken in
                 if name not in self._seen and name not in self._handed:
                     self._seen[name] = _Seen(None, now, False, arrival)
         for name, reason in ignored.items():
@@ -150,7 +156,7 @@ class InboxWatcher:
 
     @property
     def cancels(self) -> Path:
-        return Spool(self.inbox, self.inbox).cancels
+        return self._spool.cancels
 
     def _rescan_cancel_requests(self) -> None:
         """Cancel markers written while no daemon watched (or whose events were dropped), of
@@ -159,8 +165,7 @@ class InboxWatcher:
             names = {entry.name for entry in os.scandir(self.cancels)}
         except OSError:
             return
-        processing = self.cancels.parent
-        live = {n for n in names if not n.startswith(".") and (processing / n).exists()}
+        live = {n for n in names if not n.startswith(".") and self._spool.input(n).exists()}
         with self._lock:
             self._cancel_requests.update(live)
 
@@ -258,9 +263,6 @@ def _arrival_ns(path: Path) -> int:
         return path.lstat().st_ctime_ns
     except OSError:
         return time.time_ns()
-
-
-_SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 
 
 def _wall_age(mtime_ns: int) -> float:
