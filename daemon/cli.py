@@ -671,8 +671,7 @@ def wait_for_results(config: Config, files: list[Submitted], *, strict: bool) ->
     checked: dict[Path, float] = {}
     try:
         while pending:
-            live, _ = status.read_daemons(spool, jobrecord.utcnow())
-            if not live and not said_no_daemon:
+            if not said_no_daemon and not status.read_daemons(spool, jobrecord.utcnow())[0]:
                 said_no_daemon = True
                 print(
                     f"no daemon is running on {config.inbox} (start one with `gemini-batchd "

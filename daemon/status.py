@@ -321,16 +321,23 @@ def _total_of(state: str) -> str:
 
 def sidecars(folder: Path) -> list[Path]:
     try:
-        names = os.listdir(folder)
+        return _sidecars_among(folder, os.listdir(folder))
     except OSError:
         return []
+
+
+def _sidecars_among(folder: Path, names: list[str]) -> list[Path]:
     return [folder / n for n in names if n.endswith(SIDECAR_SUFFIX) and not n.startswith(".")]
 
 
 def _processing_rows(spool: Spool, config: Config, now: datetime) -> list[dict[str, Any]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     seen: set[str] = set()
-    for sidecar in sidecars(spool.processing):
+    try:
+        names = os.listdir(spool.processing)
+    except OSError:
+        names = []
+    for sidecar in _sidecars_among(spool.processing, names):
         name = sidecar.name[: -len(SIDECAR_SUFFIX)]
         try:
             record = jobrecord.load(sidecar)
@@ -344,14 +351,10 @@ def _processing_rows(spool: Spool, config: Config, now: datetime) -> list[dict[s
             continue
         seen.add(record.input)
         rows.append((record.arrival, file_row(record, config, now, sidecar=sidecar)))
-    try:
-        entries = list(os.scandir(spool.processing))
-    except OSError:
-        entries = []
-    for entry in entries:  # claimed a moment ago: the sidecar is written at validation
-        if why_ignored(entry.name) is None and entry.name not in seen:
-            stamp = _stamp_of(Path(entry.path))
-            rows.append((0, _bare_row(entry.name, FileState.CLAIMED.value, stamp, now)))
+    for name in names:  # claimed a moment ago: the sidecar is written at validation
+        if why_ignored(name) is None and name not in seen:
+            stamp = _stamp_of(spool.processing / name)
+            rows.append((0, _bare_row(name, FileState.CLAIMED.value, stamp, now)))
     rows.sort(key=lambda item: (item[0], item[1]["input"]))
     return [row for _, row in rows]
 
