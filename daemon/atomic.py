@@ -35,17 +35,25 @@ def temp_name(target: Path) -> Path:
 
 
 def write_file(
-    target: Path, chunks: Iterable[bytes], *, replace: bool = True, durable: bool = True
+    target: Path,
+    chunks: Iterable[bytes],
+    *,
+    replace: bool = True,
+    durable: bool = True,
+    mode: int | None = None,
 ) -> None:
     """Write `chunks` so that `target` appears complete or not at all.
 
     `replace=False` never overwrites: an existing `target` raises FileExistsError.
     `durable=False` skips the fsyncs: still atomic for readers and across a crash of the
-    process, but a power failure may bring back the previous version.
+    process, but a power failure may bring back the previous version. `mode`: exactly these
+    permissions, whatever the umask (else FILE_MODE under the umask).
     """
     tmp = temp_name(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE if mode is None else mode)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)

@@ -8,8 +8,6 @@ daemon started; Prometheus handles the reset at a restart.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,16 +179,7 @@ def render(view: View) -> str:
 
 def write(path: Path, view: View) -> None:
     """Replace `path` atomically with the current metrics, readable by node_exporter."""
-    tmp = atomic.temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)  # whatever the umask
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(render(view).encode())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic.write_file(path, [render(view).encode()], durable=False, mode=FILE_MODE)
 
 
 def _number(value: float) -> str:
