@@ -16,10 +16,11 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, Protocol
 
 import orjson
 
+from .config import Limits
 from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
 
 
@@ -30,6 +31,20 @@ class JobLimits:
     max_job_bytes: int
     max_requests_per_job: int | None
     max_job_tokens: int | None
+
+    @classmethod
+    def of(cls, limits: Limits) -> JobLimits:
+        """The configured limits (`limits.max_job_bytes`, `max_requests_per_job`,
+        `max_enqueued_tokens`)."""
+        return cls(limits.max_job_bytes, limits.max_requests_per_job, limits.max_enqueued_tokens)
+
+
+class Filling(Protocol):
+    """A job being filled with requests: a planned part, or a follow-up job."""
+
+    requests: int
+    bytes: int
+    tokens: int
 
 
 @dataclass
@@ -113,7 +128,7 @@ def write_plan(
                     last = current.part >= len(part_sizes)
                     fits = last or current.requests < part_sizes[current.part - 1]
                 else:
-                    fits = _fits(current, len(line), tokens, limits)
+                    fits = fits_in(current, len(line), tokens, limits)
                 if not fits:
                     if handle is not None:
                         handle.close()
@@ -134,7 +149,8 @@ def write_plan(
     return plan
 
 
-def _fits(job: PlannedJob, size: int, tokens: int, limits: JobLimits) -> bool:
+def fits_in(job: Filling, size: int, tokens: int, limits: JobLimits) -> bool:
+    """Whether one more request of `size` bytes and `tokens` tokens fits in `job`."""
     if not job.requests:
         return True
     if job.bytes + size > limits.max_job_bytes:

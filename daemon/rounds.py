@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from . import publish, records, wire
+from . import plan, publish, records, wire
 from .context import Context, Tracked
 from .inputs import estimate_tokens, prompt_chars
 from .jobrecord import JobEntry
@@ -55,9 +55,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
         added: list[JobEntry] = []
         out = None
         next_index = max(j.index for j in record.jobs) + 1
-        limit_bytes = ctx.config.limits.max_job_bytes
-        limit_requests = ctx.config.limits.max_requests_per_job
-        limit_tokens = ctx.config.limits.max_enqueued_tokens
+        limits = plan.JobLimits.of(ctx.config.limits)
         try:
             for job in jobs:
                 with t.job_file(job, "req").open("rb") as source:
@@ -67,17 +65,8 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                             continue
                         tokens = _tokens(raw)
                         current_job = added[-1] if added else None
-                        if (
-                            current_job is None
-                            or current_job.bytes + len(raw) > limit_bytes
-                            or (
-                                limit_requests is not None
-                                and current_job.requests >= limit_requests
-                            )
-                            or (
-                                limit_tokens is not None
-                                and current_job.tokens + tokens > limit_tokens
-                            )
+                        if current_job is None or not plan.fits_in(
+                            current_job, len(raw), tokens, limits
                         ):
                             if out is not None:
                                 out.close()

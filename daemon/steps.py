@@ -62,11 +62,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             f"{t.name} is {st.st_size} bytes, over limits.max_file_bytes "
             f"({config.limits.max_file_bytes})",
         )
-    limits = plan.JobLimits(
-        max_job_bytes=config.limits.max_job_bytes,
-        max_requests_per_job=config.limits.max_requests_per_job,
-        max_job_tokens=config.limits.max_enqueued_tokens,
-    )
+    limits = plan.JobLimits.of(config.limits)
     skip = config.on_invalid_line == "skip_line"
     started = time.thread_time()
     try:
