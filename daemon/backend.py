@@ -61,21 +61,24 @@ class Backend:
     ) -> None:
         self.timeout = timeout_seconds
         self.key_id = key_fingerprint(api_key)
-        retry = types.HttpRetryOptions(
-            attempts=retries,
-            initial_delay=1.0,
-            max_delay=min(30.0, timeout_seconds / 4),
-            jitter=1.0,
-            http_status_codes=list(TRANSIENT_HTTP_CODES),
-        )
-        options = http.http_options(
-            base_url=base_url,
-            api_version=api_version,
-            timeout_seconds=timeout_seconds,
-            retry_options=retry,
-        )
-        self._own_http = options.httpx_client if client is None else None
-        self.client = client or genai.Client(api_key=api_key, http_options=options)
+        self._own_http = None
+        if client is None:  # a client given (the library, tests) comes with its own HTTP
+            retry = types.HttpRetryOptions(
+                attempts=retries,
+                initial_delay=1.0,
+                max_delay=min(30.0, timeout_seconds / 4),
+                jitter=1.0,
+                http_status_codes=list(TRANSIENT_HTTP_CODES),
+            )
+            options = http.http_options(
+                base_url=base_url,
+                api_version=api_version,
+                timeout_seconds=timeout_seconds,
+                retry_options=retry,
+            )
+            self._own_http = options.httpx_client
+            client = genai.Client(api_key=api_key, http_options=options)
+        self.client = client
         self._http = self.client._api_client
         version = self._http._http_options.api_version or ""
         self.endpoint = f"{(self._http._http_options.base_url or '').rstrip('/')}/{version}"
@@ -161,7 +164,7 @@ class Backend:
         def call() -> list[str]:
             return [
                 f.name
-                for f in self.client.files.list(config=types.ListFilesConfig(page_size=100))
+                for f in self.client.files.list(config=types.ListFilesConfig(page_size=LIST_PAGE_SIZE))
                 if f.display_name == display_name and f.name
             ]
 

@@ -306,7 +306,7 @@ def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
             ctx.call(Call.COLLECT, f"delete {name}", ctx.backend.delete_file, name)
             return
         except CallFailed as exc:
-            transient = exc.failure.kind.value in ("transient", "auth")
+            transient = exc.failure.kind in (Kind.TRANSIENT, Kind.AUTH)
             if not transient or attempt == MAX_DELETE_ATTEMPTS:
                 log.warning(
                     "could not delete a file at the API; it expires after 48 h",

@@ -18,7 +18,7 @@ from typing import Any
 from . import jobrecord, logs, plan, publish, remote, rounds
 from .claims import claimed_input
 from .context import CallFailed, Context, LeftAlone, Next, Pool, Tracked
-from .failures import Action, Call, Failure, classify
+from .failures import Action, Call, Failure, Kind, classify
 from .faults import crash_point
 from .jobrecord import FileState, JobEntry, JobState, seconds_since
 
@@ -173,7 +173,7 @@ def run_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
             raise
         except Exception as exc:  # our own files, or a bug: retried like the rest
             failure = classify(exc, f"{step.name} job {job.index}")
-            if failure.kind.value == "bug":
+            if failure.kind is Kind.BUG:
                 log.exception("unexpected error", file=t.name, step=step.name)
             return on_job_failure(ctx, t, job, step, step.call, failure)
         if delay is None or delay > 0:
@@ -316,7 +316,7 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
                 error=failure.message,
                 retry_in=round(decision.delay, 2),
             )
-            if failure.kind.value == "bug":
+            if failure.kind is Kind.BUG:
                 log.exception("unexpected error", file=t.name, step=step.name)
             with contextlib.suppress(OSError):
                 ctx.save(t)
