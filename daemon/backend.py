@@ -164,7 +164,9 @@ class Backend:
         def call() -> list[str]:
             return [
                 f.name
-                for f in self.client.files.list(config=types.ListFilesConfig(page_size=LIST_PAGE_SIZE))
+                for f in self.client.files.list(
+                    config=types.ListFilesConfig(page_size=LIST_PAGE_SIZE)
+                )
                 if f.display_name == display_name and f.name
             ]
 

@@ -277,13 +277,15 @@ class Health:
     def loud(self, failure: Failure) -> bool:
         """Whether to log this failure as a warning: always, unless its cause (a folder every
         file writes to, say) was logged in the last minute."""
-        if failure.cause is None:
-            return True
+        return failure.cause is None or self.due(failure.cause)
+
+    def due(self, cause: str) -> bool:
+        """Whether `cause` was not logged in the last minute (and counts as logged from now)."""
         now = self._clock()
         with self._lock:
-            if now - self._last_said.get(failure.cause, -1e18) < self.LOG_EVERY:
+            if now - self._last_said.get(cause, -1e18) < self.LOG_EVERY:
                 return False
-            self._last_said[failure.cause] = now
+            self._last_said[cause] = now
         return True
 
     def job_ended(self) -> None:

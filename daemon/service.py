@@ -47,9 +47,6 @@ READY_CLAIM_SECONDS = 60.0
 CLAIM_BATCH = 16
 """Files claimed per turn of the main loop before dispatching work."""
 
-LOG_EVERY = 60.0
-"""The same trouble (a folder that cannot be written, say) is logged at most this often."""
-
 HEAL_EVERY = 1.0
 """Seconds between checks that the spool folders exist and the inbox is the one watched."""
 
@@ -93,7 +90,6 @@ class Service:
         self._once_names: set[str] = set()
         self.outcomes: list[JobRecord] = []  # with `once` only: for its summary
         self.finished = metrics.Finished()
-        self._said: dict[str, float] = {}
         self._probing = False
         self._claiming: set[str] = set()  # handed to a worker to claim
         self._next_probe = 0.0
@@ -187,10 +183,9 @@ class Service:
         """Clean up after a crash, start workers and the watcher, take what is there."""
         for folder in (
             self.spool.outbox,
-            self.spool.processing,
             self.spool.done,
             self.spool.failed,
-        ):
+        ):  # processing/: _recover
             for stale in atomic.remove_stale_temps(folder):
                 log.info("removed a temporary file left by a crash", path=str(stale))
         for pool, threads in self._workers.items():
@@ -448,9 +443,7 @@ class Service:
 
     def _say(self, event: str, cause: str, **fields: object) -> None:
         """Log `event` at most once per minute per cause."""
-        now = self.clock()
-        if now - self._said.get(cause, -1e18) >= LOG_EVERY:
-            self._said[cause] = now
+        if self.health.due(cause):
             log.warning(event, **fields)
 
     # ---- cancel requests -----------------------------------------------------------
@@ -578,14 +571,14 @@ class Service:
         self.scheduler.wake()
 
     def _after_step(self, t: Tracked, result: Next) -> None:
-        self.slots.account(t.name, None if result.finished else t)
         if result.finished:
-            self._forget(t)
+            self._forget(t)  # gives its slots back
             self.finished.add(t.record)
             if self.once:
                 self.outcomes.append(t.record)
             self.watcher.rescan()  # a same-named file may be waiting in the inbox
             return
+        self.slots.account(t.name, t)
         if result.slot:
             self.slots.wait(t)
         if result.seconds is None or (self._stop and not result.is_now):

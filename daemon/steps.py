@@ -10,6 +10,7 @@ decided by the retry policy (`failures.RetryPolicy`), never by the handler that 
 from __future__ import annotations
 
 import contextlib
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,9 +51,9 @@ def validate(ctx: Context, t: Tracked) -> Next:
     record, config = t.record, ctx.config
     path = claimed_input(t.spool, record)
     st = path.lstat()
-    if path.is_symlink():
+    if stat.S_ISLNK(st.st_mode):
         return fail(ctx, t, "validation", f"{t.name} is a symbolic link; links are never followed")
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return fail(ctx, t, "validation", f"{t.name} is not a regular file")
     if st.st_size > config.limits.max_file_bytes:
         return fail(
