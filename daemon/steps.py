@@ -202,17 +202,18 @@ def on_job_failure(
     if action is Action.MAYBE_GONE:
         return remote.maybe_gone(ctx, t, job, failure, decision.delay)
     if action is Action.RETRY:
-        say = bound.warning if ctx.health.loud(failure) else bound.debug
-        say(
-            "will retry",
-            error=failure.message,
-            kind=failure.kind.value,
-            retry_in=round(decision.delay, 2),
-            retries=job.retries,
-        )
+        _will_retry(ctx, bound, "will retry", failure, decision.delay, retries=job.retries)
     with contextlib.suppress(OSError):
         ctx.save(t)
     return decision.delay
+
+
+def _will_retry(
+    ctx: Context, bound: Any, event: str, failure: Failure, delay: float, **fields: object
+) -> None:
+    """Log a failure to be retried: a warning, unless its cause was logged in the last minute."""
+    say = bound.warning if ctx.health.loud(failure) else bound.debug
+    say(event, error=failure.message, kind=failure.kind.value, retry_in=round(delay, 2), **fields)
 
 
 def finish_round(ctx: Context, t: Tracked) -> Next:
@@ -296,9 +297,7 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
             return Next.after(0.05)
         try:
             result = step.run(ctx, t)
-        except LeftAlone:
-            raise
-        except jobrecord.InvalidTransition:
+        except (LeftAlone, jobrecord.InvalidTransition):
             raise
         except Exception as exc:
             failure = classify(exc, step.name)
@@ -308,14 +307,14 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
             if decision.action is Action.GIVE_UP and t.record.state is FileState.CLAIMED:
                 log.exception("unexpected error; the file is failed", file=t.name, step=step.name)
                 return fail(ctx, t, step.stage, f"internal error: {failure.message}")
-            say = log.warning if ctx.health.loud(failure) else log.debug
-            say(
+            _will_retry(
+                ctx,
+                log,
                 "step failed; will retry",
+                failure,
+                decision.delay,
                 file=t.name,
                 step=step.name,
-                kind=failure.kind.value,
-                error=failure.message,
-                retry_in=round(decision.delay, 2),
             )
             if failure.kind is Kind.BUG:
                 log.exception("unexpected error", file=t.name, step=step.name)
