@@ -365,12 +365,7 @@ class Service:
                 self.watcher.put_back(name)
                 continue
             self._claiming.add(name)
-            pool = self._pools.get(Pool.LOCAL)
-            task = functools.partial(self._claim, path, arrival)
-            if pool is None:
-                task()  # no threads (tests): claim it here
-            else:
-                pool.submit(task, urgent=True)
+            self._run_in(Pool.LOCAL, functools.partial(self._claim, path, arrival), urgent=True)
 
     def _claim(self, path: Path, arrival: int) -> None:
         """Claim one file (in a file worker), then run its first steps at once."""
@@ -526,13 +521,17 @@ class Service:
                     self.scheduler.schedule(name, 0)
                     self.scheduler.wake()
 
-        pool = self._pools.get(Pool.LOCAL)
-        if pool is None:
-            save()
-        else:
-            pool.submit(save)
+        self._run_in(Pool.LOCAL, save)
 
     # ---- dispatching ---------------------------------------------------------------
+
+    def _run_in(self, pool: Pool, task: Callable[[], None], urgent: bool = False) -> None:
+        """Hand `task` to the pool's workers; without threads (tests), run it here."""
+        worker = self._pools.get(pool)
+        if worker is None:
+            task()
+        else:
+            worker.submit(task, urgent)
 
     def _dispatch(self, name: str) -> None:
         with self._lock:
@@ -541,14 +540,10 @@ class Service:
                 return  # a busy file is rescheduled when its step returns
             t.busy = True
         pool = FILE_STEPS[t.record.state].pool
-        worker = self._pools.get(pool)
-        if worker is None:
-            self._run_steps(name, pool)  # no threads (tests): run it here
-        else:
-            urgent = bool(t.granted) or any(
-                j.state in (JobState.UPLOADING, JobState.SUBMITTING) for j in t.record.jobs
-            )
-            worker.submit(functools.partial(self._run_steps, name, pool), urgent)
+        urgent = bool(t.granted) or any(
+            j.state in (JobState.UPLOADING, JobState.SUBMITTING) for j in t.record.jobs
+        )
+        self._run_in(pool, functools.partial(self._run_steps, name, pool), urgent)
 
     def _run_steps(self, name: str, pool: Pool) -> None:
         with self._lock:
