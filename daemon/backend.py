@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -206,14 +205,3 @@ def _batch_path(name: str) -> str:
     if not name.startswith("batches/"):
         raise ValueError(f"not a batch job name: {name!r}")
     return name
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time of the API (nanoseconds allowed); None if absent or unreadable."""
-    if not text:
-        return None
-    try:
-        head = text.rstrip("Z").split(".")[0]
-        return datetime.fromisoformat(head + "+00:00")
-    except ValueError:
-        return None

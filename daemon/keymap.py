@@ -59,15 +59,6 @@ class KeyMap:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return int(row[0])
 
-    def add(self, key: str, value: int) -> None:
-        """`setdefault` without the answer: buffered, so bulk loading stays fast once spilled."""
-        if self._db is None:
-            self.setdefault(key, value)
-            return
-        self._pending.append((key, value))
-        if len(self._pending) >= 10_000:
-            self._flush()
-
     def put(self, key: str, value: int) -> None:
         """Store `value` under `key`, replacing what was there (later answers win)."""
         if self._db is None:
@@ -77,8 +68,9 @@ class KeyMap:
             if self._size > self._budget:
                 self._spill()
             return
-        self._flush()
-        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+        self._pending.append((key, value))  # buffered: loading answers stays fast once spilled
+        if len(self._pending) >= 10_000:
+            self._flush()
 
     def get(self, key: str) -> int | None:
         if self._db is None:
@@ -109,7 +101,7 @@ class KeyMap:
 
     def _flush(self) -> None:
         if self._pending and self._db is not None:
-            self._db.executemany("INSERT OR IGNORE INTO kv VALUES (?, ?)", self._pending)
+            self._db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", self._pending)
             self._pending = []
 
 

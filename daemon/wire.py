@@ -192,10 +192,6 @@ class RemoteJob:
     def succeeded(self) -> bool:
         return self.state == "JOB_STATE_SUCCEEDED"
 
-    @property
-    def has_error(self) -> bool:
-        return self.error_code is not None or self.error_message is not None
-
 
 def normalise_state(value: Any) -> str:
     """`BATCH_STATE_X` (Gemini API), `JOB_STATE_X` (SDK, Vertex) or a bare `X` -> `JOB_STATE_X`."""

@@ -14,7 +14,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon import failures, http, wire
-from daemon.backend import BATCH_MIME_TYPE, LIST_PAGE_SIZE, Backend, key_fingerprint, parse_time
+from daemon.backend import BATCH_MIME_TYPE, LIST_PAGE_SIZE, Backend, key_fingerprint
 from daemon.inputs import Defaults, Request, prompt_request
 from daemon.plan import request_line
 from daemon.schedule import Backoff
@@ -222,11 +222,6 @@ def test_endpoint_and_key_id(sim: Simulator, new_backend: MakeBackend) -> None:
     assert backend.endpoint == f"{sim.base_url}/v1"
     assert backend.key_id == key_fingerprint("test-key") != key_fingerprint("other-key")
     assert "test-key" not in backend.key_id
-
-
-def test_parse_time() -> None:
-    assert parse_time("2026-12-01T10:00:00.123456789Z") == parse_time("2026-12-01T10:00:00Z")
-    assert parse_time(None) is None and parse_time("soon") is None
 
 
 # ---- create is sent exactly once; errors come out raw --------------------------------------------

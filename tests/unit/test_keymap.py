@@ -22,8 +22,8 @@ def test_first_value_wins_in_memory_and_on_disk(tmp_path: Path, budget: int | No
     assert keys.spilled is (budget is not None)
     assert spill.exists() is keys.spilled
     assert keys.setdefault("k5", 999) == 5
-    keys.add("k6", 999)
-    keys.add("new", 7)
+    keys.setdefault("k6", 999)
+    keys.setdefault("new", 7)
     assert keys.get("k6") == 6 and keys.get("new") == 7 and keys.get("absent") is None
     keys.close()
     assert not spill.exists()
@@ -60,10 +60,12 @@ def test_put_replaces_in_memory_and_on_disk(tmp_path: Path, budget: int | None) 
     for i in range(200):
         keys.put(f"k{i}", i)
     keys.put("k5", 500)
-    keys.add("k6", 600)  # add never replaces, even buffered after a spill
-    keys.put("k6", 601)  # ... and a put after it still wins
+    keys.put("k6", 600)
+    keys.put("k6", 601)  # buffered after a spill: the later put still wins
     assert [keys.get(k) for k in ("k0", "k5", "k6", "k199", "absent")] == [0, 500, 601, 199, None]
     assert keys.spilled is (budget is not None)
+    keys.put("k7", 700)
+    assert keys.setdefault("k7", 1) == 700  # a buffered put is seen by setdefault too
     keys.close()
 
 

@@ -184,8 +184,7 @@ def test_recorded_succeeded_file_operation() -> None:
         create_time="2026-01-06T11:09:11.943530657Z",
         progress=Progress(total=2, succeeded=2, failed=0, pending=0),
         responses_file="files/batch-leg9wy9p5df66syjxke2eq4xfjqcwp47ejv3",
-    )
-    assert not job.has_error
+    )  # error_code and error_message None
 
 
 @pytest.mark.parametrize("name", recorded.OPERATIONS)
@@ -215,7 +214,6 @@ def test_error_is_read_for_every_final_state(state: str) -> None:
     job = wire.parse_operation(op)
     assert job.done
     assert (job.error_code, job.error_message) == (13, f"{state.lower()} by the API")
-    assert job.has_error
 
 
 @pytest.mark.parametrize(
