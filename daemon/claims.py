@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, jobrecord, logs, spool
+from .errors import SidecarError
 from .faults import crash_point
-from .jobrecord import FileState, JobRecord, JobState, SidecarError
+from .jobrecord import FileState, JobRecord, JobState
 from .spool import Spool
 
 STALE_WORK_SECONDS = 3600

@@ -19,23 +19,13 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import ConfigError
+
 CONFIG_ENV = "GEMINI_BATCHD_CONFIG"
 """Environment variable naming the configuration file when `-c` is not given."""
 
 CREDENTIAL_NAME = "gemini_api_key"
 """File name of the API key under `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`)."""
-
-
-class ConfigError(Exception):
-    """The configuration file is missing, unreadable or has a bad key or value.
-
-    `problems` lists each problem; the message holds all of them on one line, so an operator
-    fixes everything in one go rather than one problem per start.
-    """
-
-    def __init__(self, *problems: str) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(problems))
 
 
 class _Section(BaseModel):

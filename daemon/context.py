@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import jobrecord, logs
-from .backend import Backend
+from .api import Engine, RemoteJob
 from .config import Config
-from .failures import Call, Failure, Health, RetryPolicy, classify
+from .errors import CallFailed
+from .failures import Call, Health, RetryPolicy, classify
 from .inputs import Defaults
 from .jobrecord import JobEntry, JobRecord, isotime
 from .schedule import Backoff
 from .spool import Spool
-from .wire import RemoteJob
 
 T = TypeVar("T")
 log = logs.get()
@@ -97,25 +97,12 @@ class Tracked:
         return self.work(f"j{job.index}.{what}")
 
 
-class CallFailed(Exception):
-    """An API call failed; `failure` says how (classified once, where the call was made)."""
-
-    def __init__(self, call: Call, failure: Failure) -> None:
-        super().__init__(failure.message)
-        self.call = call
-        self.failure = failure
-
-
-class LeftAlone(Exception):
-    """The file belongs to another daemon's key or endpoint: stop tracking it, fail nothing."""
-
-
 @dataclass
 class Context:
     """What steps need of the daemon: settings, the API, time, and the API's health."""
 
     config: Config
-    backend: Backend
+    engine: Engine
     poll: Backoff
     policy: RetryPolicy
     health: Health

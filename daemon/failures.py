@@ -23,8 +23,8 @@ import pydantic
 from google.genai import errors
 
 from . import logs
+from .errors import BadReply
 from .schedule import Backoff
-from .wire import BadReply
 
 log = logs.get()
 

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from . import atomic
+from .errors import InvalidTransition, SidecarError
 
 DISPLAY_NAME_MAX = 128
 """Longest display name we send; the API's own limit is not documented, so stay short."""
@@ -85,14 +86,6 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.COLLECTED: frozenset(),
 }
 """A job's moves. Back to QUEUED: refused for the token quota, or EXPIRED and resubmitted."""
-
-
-class InvalidTransition(Exception):
-    """A bug: code tried a move the state machine does not allow."""
-
-
-class SidecarError(Exception):
-    """A sidecar exists but cannot be read."""
 
 
 def utcnow() -> datetime:

@@ -1,6 +1,6 @@
 """The library API of the original design, kept: `GeminiLLM` and the `LLMService` facade.
 
-Built on the daemon's backend, but results are matched to requests by key (by position
+Built on the daemon's Gemini engine, but results are matched to requests by key (by position
 only where the API echoed no key at all and the counts agree), results are read from the
 API's raw JSON through `wire` and `records`, and one failed request does not discard the others.
 """
@@ -22,8 +22,11 @@ import pydantic
 from google import genai
 from google.genai import types
 
-from . import publish, records, wire
-from .backend import Backend
+from . import answers, records
+from .answers import entry_key
+from .api import RemoteState
+from .api.gemini import GeminiEngine
+from .errors import LLMProviderError
 from .inputs import Defaults, prompt_request
 from .plan import request_line
 
@@ -31,14 +34,6 @@ log = logging.getLogger(__name__)
 
 _MAX_REPAIRS = 8
 """Rounds of dropping unreadable fields before a response is given up as empty."""
-
-
-class LLMProviderError(Exception):
-    """A batch job failed, or some of its requests did; `.results` holds what did come back."""
-
-    def __init__(self, message: str, results: list[Any] | None = None) -> None:
-        super().__init__(message)
-        self.results = results
 
 
 class BatchProvider(Protocol):
@@ -77,14 +72,14 @@ class GeminiLLM:
         self.temperature = temperature
         self.thinking_budget = thinking_budget
         key = api_key or os.environ.get("GOOGLE_API_KEY") or os.environ.get("GEMINI_API_KEY") or ""
-        self._backend = Backend(key, client=client)
+        self._engine = GeminiEngine(key, client=client)
         self._jobs: dict[
             str, tuple[list[str], bool]
         ] = {}  # job name -> (keys in order, filter_json)
 
     @property
     def client(self) -> genai.Client:
-        return self._backend.client
+        return self._engine.client
 
     def batch_generate(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
@@ -116,7 +111,7 @@ class GeminiLLM:
         with tempfile.TemporaryDirectory() as folder:
             source = Path(folder) / "requests.jsonl"
             source.write_bytes(b"".join(request_line(r) for r in requests))
-            job = self._backend.create_job(
+            job = self._engine.create_job(
                 self.model, f"gemini-batchd-lib/{uuid.uuid4().hex[:16]}", source, inline=True
             )
         self._jobs[job.name] = ([r.key for r in requests], defaults.filter_json)
@@ -128,7 +123,7 @@ class GeminiLLM:
 
     def cancel_batch_job(self, batch_job_name: str) -> None:
         """Cancel the job (it is not deleted: its record stays visible in the API)."""
-        self._backend.cancel_job(batch_job_name)
+        self._engine.cancel_job(batch_job_name)
 
     def fetch_batch_results(self, batch_job_name: str) -> list[Any]:
         """Results in input order, matched by key: parsed JSON with `filter_json`, else responses.
@@ -136,39 +131,39 @@ class GeminiLLM:
         Reads the job's raw JSON (not the SDK's models), so fields the SDK does not know never
         fail a fetch; a blocked answer counts as a failed request.
         """
-        job = self._backend.get_job(batch_job_name)
+        job = self._engine.get_job(batch_job_name)
         if not job.done:
-            raise ValueError(f"batch job {batch_job_name} is not done yet (state {job.state})")
-        if not job.succeeded:
+            raise ValueError(f"batch job {batch_job_name} is not done yet (state {job.state_name})")
+        if job.state is not RemoteState.SUCCEEDED:
             message = job.error_message or "no message from the API"
-            raise LLMProviderError(f"batch job {batch_job_name} ended {job.state}: {message}")
+            raise LLMProviderError(f"batch job {batch_job_name} ended {job.state_name}: {message}")
         known = self._jobs.get(batch_job_name)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "answers.jsonl"
-            if job.responses_file is not None:
-                self._backend.download(job.responses_file, path)
+            if job.results is not None:
+                self._engine.download(job.results, path)
                 keys = (
                     known[0]
                     if known
-                    else _ordered_keys(list(dict.fromkeys(publish.request_keys(path))))
+                    else _ordered_keys(list(dict.fromkeys(answers.request_keys(path))))
                 )
             else:
                 items = job.inline_responses or []
                 keys = known[0] if known else _inline_keys(items)
-                lines, by_position = publish.inline_lines(items, keys)
+                lines, by_position = answers.inline_lines(items, keys)
                 if by_position:
                     log.warning(
                         "%s: the API echoed no request keys; matched %d responses by position",
                         batch_job_name,
                         len(keys),
                     )
-                publish.save_answers(path, lines)
-            answers = publish.Answers([path])
+                answers.save_answers(path, lines)
+            found = answers.Answers([path])
             try:
                 filter_json = known[1] if known else self.filter_json
-                results, failed = _results(keys, answers, filter_json)
+                results, failed = _results(keys, found, filter_json)
             finally:
-                answers.close()
+                found.close()
         if failed:
             raise LLMProviderError(
                 f"{len(failed)} of {len(keys)} requests failed in {batch_job_name}: {', '.join(failed)}",
@@ -178,13 +173,13 @@ class GeminiLLM:
 
 
 def _results(
-    keys: list[str], answers: publish.Answers, filter_json: bool
+    keys: list[str], found: answers.Answers, filter_json: bool
 ) -> tuple[list[Any], list[str]]:
     """Each key's result in order (None where it failed), and the failed keys described."""
     results: list[Any] = []
     failed: list[str] = []
     for line, key in enumerate(keys, 1):
-        entry = answers.get(key)
+        entry = found.get(key)
         record = records.record_for(
             key, line, entry, filter_json=filter_json, include_response=False
         )
@@ -209,26 +204,17 @@ def _problem(error: Mapping[str, Any]) -> str:
 def sdk_response(raw: Mapping[str, Any]) -> types.GenerateContentResponse:
     """The SDK's model of a raw response, built tolerantly: a newer API never fails a fetch.
 
-    The SDK's own forward-compatible reader drops unknown fields; a field whose value the SDK
-    cannot read (a changed type) is dropped too, and as a last resort the response is empty.
+    A field the installed SDK does not know, or whose value it cannot read (a changed type),
+    is dropped, and as a last resort the response is empty.
     """
     data = copy.deepcopy(dict(raw))
     for _ in range(_MAX_REPAIRS):
         try:
-            return _validate_response(data)
+            return types.GenerateContentResponse.model_validate(data)
         except pydantic.ValidationError as exc:
             if not _drop_invalid_fields(data, exc):
                 break
     return types.GenerateContentResponse()
-
-
-def _validate_response(data: dict[str, Any]) -> types.GenerateContentResponse:
-    try:
-        return types.GenerateContentResponse._from_response(response=data, kwargs={})
-    except pydantic.ValidationError:
-        raise
-    except Exception:  # the SDK's private reader changed or tripped: plain validation
-        return types.GenerateContentResponse.model_validate(data)
 
 
 def _drop_invalid_fields(data: dict[str, Any], exc: pydantic.ValidationError) -> bool:
@@ -265,7 +251,7 @@ def _has_child(node: Any, step: Any) -> bool:
 
 def _inline_keys(items: Sequence[Mapping[str, Any]]) -> list[str]:
     """Keys of a job another process created: the echoed keys, else 1..n (by position)."""
-    keys = [k for k in (wire.entry_key(item) for item in items) if k is not None]
+    keys = [k for k in (entry_key(item) for item in items) if k is not None]
     return (
         _ordered_keys(list(dict.fromkeys(keys)))
         if keys

@@ -1,10 +1,8 @@
-"""Publishing: match answers to requests by key, write the outbox, archive the input.
+"""Publishing: the steps of a finished file -- write the outbox, archive the input.
 
-One way of matching for the daemon and the library API: a job's answers are saved as lines
-`{"key", "response" | "error" | "status"}` (the File API's own responses format; inline
-answers are written in it too), and `Answers` finds the line of any key -- later jobs (retry
-rounds) winning -- with memory that stays flat however many keys there are. The steps of a
-finished file are here too: `publish_step` (WRITING) and `archive` (DONE / FAILED).
+`publish_step` (WRITING) writes the results (merged by `answers.py`) and/or the error report
+under names chosen and recorded first, so a crash never writes either twice; `archive`
+(DONE / FAILED) moves the input and its sidecar to done/ or failed/.
 """
 
 from __future__ import annotations
@@ -14,278 +12,23 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
-from . import atomic, logs, records, rounds, wire
+from . import atomic, logs, rounds
+from .answers import Merge, write_results
 from .claims import claimed_input
 from .context import Context, Next, Tracked
 from .faults import crash_point
 from .jobrecord import FileState, JobRecord, JobState, isotime
-from .keymap import KeyMap
-from .plan import IndexEntry, JobLimits, dumps, read_index, write_plan
-from .records import Tally
+from .plan import JobLimits, read_index, write_plan
 from .spool import SIDECAR_SUFFIX
 
-OFFSET_BITS = 44
-"""An answer's location packs (file number, byte offset) into one int: 16 TB per file."""
-
 log = logs.get()
-
-
-def inline_lines(items: list[dict[str, Any]], keys: Iterable[str]) -> tuple[list[bytes], bool]:
-    """An inline job's answers as responses-file lines, in request order; the flag says they
-    carried no keys and were matched by position (see `wire.match_inline`)."""
-    expected = list(keys)
-    matched = wire.match_inline(expected, items)
-    lines = []
-    for key in expected:
-        entry = matched.entries.get(key)
-        if entry is None:
-            continue
-        line: dict[str, Any] = {"key": key}
-        if entry.response is not None:
-            line["response"] = entry.response
-        if entry.error is not None:
-            line["error"] = entry.error
-        lines.append(dumps(line))
-    return lines, matched.by_position
-
-
-def read_entries(path: Path) -> Iterator[wire.Entry]:
-    """The answers of an answers file, one at a time."""
-    with path.open("rb") as handle:
-        yield from read_entries_of(handle)
-
-
-def read_entries_of(lines: Iterable[bytes]) -> Iterator[wire.Entry]:
-    """The answers among answer lines (lines that are not JSON objects are skipped)."""
-    for raw in lines:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            value = orjson.loads(raw)
-            if isinstance(value, dict):
-                yield wire.entry_from_obj(value)
-
-
-def check_responses_file(path: Path, answered: int = 0) -> None:
-    """Raise `wire.BadReply` unless a downloaded responses file starts and ends with a whole
-    JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
-    retried), not the job's answers. A body is only ever cut at its end, so the first and last
-    lines tell. `answered`: requests the job reported done; fewer lines than that is a failure
-    too (a body cut at a line boundary, or empty)."""
-    first: bytes | None = None
-    last: bytes | None = None
-    lines = 0
-    with path.open("rb") as handle:
-        for line in handle:
-            if line.strip():
-                first = line if first is None else first
-                last = line
-                lines += 1
-    if lines < answered:  # cut short, even at a line boundary
-        raise wire.BadReply(
-            f"the responses file has {lines} lines; the job reported {answered} answers"
-        )
-    for which, raw in (("first", first), ("last", last)):
-        if raw is None:
-            continue
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            value = None
-        if not isinstance(value, dict):
-            raise wire.BadReply(
-                f"the responses file is not JSON lines: its {which} line is not a JSON object"
-                f" ({path.stat().st_size} bytes received)"
-            )
-
-
-def request_keys(request_file: Path) -> Iterator[str]:
-    """The keys of a job's request file, in order."""
-    with request_file.open("rb") as handle:
-        for raw in handle:
-            key = wire.line_key(raw)
-            if key is not None:
-                yield key
-
-
-class Answers:
-    """Key -> answer over several answer files; a later file's answer replaces an earlier one.
-
-    Offsets stay in memory up to a budget, then spill to SQLite on disk (`spill`), so memory
-    stays flat; answers are read back from their file one at a time.
-    """
-
-    def __init__(self, files: list[Path], spill: Path | None = None) -> None:
-        self._handles: list[IO[bytes]] = []
-        self._offsets = KeyMap(spill)  # removes its spill file when closed
-        try:
-            for number, path in enumerate(files):
-                handle = path.open("rb")
-                self._handles.append(handle)
-                offset = 0
-                for raw in handle:
-                    key = wire.line_key(raw)
-                    if key is not None:
-                        self._offsets.put(key, (number << OFFSET_BITS) | offset)
-                    offset += len(raw)
-        except BaseException:
-            self.close()
-            raise
-
-    def get(self, key: str) -> wire.Entry | None:
-        packed = self._offsets.get(key)
-        if packed is None:
-            return None
-        handle = self._handles[packed >> OFFSET_BITS]
-        handle.seek(packed & ((1 << OFFSET_BITS) - 1))
-        try:
-            value = orjson.loads(handle.readline())
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(value, dict):
-            return None
-        entry = wire.entry_from_obj(value)
-        return entry if entry.key == key else None
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.close()
-        self._handles = []
-        self._offsets.close()
-
-
-class OutOfOrder(Exception):
-    """Answers did not come back in request order: match them through an index instead."""
-
-
-class AnswerStream:
-    """Answers read in step with the requests, for the usual case that they come back in
-    request order (some perhaps missing): no index, no seeking. `finish` raises `OutOfOrder`
-    if an answer was left behind, which proves the order assumption wrong."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self._handles = [path.open("rb") for path in files]
-        self._lines = itertools.chain.from_iterable(self._handles)
-        self._raw = b""
-        self._key: str | None = None
-        self._advance()
-
-    def _advance(self) -> None:
-        for raw in self._lines:
-            key = wire.line_key(raw)
-            if key is not None:
-                self._raw, self._key = raw, key
-                return
-        self._raw, self._key = b"", None
-
-    def get(self, key: str) -> wire.Entry | None:
-        if key != self._key:
-            return None  # missing, or out of order: `finish` tells
-        raw = self._raw
-        self._advance()
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        return wire.entry_from_obj(value, key) if isinstance(value, dict) else None
-
-    def finish(self) -> None:
-        if self._key is not None:
-            raise OutOfOrder(f"the answer for {self._key!r} came out of request order")
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.close()
-
-
-@dataclass
-class Merge:
-    """What the records of one input are made of."""
-
-    index: Path
-    answers: list[Path]  # answer files of the first round's jobs, in part order
-    later: list[Path] = field(default_factory=list)  # of follow-up rounds, in order: they win
-    part_errors: dict[int, str] = field(default_factory=dict)  # part -> why its job failed
-    attempts: Mapping[str, int] = field(default_factory=dict)  # key -> jobs that carried it (> 1)
-    include_response: bool = False
-    spill: Path | None = None
-
-
-def iter_records(merge: Merge, tally: Tally, *, in_order: bool) -> Iterator[dict[str, Any]]:
-    """The outbox records in input order: each request with its answer, matched by key.
-
-    `in_order`: read the first round's answers in step with the requests (`AnswerStream`);
-    raises `OutOfOrder` at the end if they were not in request order.
-    """
-    first: AnswerStream | Answers
-    first = AnswerStream(merge.answers) if in_order else Answers(merge.answers, merge.spill)
-    later = Answers(merge.later) if merge.later else None
-    try:
-        for item in read_index(merge.index):
-            record = _record(item, first, later, merge)
-            tally.add(record)
-            yield record
-        if isinstance(first, AnswerStream):
-            first.finish()
-    finally:
-        first.close()
-        if later is not None:
-            later.close()
-
-
-def _record(
-    item: IndexEntry, first: AnswerStream | Answers, later: Answers | None, merge: Merge
-) -> dict[str, Any]:
-    if item.invalid is not None:
-        return records.invalid_record(item.line, item.key, item.invalid)
-    assert item.key is not None
-    attempts = merge.attempts.get(item.key, 1)
-    entry = first.get(item.key)
-    if later is not None:
-        entry = later.get(item.key) or entry
-    if entry is None and item.part in merge.part_errors:
-        return records.job_failed_record(
-            item.key, item.line, merge.part_errors[item.part], attempts
-        )
-    return records.record_for(
-        item.key,
-        item.line,
-        entry,
-        filter_json=item.filter_json,
-        include_response=merge.include_response,
-        attempts=attempts,
-    )
-
-
-def write_results(target: Path, merge: Merge, *, progress: Any = None) -> Tally:
-    """Write the results file so it appears complete or not at all (FileExistsError if taken).
-
-    Answers are first read in request order; if they were not, the file is written again
-    through an index. `progress(n)` is called after the n-th record has been handed over.
-    """
-    for in_order in (True, False):
-        tally = Tally()
-
-        def lines(in_order: bool = in_order, tally: Tally = tally) -> Iterator[bytes]:
-            records_ = iter_records(merge, tally, in_order=in_order)
-            for number, record in enumerate(records_, start=1):
-                yield dumps(record) + b"\n"
-                if progress is not None:
-                    progress(number)
-
-        try:
-            atomic.write_file(target, lines(), replace=False)
-        except OutOfOrder as exc:
-            log.info("answers out of request order; matching them by key", reason=str(exc))
-            continue
-        return tally
-    raise AssertionError("unreachable: the indexed pass cannot be out of order")
 
 
 def write_report(target: Path, report: Mapping[str, Any]) -> None:
@@ -319,11 +62,6 @@ def report_is_ours(target: Path, claim_id: str) -> bool:
         return False
     except OSError:
         return True
-
-
-def save_answers(target: Path, lines: Iterable[bytes]) -> None:
-    """Write a job's answers file atomically (replacing a partial one from before a crash)."""
-    atomic.write_file(target, (line + b"\n" for line in lines))
 
 
 def remove_quietly(paths: Iterable[Path]) -> None:

@@ -11,11 +11,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import json_repair
 
-from .wire import Entry, count
+from .jsonl import count
+
+if TYPE_CHECKING:
+    from .answers import Entry
 
 BLOCKING_FINISH_REASONS = frozenset(
     {

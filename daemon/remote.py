@@ -11,18 +11,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import logs, publish
-from .context import CallFailed, Context, LeftAlone, Tracked
+from . import answers, logs
+from .api import RemoteJob, RemoteState
+from .context import Context, Tracked
+from .errors import CallFailed, LeftAlone
 from .failures import Call, Failure, Kind
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState, seconds_since
-from .wire import RemoteJob
 
 log = logs.get()
 
-SUCCEEDED = "JOB_STATE_SUCCEEDED"
-CANCELLED = "JOB_STATE_CANCELLED"
-EXPIRED = "JOB_STATE_EXPIRED"
+CANCELLED = RemoteState.CANCELLED.value
 
 RESULTS_LIFETIME = 48 * 3600
 """The API keeps a job's responses file this long: downloads are retried until then."""
@@ -59,7 +58,7 @@ def upload(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     name = ctx.call(
         Call.UPLOAD,
         "upload batch input",
-        ctx.backend.upload,
+        ctx.engine.upload,
         t.job_file(job, "req"),
         job.display_name,
     )
@@ -75,7 +74,7 @@ def find_uploads(ctx: Context, t: Tracked, display_name: str) -> list[str]:
     """Uploads a lost reply may have left behind. Listing them is cleanup, not the upload: if
     the API refuses the listing (400, 404), the upload goes on and a leftover expires in 48 h."""
     try:
-        return ctx.call(Call.LOOKUP, "find uploads", ctx.backend.find_files, display_name)
+        return ctx.call(Call.LOOKUP, "find uploads", ctx.engine.find_uploads, display_name)
     except CallFailed as exc:
         if exc.failure.kind not in (Kind.REFUSED, Kind.NOT_FOUND):
             raise
@@ -93,7 +92,7 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     assert job.display_name and record.model
     if job.create_pending_since:
         crash_point("in_lookup")
-        found = ctx.call(Call.LOOKUP, "look up the job", ctx.backend.find_job, job.display_name)
+        found = ctx.call(Call.LOOKUP, "look up the job", ctx.engine.find_job, job.display_name)
         if found is not None:
             log.warning(
                 "adopted a job created before a crash or a lost reply", file=t.name, job=found.name
@@ -126,7 +125,7 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         remote = ctx.call(
             Call.CREATE,
             "create batch job",
-            ctx.backend.create_job,
+            ctx.engine.create_job,
             record.model,
             job.display_name,
             source,
@@ -141,7 +140,7 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
 
 
 def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float:
-    job.job_name, job.job_state = remote.name, remote.state
+    job.job_name, job.job_state = remote.name, remote.state_name
     job.create_pending_since = None
     job.polls = 0
     job.move_to(JobState.RUNNING)
@@ -162,26 +161,26 @@ def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float
 
 def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     assert job.job_name
-    remote = ctx.call(Call.POLL, f"get {job.job_name}", ctx.backend.get_job, job.job_name)
+    remote = ctx.call(Call.POLL, f"get {job.job_name}", ctx.engine.get_job, job.job_name)
     crash_point("while_polling")
     if t.cancel_requested and not remote.done:
-        ctx.call(Call.POLL, f"cancel {job.job_name}", ctx.backend.cancel_job, job.job_name)
+        ctx.call(Call.POLL, f"cancel {job.job_name}", ctx.engine.cancel_job, job.job_name)
         log.info("cancelled the job", file=t.name, job=job.job_name)
         return 0.5
     job.polls += 1
     job.not_found_since = None
-    if remote.state != job.job_state:
+    if remote.state_name != job.job_state:
         log.info(
             "job state changed",
             file=t.name,
             job=job.job_name,
-            job_state=remote.state,
+            job_state=remote.state_name,
             previous=job.job_state,
             polls=job.polls,
         )
-    job.job_state = remote.state
-    if t.record.key_id != ctx.backend.key_id:
-        t.record.key_id = ctx.backend.key_id  # our key reaches the job: it is ours now
+    job.job_state = remote.state_name
+    if t.record.key_id != ctx.engine.account:
+        t.record.key_id = ctx.engine.account  # our key reaches the job: it is ours now
     if remote.progress is not None:
         job.progress = remote.progress.as_dict()
     if not remote.done:
@@ -192,27 +191,29 @@ def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         ctx.save(t)
         return delay
     job.ended_at = ctx.stamp()
-    if remote.state == SUCCEEDED:
+    if remote.state is RemoteState.SUCCEEDED:
         t.remote[job.index] = remote
-        job.results_file = remote.responses_file
+        job.results_file = remote.results
         job.move_to(JobState.ENDED)
         ctx.save(t)
         ctx.health.job_ended()
         return 0.0
     message = remote.error_message or "no message from the API"
-    if remote.state == CANCELLED and t.cancel_requested and not remote.error_message:
+    if remote.state is RemoteState.CANCELLED and t.cancel_requested and not remote.error_message:
         message = "cancelled by gemini-batchd cancel"
     if "enqueued" in message.lower() and "token" in message.lower():
         requeue(ctx, t, job, message, quota=True)
         ctx.health.job_ended()
         return None
-    if remote.state == EXPIRED and job.expired_resubmits < ctx.config.expired_resubmits:
+    if remote.state is RemoteState.EXPIRED and job.expired_resubmits < ctx.config.expired_resubmits:
         log.warning("job expired; resubmitting", file=t.name, job=job.job_name)
         job.expired_resubmits += 1
         requeue(ctx, t, job, message, quota=False)
         ctx.health.job_ended()
         return None
-    end_job(ctx, t, job, f"the batch job ended {remote.state}: {message}", remote.state, "job")
+    end_job(
+        ctx, t, job, f"the batch job ended {remote.state_name}: {message}", remote.state_name, "job"
+    )
     ctx.health.job_ended()
     return 0.0
 
@@ -230,7 +231,7 @@ def maybe_gone(
             return 0.0
         ctx.save(t)
         return delay
-    if t.record.key_id and t.record.key_id != ctx.backend.key_id:
+    if t.record.key_id and t.record.key_id != ctx.engine.account:
         raise LeftAlone(f"its job {job.job_name} is not reachable with this daemon's API key")
     job.not_found_since = job.not_found_since or ctx.stamp()
     window = max(ctx.config.poll.max_seconds, 1.0)
@@ -243,27 +244,27 @@ def maybe_gone(
 
 def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     """Save the job's answers locally, then delete its files at the API."""
-    answers = t.job_file(job, "out")
-    if job.succeeded and not answers.exists():
+    saved = t.job_file(job, "out")
+    if job.succeeded and not saved.exists():
         crash_point("while_fetching")
         if not job.results_file:
             remote = t.remote.pop(job.index, None)
-            if remote is None or (remote.inline_responses is None and not remote.responses_file):
+            if remote is None or (remote.inline_responses is None and not remote.results):
                 assert job.job_name
                 remote = ctx.call(
-                    Call.COLLECT, f"get {job.job_name}", ctx.backend.get_job, job.job_name
+                    Call.COLLECT, f"get {job.job_name}", ctx.engine.get_job, job.job_name
                 )
-            if remote.responses_file and not remote.inline_responses:
-                job.results_file = remote.responses_file
+            if remote.results and not remote.inline_responses:
+                job.results_file = remote.results
                 return 0.0
-            lines, positional = publish.inline_lines(
-                remote.inline_responses or [], publish.request_keys(t.job_file(job, "req"))
+            lines, positional = answers.inline_lines(
+                remote.inline_responses or [], answers.request_keys(t.job_file(job, "req"))
             )
             if positional:
                 log.info(
                     "answers carry no keys; matched by position", file=t.name, job=job.job_name
                 )
-            publish.save_answers(answers, lines)
+            answers.save_answers(saved, lines)
         else:
             temp = t.job_file(job, "download")
             try:
@@ -275,7 +276,7 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                     job,
                     temp,
                 )
-                os.replace(temp, answers)
+                os.replace(temp, saved)
             finally:
                 temp.unlink(missing_ok=True)
     t.remote.pop(job.index, None)
@@ -294,16 +295,16 @@ def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
     """Download a job's responses file; one that is not JSON lines (an HTML page, a body cut
     short or empty, with 200) fails like a broken connection, so the download is retried."""
     assert job.results_file
-    ctx.backend.download(job.results_file, destination, expected_bytes=4 * job.bytes)
+    ctx.engine.download(job.results_file, destination, expected_bytes=4 * job.bytes)
     # Every request the API counts as succeeded has a line; a failed one may have none.
-    publish.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
+    answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
 
 
 def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
     """Delete a file at the API; one it refuses (or cannot find) is left to expire (48 h)."""
     for attempt in range(1, MAX_DELETE_ATTEMPTS + 1):
         try:
-            ctx.call(Call.COLLECT, f"delete {name}", ctx.backend.delete_file, name)
+            ctx.call(Call.COLLECT, f"delete {name}", ctx.engine.delete, name)
             return
         except CallFailed as exc:
             transient = exc.failure.kind in (Kind.TRANSIENT, Kind.AUTH)

@@ -8,24 +8,24 @@ from pathlib import Path
 
 import orjson
 
-from . import plan, publish, records, wire
+from . import answers, plan, records
 from .context import Context, Tracked
 from .inputs import estimate_tokens, prompt_chars
 from .jobrecord import JobEntry
 from .keymap import KeyMap
 
 
-def all_final(answers: Path, requests: int) -> bool:
+def all_final(saved: Path, requests: int) -> bool:
     """Whether every request has an answer another try would not change (the usual case),
     found without remembering keys: answers with a response are final; errors are parsed."""
     final = 0
     try:
-        with answers.open("rb") as handle:
+        with saved.open("rb") as handle:
             for raw in handle:
                 if b'"response"' in raw and b'"error"' not in raw and b'"status"' not in raw:
                     final += 1
                     continue
-                for entry in publish.read_entries_of([raw]):
+                for entry in answers.read_entries_of([raw]):
                     if entry.key is not None and not records.is_retryable(entry):
                         final += 1
     except FileNotFoundError:
@@ -46,10 +46,10 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
     final = KeyMap()  # keys answered for good (ok, or an error another try will not fix)
     try:
         for job in jobs:
-            answers = t.job_file(job, "out")
-            if not answers.exists():
+            saved = t.job_file(job, "out")
+            if not saved.exists():
                 continue
-            for entry in publish.read_entries(answers):
+            for entry in answers.read_entries(saved):
                 if entry.key is not None and not records.is_retryable(entry):
                     final.put(entry.key, 1)
         added: list[JobEntry] = []
@@ -60,7 +60,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
             for job in jobs:
                 with t.job_file(job, "req").open("rb") as source:
                     for raw in source:
-                        key = wire.line_key(raw)
+                        key = answers.line_key(raw)
                         if key is None or final.get(key) is not None:
                             continue
                         tokens = _tokens(raw)
@@ -113,6 +113,6 @@ def attempts(t: Tracked) -> dict[str, int]:
     carried: dict[str, int] = {}
     for job in t.record.jobs:
         if job.round > 1 and t.job_file(job, "req").exists():
-            for key in publish.request_keys(t.job_file(job, "req")):
+            for key in answers.request_keys(t.job_file(job, "req")):
                 carried[key] = max(carried.get(key, 1), job.round)
     return carried

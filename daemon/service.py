@@ -20,17 +20,18 @@ from datetime import datetime
 from pathlib import Path
 
 from . import atomic, claims, logs, metrics
-from .backend import Backend
-from .config import Config, ConfigError
-from .context import CallFailed, Context, LeftAlone, Next, Pool, Tracked
+from .api import Engine
+from .config import Config
+from .context import Context, Next, Pool, Tracked
+from .errors import CallFailed, ConfigError, LeftAlone
 from .failures import Call, Health, RetryPolicy
 from .inputs import Defaults
 from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
 from .notify import Notifier, SystemdStatus
+from .presence import Presence
 from .schedule import Backoff, Scheduler, Sleeper
 from .slots import Slots
 from .spool import Spool, is_candidate
-from .status import Presence
 from .steps import FILE_STEPS, advance
 from .watcher import InboxWatcher
 from .workers import WorkerPool
@@ -59,11 +60,11 @@ class Service:
     def __init__(
         self,
         config: Config,
-        backend: Backend,
+        engine: Engine,
         *,
         once: bool = False,
         reload_config: Callable[[], Config] | None = None,
-        make_backend: Callable[[Config], Backend] | None = None,
+        make_engine: Callable[[Config], Engine] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleeper: Sleeper | None = None,
         notifier: Notifier | None = None,
@@ -71,10 +72,10 @@ class Service:
         workers: dict[Pool, int] | None = None,
         wall: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.backend = backend
+        self.engine = engine
         self.once = once
         self._reload_config = reload_config
-        self._make_backend = make_backend
+        self._make_engine = make_engine
         self.clock = clock
         self.wall = wall
         self._rng = rng or random.Random()
@@ -123,12 +124,12 @@ class Service:
         )
         for created in self.spool.heal():
             log.info("created a spool folder", folder=str(created))
-        self.recovery = claims.Recovery(self.spool, self.backend.endpoint, self.backend.key_id)
+        self.recovery = claims.Recovery(self.spool, self.engine.endpoint, self.engine.account)
 
     def _context(self) -> Context:
         return Context(
             config=self.config,
-            backend=self.backend,
+            engine=self.engine,
             poll=self.poll,
             policy=self.policy,
             health=self.health,
@@ -156,16 +157,16 @@ class Service:
         try:
             new = self._reload_config()
             new.system_instruction()
-            backend = self.backend
-            if new.api != old.api and self._make_backend is not None:
-                backend = self._make_backend(new)
+            engine = self.engine
+            if new.api != old.api and self._make_engine is not None:
+                engine = self._make_engine(new)
             Spool(new.inbox, new.outbox).heal()
         except (ConfigError, OSError, ValueError) as exc:
             log.error("reload refused", reason=str(exc), config="the old configuration stays")
             self.systemd.ready(self.status_text())
             return
         changed = sorted(key for key in new.model_fields if getattr(new, key) != getattr(old, key))
-        self.backend = backend
+        self.engine = engine
         self._apply_config(new)
         self.ctx = self._context()
         if new.inbox != old.inbox:
@@ -470,7 +471,7 @@ class Service:
 
         def probe() -> None:
             try:
-                self.ctx.call(Call.PROBE, "check the API key", self.backend.probe)
+                self.ctx.call(Call.PROBE, "check the API key", self.engine.probe)
             except CallFailed:
                 pass
             finally:

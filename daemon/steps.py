@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import jobrecord, logs, plan, publish, remote, rounds
+from . import logs, plan, publish, remote, rounds
 from .claims import claimed_input
-from .context import CallFailed, Context, LeftAlone, Next, Pool, Tracked
+from .context import Context, Next, Pool, Tracked
+from .errors import CallFailed, InvalidTransition, LeftAlone
 from .failures import Action, Call, Failure, Kind, classify
 from .faults import crash_point
 from .jobrecord import FileState, JobEntry, JobState, seconds_since
@@ -93,7 +94,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
     record.include_response = (
         config.include_response if record.include_response is None else record.include_response
     )
-    record.endpoint, record.key_id = ctx.backend.endpoint, ctx.backend.key_id
+    record.endpoint, record.key_id = ctx.engine.endpoint, ctx.engine.account
     record.rounds = 1 + config.retry_requests
     record.jobs = [
         JobEntry(
@@ -170,7 +171,7 @@ def run_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
             delay = step.run(ctx, t, job)
         except CallFailed as exc:
             return on_job_failure(ctx, t, job, step, exc.call, exc.failure)
-        except (LeftAlone, jobrecord.InvalidTransition):
+        except (LeftAlone, InvalidTransition):
             raise
         except Exception as exc:  # our own files, or a bug: retried like the rest
             failure = classify(exc, f"{step.name} job {job.index}")
@@ -297,7 +298,7 @@ def advance(ctx: Context, t: Tracked, pool: Pool) -> Next:
             return Next.after(0.05)
         try:
             result = step.run(ctx, t)
-        except (LeftAlone, jobrecord.InvalidTransition):
+        except (LeftAlone, InvalidTransition):
             raise
         except Exception as exc:
             failure = classify(exc, step.name)

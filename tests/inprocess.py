@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logs
-from daemon.backend import Backend
+from daemon.api.gemini import GeminiEngine
 from daemon.config import Config, load_config
 from daemon.jobrecord import FileState
 from daemon.service import Service
@@ -94,7 +94,7 @@ class Daemon:
         self.started = False
 
     def _service(self) -> Service:
-        backend = Backend(
+        backend = GeminiEngine(
             TEST_API_KEY,
             base_url=self.config.api.base_url,
             api_version=self.config.api.api_version,
@@ -162,7 +162,7 @@ class Daemon:
     def restart(self) -> None:
         """A crash without the crash: forget everything in memory, start a new service."""
         self.service.shutdown()
-        self.service.backend.close()
+        self.service.engine.close()
         for t in list(self.service.files.values()):
             os.close(t.lock_fd)
         self.service = self._service()
@@ -172,7 +172,7 @@ class Daemon:
         if self.started:
             self.service.shutdown()
             self.started = False
-        self.service.backend.close()
+        self.service.engine.close()
 
     @property
     def finished(self) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.backend import Backend
+from daemon.api.gemini import GeminiEngine
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import request_line
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_create_find_and_cancel_a_real_job(tmp_path: Path) -> None:
     assert KEY
-    backend = Backend(KEY, retries=3)
+    backend = GeminiEngine(KEY, retries=3)
     display_name = f"gemini-batchd-live-test/{uuid.uuid4().hex[:12]}"
     requests = tmp_path / "j1.req"
     requests.write_bytes(

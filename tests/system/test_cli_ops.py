@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon import cli, status
+from daemon import cli
+from daemon.cli import files, status
 from daemon.config import find_api_key, load_config
 from daemon.jobrecord import FileState, JobRecord, isotime
 
@@ -36,16 +37,16 @@ def failed(root: Path, name: str, *, input_name: str | None = None, at: str = ""
 
 
 def test_parse_since() -> None:
-    assert cli.parse_since("2h", NOW) == datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
-    assert cli.parse_since("90m", NOW) == datetime(2026, 12, 1, 10, 30, tzinfo=timezone.utc)
-    assert cli.parse_since("1d", NOW) == datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
-    assert cli.parse_since("2026-12-01T09:15:00Z", NOW) == datetime(
+    assert files.parse_since("2h", NOW) == datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    assert files.parse_since("90m", NOW) == datetime(2026, 12, 1, 10, 30, tzinfo=timezone.utc)
+    assert files.parse_since("1d", NOW) == datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+    assert files.parse_since("2026-12-01T09:15:00Z", NOW) == datetime(
         2026, 12, 1, 9, 15, tzinfo=timezone.utc
     )
-    local = cli.parse_since("2026-12-01T09:15", NOW)
+    local = files.parse_since("2026-12-01T09:15", NOW)
     assert local == datetime(2026, 12, 1, 9, 15).astimezone().astimezone(timezone.utc)
     with pytest.raises(cli.CommandError, match="neither an ISO time"):
-        cli.parse_since("yesterday", NOW)
+        files.parse_since("yesterday", NOW)
 
 
 def test_retry_takes_a_fresh_name_where_taken(

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from daemon.simanswers import image_base64
 from daemon.simulator import Fault, Simulator
+from daemon.simulator.answers import image_base64
 
 LINES: list[Any] = [
     "hello",

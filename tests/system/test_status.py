@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from daemon import status
+from daemon import presence
+from daemon.cli import status
 from daemon.simulator import Simulator
 from daemon.spool import Spool
 from tests.guarantees import CONTRACT_ROW_FIELDS
@@ -55,14 +56,14 @@ def test_a_dead_daemons_files_are_stale_and_removed_at_the_next_start(make_daemo
     spool.heal()
     dead = spool.daemon_file(host="otherhost", pid=999999)
     dead.write_text(json.dumps({"pid": 999999, "host": "otherhost", "since": "x"}))
-    status.lock_path(dead).write_text("")  # its lock: nobody holds it
+    presence.lock_path(dead).write_text("")  # its lock: nobody holds it
     orphan = spool.daemon_file(host="thirdhost", pid=5)  # a presence file without a lock
     orphan.write_text("{}")
     before = snap(daemon)
     assert before["daemon"]["running"] is False
     assert sorted(str(d.get("pid")) for d in before["stale_daemons"]) == ["999999", "None"]
     daemon.start()
-    assert not dead.exists() and not status.lock_path(dead).exists() and not orphan.exists()
+    assert not dead.exists() and not presence.lock_path(dead).exists() and not orphan.exists()
     assert snap(daemon)["daemon"]["running"] is True
 
 

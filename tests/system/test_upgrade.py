@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from daemon.backend import Backend
+from daemon.api.gemini import GeminiEngine
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import request_line
 from daemon.simulator import Simulator
@@ -59,7 +59,7 @@ def test_a_running_job_of_the_old_format_is_collected(
             for i, p in [(1, "one"), (2, "two")]
         )
     )
-    backend = Backend(TEST_API_KEY, base_url=sim.base_url)
+    backend = GeminiEngine(TEST_API_KEY, base_url=sim.base_url)
     job = backend.create_job("gemini-2.5-flash", "old job", requests, inline=True)
     backend.close()
     (processing / "old.jsonl.job.json").write_bytes(

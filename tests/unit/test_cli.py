@@ -428,7 +428,7 @@ def test_help(capsys: pytest.CaptureFixture[str], command: str | None) -> None:
 
 
 def test_every_option_and_argument_has_help() -> None:
-    parser = cli._parser()
+    parser = cli.parser()
     [sub] = [a for a in parser._actions if a.dest == "command"]
     assert sub.choices is not None
     assert set(sub.choices) >= set(SUBCOMMANDS)

@@ -15,8 +15,10 @@ import pydantic
 import pytest
 from google.genai import errors
 
-from daemon import http, logs, wire
-from daemon.backend import Backend
+from daemon import logs
+from daemon.api import http
+from daemon.api.gemini import GeminiEngine
+from daemon.errors import BadReply
 from daemon.failures import (
     MAX_BUG_RETRIES,
     Action,
@@ -37,8 +39,8 @@ KEY = "AIzaTEST-failures-0123456789abcdef"
 
 
 @pytest.fixture
-def backend(sim: Simulator) -> Iterator[Backend]:
-    b = Backend(KEY, base_url=sim.base_url, retries=1, timeout_seconds=5)
+def backend(sim: Simulator) -> Iterator[GeminiEngine]:
+    b = GeminiEngine(KEY, base_url=sim.base_url, retries=1, timeout_seconds=5)
     yield b
     b.close()
 
@@ -69,7 +71,7 @@ def api_error(code: int, message: str = "msg", status: str | None = None, **extr
 
 
 def test_a_rejected_key_is_auth_without_the_key(
-    sim: Simulator, backend: Backend, request_file: Path
+    sim: Simulator, backend: GeminiEngine, request_file: Path
 ) -> None:
     sim.reject_key(400)
     failure = classify(raised(lambda: backend.find_job("x")), "lookup")
@@ -79,7 +81,7 @@ def test_a_rejected_key_is_auth_without_the_key(
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_unauthenticated_and_permission_denied_are_auth(
-    sim: Simulator, backend: Backend, status: int
+    sim: Simulator, backend: GeminiEngine, status: int
 ) -> None:
     sim.reject_key(status)
     failure = classify(raised(lambda: backend.get_job("batches/x")), "poll")
@@ -87,7 +89,7 @@ def test_unauthenticated_and_permission_denied_are_auth(
 
 
 def test_the_enqueued_token_quota_is_quota(
-    sim: Simulator, backend: Backend, request_file: Path
+    sim: Simulator, backend: GeminiEngine, request_file: Path
 ) -> None:
     sim.enqueued_token_limit = 1
     exc = raised(lambda: backend.create_job("gemini-2.5-flash", "q", request_file, inline=True))
@@ -96,25 +98,27 @@ def test_the_enqueued_token_quota_is_quota(
     assert "Enqueued token quota" in failure.message
 
 
-def test_an_ordinary_429_is_transient(sim: Simulator, backend: Backend) -> None:
+def test_an_ordinary_429_is_transient(sim: Simulator, backend: GeminiEngine) -> None:
     sim.add_fault(Fault("GET", "batches", status=429))
     failure = classify(raised(lambda: backend.find_job("x")), "lookup")
     assert (failure.kind, failure.code) == (Kind.TRANSIENT, 429)
 
 
-def test_an_unknown_file_s_403_may_not_exist_is_not_found(sim: Simulator, backend: Backend) -> None:
+def test_an_unknown_file_s_403_may_not_exist_is_not_found(
+    sim: Simulator, backend: GeminiEngine
+) -> None:
     """What the API answers for a deleted or unknown file: not a permission problem."""
-    failure = classify(raised(lambda: backend.delete_file("files/nope")), "delete")
+    failure = classify(raised(lambda: backend.delete("files/nope")), "delete")
     assert (failure.kind, failure.code) == (Kind.NOT_FOUND, 403)
 
 
-def test_an_unknown_job_is_not_found(sim: Simulator, backend: Backend) -> None:
+def test_an_unknown_job_is_not_found(sim: Simulator, backend: GeminiEngine) -> None:
     failure = classify(raised(lambda: backend.get_job("batches/nope")), "poll")
     assert (failure.kind, failure.code, failure.status) == (Kind.NOT_FOUND, 404, "NOT_FOUND")
 
 
 def test_an_invalid_request_is_refused(
-    sim: Simulator, backend: Backend, request_file: Path
+    sim: Simulator, backend: GeminiEngine, request_file: Path
 ) -> None:
     sim.add_fault(Fault("POST", "batchGenerateContent", status=400))
     exc = raised(lambda: backend.create_job("gemini-2.5-flash", "r", request_file, inline=True))
@@ -128,7 +132,7 @@ def test_an_invalid_request_is_refused(
     [(400, Kind.TRANSIENT), (404, Kind.TRANSIENT), (413, Kind.TRANSIENT), (403, Kind.AUTH)],
 )
 def test_an_html_4xx_from_a_proxy_never_fails_a_file(
-    sim: Simulator, backend: Backend, status: int, kind: Kind
+    sim: Simulator, backend: GeminiEngine, status: int, kind: Kind
 ) -> None:
     """A proxy's or gateway's error page is not the API's verdict on the request: retried, or,
     for 401/403 (a proxy that wants credentials), an operator's problem that pauses new work."""
@@ -140,7 +144,7 @@ def test_an_html_4xx_from_a_proxy_never_fails_a_file(
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
 def test_server_errors_and_timeouts_are_transient(
-    sim: Simulator, backend: Backend, status: int
+    sim: Simulator, backend: GeminiEngine, status: int
 ) -> None:
     sim.add_fault(Fault("GET", "batches", status=status))
     failure = classify(raised(lambda: backend.find_job("x")), "lookup")
@@ -149,16 +153,18 @@ def test_server_errors_and_timeouts_are_transient(
 
 
 @pytest.mark.parametrize("body", ["html", "truncated", "empty"])
-def test_an_unusable_200_reply_is_transient(sim: Simulator, backend: Backend, body: str) -> None:
+def test_an_unusable_200_reply_is_transient(
+    sim: Simulator, backend: GeminiEngine, body: str
+) -> None:
     sim.add_fault(Fault.garbled(body, path_contains="batches"))
     exc = raised(lambda: backend.find_job("x"))
-    assert isinstance(exc, wire.BadReply)
+    assert isinstance(exc, BadReply)
     failure = classify(exc, "lookup")
     assert failure.kind is Kind.TRANSIENT and "unusable reply" in failure.message
 
 
 def test_a_dropped_connection_and_a_deadline_are_transient(
-    sim: Simulator, backend: Backend
+    sim: Simulator, backend: GeminiEngine
 ) -> None:
     sim.add_fault(Fault.reset(path_contains="batches"))
     assert classify(raised(lambda: backend.find_job("x")), "lookup").kind is Kind.TRANSIENT

@@ -1,4 +1,4 @@
-"""daemon.http: a real `genai.Client` against raw in-process servers that answer slowly or never.
+"""daemon.api.http: a real `genai.Client` against raw in-process servers that answer slowly or never.
 
 Each misbehaving server would hold a caller for minutes; every call here must fail within its
 deadline and a small margin, leave no thread or socket behind, and close its connections.
@@ -28,7 +28,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from daemon.http import DeadlineExceeded, deadline, http_options, sdk_ssl_context
+from daemon.api.http import DeadlineExceeded, deadline, http_options, ssl_context
 
 DEADLINE = 0.5
 """Seconds: short, so that every test is quick."""
@@ -514,7 +514,7 @@ def test_tls_uses_the_sdk_ssl_context_and_keeps_deadlines(
 
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    assert sdk_ssl_context().verify_mode == ssl.CERT_REQUIRED
+    assert ssl_context().verify_mode == ssl.CERT_REQUIRED
     server = serve(answers(), tls=server_context)
     with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         get_job(client_for(server.url))  # not trusted: the certificate is checked

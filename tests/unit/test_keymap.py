@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from daemon import keymap
+from daemon.answers import line_key
 from daemon.inputs import Defaults, LineError, Request, read_requests
 from daemon.keymap import KeyMap
-from daemon.wire import line_key
 
 
 @pytest.mark.parametrize("budget", [None, 0, 2000])

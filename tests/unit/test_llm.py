@@ -13,10 +13,10 @@ import pytest
 from google import genai
 from google.genai import types
 
-from daemon import simulator
-from daemon.backend import Backend
+from daemon.api.gemini import GeminiEngine
 from daemon.llm import GeminiLLM, LLMProviderError, LLMService, sdk_response
 from daemon.simulator import Simulator
+from daemon.simulator import server as simulator
 from tests import recorded
 from tests.harness import FakeClock
 
@@ -545,7 +545,7 @@ def test_recorded_payloads_through_the_file_api_never_raise(
     ]
     source = tmp_path / "requests.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    backend = Backend("test-key", client=client)
+    backend = GeminiEngine("test-key", client=client)
     file_name = backend.upload(source, "live shapes")
     job = backend.create_job("gemini-2.5-flash", "live shapes", file_name, inline=False)
     assert job.name

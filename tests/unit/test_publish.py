@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from daemon import keymap, publish
+from daemon import answers, keymap, publish
+from daemon.answers import Answers, Entry, Merge, write_results
 from daemon.inputs import Defaults
 from daemon.jobrecord import JobRecord
 from daemon.plan import JobLimits, dumps, write_plan
-from daemon.publish import Answers, Merge, write_report, write_results
+from daemon.publish import write_report
 from daemon.records import Tally, answer_text
-from daemon.wire import Entry
 from tests.guarantees import CONTRACT_REPORT_FIELDS
 
 DEFAULTS = Defaults()
@@ -78,7 +78,7 @@ def test_inline_lines_by_key_in_request_order() -> None:
         {"response": response("a"), "metadata": {"key": "a"}},
         {"response": response("stranger"), "metadata": {"key": "zz"}},
     ]
-    lines, positional = publish.inline_lines(items, ["a", "b", "c", "d"])
+    lines, positional = answers.inline_lines(items, ["a", "b", "c", "d"])
     assert not positional
     decoded = [json.loads(line) for line in lines]
     assert [d["key"] for d in decoded] == ["a", "b", "c"]  # d: missing; zz: not ours
@@ -88,10 +88,10 @@ def test_inline_lines_by_key_in_request_order() -> None:
 
 def test_inline_lines_by_position_only_when_no_key_came_back() -> None:
     items = [{"response": response("first")}, {"response": response("second")}]
-    lines, positional = publish.inline_lines(items, ["k1", "k2"])
+    lines, positional = answers.inline_lines(items, ["k1", "k2"])
     assert positional
     assert [json.loads(line)["key"] for line in lines] == ["k1", "k2"]
-    lines, positional = publish.inline_lines(items, ["k1", "k2", "k3"])  # the counts differ
+    lines, positional = answers.inline_lines(items, ["k1", "k2", "k3"])  # the counts differ
     assert (lines, positional) == ([], False)
 
 
@@ -99,12 +99,12 @@ def test_read_entries_and_request_keys_skip_what_is_not_theirs(tmp_path: Path) -
     path = answers_file(
         tmp_path / "a.out", [ok_line("a", "x"), b"not json", b"[1, 2]", error_line("b", 429)]
     )
-    assert [(e.key, e.error is None) for e in publish.read_entries(path)] == [
+    assert [(e.key, e.error is None) for e in answers.read_entries(path)] == [
         ("a", True),
         ("b", False),
     ]
     _, (requests,) = planned(tmp_path, [b'"one"', b'{"key": "k", "prompt": "two"}'])
-    assert list(publish.request_keys(requests)) == ["1", "k"]
+    assert list(answers.request_keys(requests)) == ["1", "k"]
 
 
 # ---- Answers: key -> answer over several answer files ------------------------------------------
@@ -414,8 +414,8 @@ def test_report_of_a_failed_job_names_the_job() -> None:
 def test_save_answers_replaces_a_partial_file(tmp_path: Path) -> None:
     target = tmp_path / ".claim.j1.out"
     target.write_bytes(b'{"key": "1", "resp')  # cut short by a crash
-    publish.save_answers(target, iter([ok_line("1", "x"), ok_line("2", "y")]))
-    assert [e.key for e in publish.read_entries(target)] == ["1", "2"]
+    answers.save_answers(target, iter([ok_line("1", "x"), ok_line("2", "y")]))
+    assert [e.key for e in answers.read_entries(target)] == ["1", "2"]
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from daemon import records, wire
+from daemon import answers, jsonl, records
+from daemon.answers import Entry
+from daemon.api import wire
 from daemon.records import Tally, is_retryable, parse_json_text, record_for
-from daemon.wire import Entry
 from tests import recorded
 
 ZERO_USAGE = dict.fromkeys(records.USAGE_KEYS, 0)
@@ -61,24 +62,24 @@ def record(
 
 
 def from_file_line(name: str, key: str = "k1", future: bool = False) -> Entry:
-    """The payload as the Batch API returns it in a responses file, read through wire."""
+    """The payload as the Batch API returns it in a responses file, read through answers."""
     body = recorded.raw(name)
     if future:
         body = json.dumps(recorded.add_future_fields(json.loads(body))).encode()
     line = recorded.file_line(key, body)
     if future:
         line = json.dumps(recorded.add_future_fields(json.loads(line))).encode()
-    return wire.entry_from_obj(wire.parse_json(line))
+    return answers.entry_from_obj(jsonl.parse_json(line))
 
 
 def from_inline_item(name: str, key: str | None = "k1", future: bool = False) -> Entry:
-    """The payload as an inline output item of a SUCCEEDED job's Operation, read through wire."""
+    """The payload as an inline output item of a SUCCEEDED job's Operation, read through answers."""
     body = recorded.inline_operation([recorded.inline_item(key, recorded.raw(name))])
-    obj = wire.parse_json(body)
+    obj = jsonl.parse_json(body)
     if future:
         obj = recorded.add_future_fields(obj)
     job = wire.parse_operation(obj)
-    match = wire.match_inline(["k1"], job.inline_responses)
+    match = answers.match_inline(["k1"], job.inline_responses)
     assert match.by_position is (key is None)
     return match.entries["k1"]
 
@@ -180,7 +181,7 @@ def test_recorded_max_tokens_with_filter_json_is_a_parse_error_keeping_text(read
 def test_recorded_status_error_on_a_file_line(field: str, future: bool) -> None:
     status = recorded.load("error_pai_404_status")
     line = {"key": "k1", field: status}
-    entry = wire.entry_from_obj(recorded.add_future_fields(line) if future else line)
+    entry = answers.entry_from_obj(recorded.add_future_fields(line) if future else line)
     assert record(entry, include_response=True) == {
         "key": "k1",
         "line": 3,
@@ -198,8 +199,8 @@ def test_recorded_status_error_on_a_file_line(field: str, future: bool) -> None:
 
 def test_recorded_status_error_as_an_inline_item() -> None:
     item = b'{"error": ' + recorded.raw("error_pai_404_status") + b', "metadata": {"key": "k1"}}'
-    job = wire.parse_operation(wire.parse_json(recorded.inline_operation([item])))
-    entry = wire.match_inline(["k1"], job.inline_responses).entries["k1"]
+    job = wire.parse_operation(jsonl.parse_json(recorded.inline_operation([item])))
+    entry = answers.match_inline(["k1"], job.inline_responses).entries["k1"]
     assert record(entry)["error"]["code"] == 404
 
 
@@ -208,13 +209,10 @@ def test_recorded_status_error_as_an_inline_item() -> None:
 SIGNATURE = re.compile(rb'"thoughtSignature"\s*:\s*"([^"]+)"')
 
 
-@pytest.mark.parametrize("parser", ["orjson", "stdlib"])
 @pytest.mark.parametrize("read", READERS, ids=["file", "inline"])
 def test_include_response_keeps_base64_byte_for_byte(
-    read: Any, parser: str, monkeypatch: pytest.MonkeyPatch
+    read: Any,
 ) -> None:
-    if parser == "stdlib":
-        monkeypatch.setattr(wire, "_fast_loads", None)
     source = recorded.raw("resp_ellmer_web_search")
     signature = SIGNATURE.search(source)
     assert signature is not None
@@ -579,7 +577,7 @@ def test_is_retryable(error: dict[str, Any], retryable: bool) -> None:
 
 
 def test_is_retryable_reads_string_codes_through_wire() -> None:
-    assert is_retryable(wire.entry_from_obj({"key": "k", "status": {"code": "503"}}))
+    assert is_retryable(answers.entry_from_obj({"key": "k", "status": {"code": "503"}}))
 
 
 def test_answers_are_never_retryable() -> None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from daemon import jobrecord, rounds
-from daemon.backend import Backend
+from daemon.api.gemini import GeminiEngine
 from daemon.config import Config
 from daemon.context import Context, Tracked
 from daemon.failures import Health, RetryPolicy
@@ -35,7 +35,7 @@ def make_context(tmp_path: Path, **settings: Any) -> Context:
     clock = FakeClock()
     return Context(
         config=config,
-        backend=Backend("k", base_url="http://127.0.0.1:9"),
+        engine=GeminiEngine("k", base_url="http://127.0.0.1:9"),
         poll=Backoff(1, 10, 2, 0),
         policy=RetryPolicy(Backoff(5, 300, 2, 0)),
         health=Health(clock),
@@ -49,7 +49,7 @@ def contexts(tmp_path: Path) -> Iterator[list[Context]]:
     made: list[Context] = []
     yield made
     for ctx in made:
-        ctx.backend.close()
+        ctx.engine.close()
 
 
 def tracked(ctx: Context, jobs: dict[int, tuple[list[str], list[bytes] | None]]) -> Tracked:

@@ -24,6 +24,7 @@ from google.genai import errors, types
 
 from daemon import cli
 from daemon.simulator import Fault, Simulator
+from daemon.simulator import cli as simulator_cli
 from tests.conftest import stop_soon
 from tests.harness import ROOT, FakeClock
 
@@ -1097,8 +1098,8 @@ ALL_FLAGS = [
 
 
 def test_simulator_flags_set_every_knob() -> None:
-    args = cli._parser().parse_args(ALL_FLAGS)
-    with cli.simulator_from_args(args) as simulator:
+    args = cli.parser().parse_args(ALL_FLAGS)
+    with simulator_cli.from_args(args) as simulator:
         assert (simulator.api_key, simulator.pending_seconds) == ("secret", 0.5)
         assert (simulator.running_seconds, simulator.outcome) == (7, "FAILED")
         assert simulator.fail_keys == {"a": 500, "b": 429}
@@ -1113,7 +1114,7 @@ def test_simulator_flags_set_every_knob() -> None:
             client.batches.list()  # --reject-key-for: 403 from the start, for 30 seconds
         assert caught.value.code == 403
 
-    defaults = cli.simulator_from_args(cli._parser().parse_args(["simulator"]))
+    defaults = simulator_cli.from_args(cli.parser().parse_args(["simulator"]))
     assert defaults.api_key is None and defaults.outcome == "SUCCEEDED"
     assert defaults.fail_keys == {} and defaults.missing_keys == set()
     assert defaults.enqueued_token_limit is None and defaults.echo_metadata
@@ -1133,7 +1134,7 @@ def test_simulator_flags_set_every_knob() -> None:
 )
 def test_simulator_flag_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli._parser().parse_args(["simulator", *flags])
+        cli.parser().parse_args(["simulator", *flags])
     assert exit_info.value.code == 2
     assert flags[0] in capsys.readouterr().err
 

@@ -30,7 +30,7 @@ import math
 import re
 from typing import Any
 
-from .simwire import status_name
+from .wire import status_name
 
 JSON = dict[str, Any]
 

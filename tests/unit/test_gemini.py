@@ -1,4 +1,4 @@
-"""daemon.backend against the simulator, through the real google-genai SDK: every Batch API call,
+"""daemon.api.gemini against the simulator, through the real google-genai SDK: every Batch API call,
 create sent exactly once, errors propagated raw (`failures.classify` is tested on its own)."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from daemon import failures, http, wire
-from daemon.backend import BATCH_MIME_TYPE, LIST_PAGE_SIZE, Backend, key_fingerprint
+from daemon import answers, failures
+from daemon.api import RemoteJob, http
+from daemon.api.gemini import BATCH_MIME_TYPE, LIST_PAGE_SIZE, GeminiEngine, key_fingerprint
+from daemon.errors import BadReply
 from daemon.inputs import Defaults, Request, prompt_request
 from daemon.plan import request_line
 from daemon.schedule import Backoff
@@ -26,21 +28,21 @@ DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.3, thinking_budget=
 
 
 @pytest.fixture
-def made(sim: Simulator) -> Iterator[list[Backend]]:
-    backends: list[Backend] = []
+def made(sim: Simulator) -> Iterator[list[GeminiEngine]]:
+    backends: list[GeminiEngine] = []
     yield backends
     for backend in backends:
         backend.close()
 
 
-MakeBackend = Callable[..., Backend]
+MakeBackend = Callable[..., GeminiEngine]
 
 
 @pytest.fixture
-def new_backend(sim: Simulator, made: list[Backend]) -> MakeBackend:
-    def make(retries: int = 1, **options: Any) -> Backend:
+def new_backend(sim: Simulator, made: list[GeminiEngine]) -> MakeBackend:
+    def make(retries: int = 1, **options: Any) -> GeminiEngine:
         options = {"base_url": sim.base_url, "timeout_seconds": 10, **options}
-        backend = Backend("test-key", retries=retries, **options)
+        backend = GeminiEngine("test-key", retries=retries, **options)
         made.append(backend)
         return backend
 
@@ -69,10 +71,10 @@ def test_create_inline_sends_keys_in_metadata_and_the_request_body(
 ) -> None:
     source = request_file(tmp_path, requests("hello", "world"))
     job = new_backend().create_job(MODEL, "gemini-batchd/x.jsonl/abc/1", source, inline=True)
-    assert isinstance(job, wire.RemoteJob)
+    assert isinstance(job, RemoteJob)
     assert job.name.startswith("batches/")
     assert job.display_name == "gemini-batchd/x.jsonl/abc/1"
-    assert (job.state, job.done) == ("JOB_STATE_PENDING", False)
+    assert (job.state_name, job.done) == ("JOB_STATE_PENDING", False)
     record = sim.jobs[job.name]
     assert record["model"] == f"models/{MODEL}"
     assert [r["key"] for r in record["requests"]] == ["k1", "k2"]
@@ -117,10 +119,10 @@ def test_get_job_until_done_with_progress_and_inline_answers(
     assert not backend.get_job(job.name).done
     finish(clock)
     done = backend.get_job(job.name)
-    assert (done.state, done.done) == ("JOB_STATE_SUCCEEDED", True)
+    assert (done.state_name, done.done) == ("JOB_STATE_SUCCEEDED", True)
     assert done.progress is not None and done.progress.total == 6
     assert done.error_code is None and done.error_message is None
-    matched = wire.match_inline([f"k{i}" for i in range(1, 7)], done.inline_responses or [])
+    matched = answers.match_inline([f"k{i}" for i in range(1, 7)], done.inline_responses or [])
     assert set(matched.entries) == {"k1", "k2", "k3", "k5", "k6"}
     error = matched.entries["k3"].error
     assert error is not None and error["code"] == 400
@@ -180,7 +182,7 @@ def test_find_job_raises_when_a_page_fails(
     with pytest.raises(errors.ServerError):
         backend.find_job("job-0")
     sim.add_fault(Fault.garbled("html", path_contains="pageToken"))
-    with pytest.raises(wire.BadReply):
+    with pytest.raises(BadReply):
         backend.find_job("job-0")
 
 
@@ -191,7 +193,7 @@ def test_cancel_job(
     job = backend.create_job(MODEL, "c", request_file(tmp_path, requests("a")), inline=True)
     backend.cancel_job(job.name)
     cancelled = backend.get_job(job.name)
-    assert (cancelled.state, cancelled.done) == ("JOB_STATE_CANCELLED", True)
+    assert (cancelled.state_name, cancelled.done) == ("JOB_STATE_CANCELLED", True)
     assert backend.find_job("c") is not None  # cancelled, not deleted
 
 
@@ -202,7 +204,7 @@ def test_failed_job_carries_the_operation_error(
     job = backend.create_job(MODEL, "f", request_file(tmp_path, requests("a")), inline=True)
     sim.set_job_state(job.name, "FAILED", "quota exhausted")
     failed = backend.get_job(job.name)
-    assert (failed.state, failed.done) == ("JOB_STATE_FAILED", True)
+    assert (failed.state_name, failed.done) == ("JOB_STATE_FAILED", True)
     assert failed.error_message == "quota exhausted"
 
 
@@ -217,11 +219,11 @@ def test_a_name_that_is_not_a_batch_is_refused_before_any_call(sim: Simulator, n
     assert sim.requests_log == []
 
 
-def test_endpoint_and_key_id(sim: Simulator, new_backend: MakeBackend) -> None:
+def test_endpoint_and_account(sim: Simulator, new_backend: MakeBackend) -> None:
     backend = new_backend(api_version="v1")
     assert backend.endpoint == f"{sim.base_url}/v1"
-    assert backend.key_id == key_fingerprint("test-key") != key_fingerprint("other-key")
-    assert "test-key" not in backend.key_id
+    assert backend.account == key_fingerprint("test-key") != key_fingerprint("other-key")
+    assert "test-key" not in backend.account
 
 
 # ---- create is sent exactly once; errors come out raw --------------------------------------------
@@ -278,7 +280,7 @@ def test_an_unusable_create_reply_is_a_bad_reply(
 ) -> None:
     """The job was made but the reply cannot be read: a transient failure, looked up next."""
     sim.add_fault(fault)
-    with pytest.raises(wire.BadReply) as info:
+    with pytest.raises(BadReply) as info:
         new_backend(retries=5).create_job(
             MODEL, "garbled", request_file(tmp_path, requests("a")), inline=True
         )
@@ -293,14 +295,16 @@ def test_an_unusable_create_reply_is_a_bad_reply(
 def test_transient_get_is_retried_by_the_sdk(
     sim: Simulator, clock: FakeClock, new_backend: MakeBackend, tmp_path: Path, status: int
 ) -> None:
-    """Backend's own retry options, with the SDK's waits made short for the test."""
+    """GeminiEngine's own retry options, with the SDK's waits made short for the test."""
     retry = types.HttpRetryOptions(
         attempts=3, initial_delay=0.01, max_delay=0.02, jitter=0, http_status_codes=[429, 503]
     )
     options = http.http_options(
         base_url=sim.base_url, api_version=None, timeout_seconds=10, retry_options=retry
     )
-    backend = Backend("test-key", client=genai.Client(api_key="test-key", http_options=options))
+    backend = GeminiEngine(
+        "test-key", client=genai.Client(api_key="test-key", http_options=options)
+    )
     try:
         job = backend.create_job(MODEL, "r", request_file(tmp_path, requests("a")), inline=True)
         sim.add_fault(Fault(method="GET", path_contains="batches/", status=status, times=2))
@@ -355,7 +359,7 @@ def test_get_of_a_forgotten_job_is_a_404(
 def test_unreachable_server_is_a_transport_error() -> None:
     with Simulator() as gone:
         url = gone.base_url
-    backend = Backend("k", base_url=url, retries=1, timeout_seconds=2)
+    backend = GeminiEngine("k", base_url=url, retries=1, timeout_seconds=2)
     try:
         with pytest.raises(httpx2.TransportError):
             backend.get_job("batches/x")
@@ -365,7 +369,7 @@ def test_unreachable_server_is_a_transport_error() -> None:
 
 def test_a_rejected_key_is_an_auth_failure_without_the_key(clock: FakeClock) -> None:
     with Simulator(api_key="right") as locked:
-        backend = Backend("wrong-key-0123456789", base_url=locked.base_url, retries=1)
+        backend = GeminiEngine("wrong-key-0123456789", base_url=locked.base_url, retries=1)
         try:
             with pytest.raises(errors.ClientError) as info:
                 backend.find_job("anything")
@@ -390,24 +394,24 @@ def test_upload_create_download_round_trip(
     name = backend.upload(source, "gemini-batchd/x.jsonl/abc/1")
     assert name.startswith("files/")
     assert sim.uploaded_files[name] == source.read_bytes()
-    assert backend.find_files("gemini-batchd/x.jsonl/abc/1") == [name]
-    assert backend.find_files("someone else's") == []
+    assert backend.find_uploads("gemini-batchd/x.jsonl/abc/1") == [name]
+    assert backend.find_uploads("someone else's") == []
 
     job = backend.create_job(MODEL, "file-job", name, inline=False)
     assert sim.jobs[job.name]["input_file"] == name
     finish(clock)
     done = backend.get_job(job.name)
     assert done.state == "JOB_STATE_SUCCEEDED"
-    assert done.responses_file and done.inline_responses is None
+    assert done.results and done.inline_responses is None
 
     download = tmp_path / "responses.jsonl"
-    backend.download(done.responses_file, download, expected_bytes=source.stat().st_size)
+    backend.download(done.results, download, expected_bytes=source.stat().st_size)
     lines = [json.loads(line) for line in download.read_text(encoding="utf-8").splitlines()]
     by_key = {line["key"]: line for line in lines}
     assert set(by_key) == {r.key for r in items}
     text = by_key["k7"]["response"]["candidates"][0]["content"]["parts"][0]["text"]
     assert text.endswith("prompt 6 é")
-    backend.delete_file(name)
+    backend.delete(name)
     assert name not in sim.uploaded_files
 
 
@@ -429,7 +433,7 @@ def test_download_of_an_unknown_file_is_an_error(new_backend: MakeBackend, tmp_p
 
 def test_a_given_client_is_used(sim: Simulator) -> None:
     given = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=sim.base_url))
-    backend = Backend("k", client=given)
+    backend = GeminiEngine("k", client=given)
     assert backend.client is given
     assert backend.find_job("none") is None
     backend.close()

@@ -22,6 +22,7 @@ each download gets `timeout_seconds` of its own: a large download needs a longer
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
@@ -33,14 +34,16 @@ from typing import Any
 
 import httpcore2
 import httpx2
-from google.genai import _api_client, types
+from google.genai import types
+
+from ..errors import BatchdError
 
 WRITE_PIECE = 16 * 1024
 """Bytes sent per capped write: one TLS record, which Python's ssl module sends within one
 timeout (over plain TCP a piece drained slowly may take a few sends of that timeout each)."""
 
 
-class DeadlineExceeded(httpx2.TransportError):
+class DeadlineExceeded(httpx2.TransportError, BatchdError):
     """The call's deadline passed. A transport error (transient to the daemon) and on purpose
     not an `httpx2.TimeoutException`: the SDK retries those, sleeping through its backoff
     schedule long after the deadline. Its `__cause__` is the timeout that cut the request, if
@@ -263,16 +266,13 @@ class DeadlineClient(httpx2.Client):
         return _DeadlineTransport(transport, self._default_seconds)
 
 
-def sdk_ssl_context() -> ssl.SSLContext:
-    """The SSL context the SDK gives its own httpx2 client: $SSL_CERT_FILE / $SSL_CERT_DIR when
-    set, else the system trust store."""
-    client_args, _ = _api_client.BaseApiClient._ensure_httpx_ssl_ctx(
-        types.HttpOptions(), client_cls=httpx2.Client, async_client_cls=httpx2.AsyncClient
-    )
-    context = client_args.get("verify")
-    if not isinstance(context, ssl.SSLContext):
-        raise TypeError(f"the SDK built no SSL context: {context!r}")
-    return context
+def ssl_context() -> ssl.SSLContext:
+    """The SSL context the SDK would build: $SSL_CERT_FILE / $SSL_CERT_DIR when set, else the
+    system trust store (httpx2's default)."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    return httpx2.create_ssl_context()
 
 
 def http_options(
@@ -290,7 +290,7 @@ def http_options(
     given: the caller owns `options.httpx_client`. Sync calls only (not `client.aio`)."""
     client = DeadlineClient(
         default_seconds=timeout_seconds,
-        verify=sdk_ssl_context(),
+        verify=ssl_context(),
         timeout=None,  # the SDK passes its timeout with every request
         follow_redirects=True,  # as the SDK's own client
     )

@@ -1,14 +1,10 @@
-"""Every call the daemon makes to the Gemini Batch API, through the google-genai SDK only.
+"""The Gemini Developer API's batch engine (an API key), through the google-genai SDK only.
 
-Batch calls (create, get, list, cancel) go through the SDK's own HTTP client
-(`client._api_client.request`: its key header, base URL, API version, retries and
-transport) with JSON we build and read ourselves, because the SDK's typed methods drop what
-the daemon needs -- `batchStats` (progress), the operation's `error`, unknown fields -- and
-re-encode every response (base64 fields come back URL-safe), at about 1 ms of CPU per request.
-Files go through the SDK's public `files` methods (resumable upload, streamed download).
-
-Errors are not interpreted here: SDK, transport and `wire.BadReply` errors propagate, and
-`failures.classify` decides what they mean. Every call has a total deadline (`http.deadline`).
+Batch calls (create, get, list, cancel) are REST JSON through the SDK's own HTTP client
+(`sdk.rest`: see there why); files go through the SDK's public `files` methods (resumable
+upload, streamed download). Errors are not interpreted here: SDK, transport and `BadReply`
+errors propagate, and `failures.classify` decides what they mean. Every call has a total
+deadline (`http.deadline`).
 """
 
 from __future__ import annotations
@@ -22,8 +18,10 @@ from urllib.parse import urlencode
 from google import genai
 from google.genai import types
 
-from . import http, wire
-from .wire import RemoteJob
+from ..errors import BadReply
+from ..jsonl import parse_json
+from . import http, sdk, wire
+from .engine import RemoteJob
 
 LIST_PAGE_SIZE = 100
 """Jobs fetched per `batches.list` page when looking a job up by display name."""
@@ -45,8 +43,18 @@ def key_fingerprint(api_key: str) -> str:
     return hashlib.sha256(b"gemini-batchd:" + api_key.encode()).hexdigest()[:12]
 
 
-class Backend:
-    """One long-lived `genai.Client` (a collected client closes its connections)."""
+MAX_JOB_BYTES = 2_000_000_000
+"""The File API takes input files of up to 2 GB."""
+
+
+class GeminiEngine:
+    """The `Engine` of the Gemini Developer API: one long-lived `genai.Client` (a collected
+    client closes its connections)."""
+
+    kind = "gemini"
+    inline = True
+    max_job_bytes = MAX_JOB_BYTES
+    max_job_requests: int | None = None
 
     def __init__(
         self,
@@ -59,7 +67,7 @@ class Backend:
         client: genai.Client | None = None,
     ) -> None:
         self.timeout = timeout_seconds
-        self.key_id = key_fingerprint(api_key)
+        self.account = key_fingerprint(api_key)
         self._own_http = None
         if client is None:  # a client given (the library, tests) comes with its own HTTP
             retry = types.HttpRetryOptions(
@@ -78,21 +86,10 @@ class Backend:
             self._own_http = options.httpx_client
             client = genai.Client(api_key=api_key, http_options=options)
         self.client = client
-        self._http = self.client._api_client
-        version = self._http._http_options.api_version or ""
-        self.endpoint = f"{(self._http._http_options.base_url or '').rstrip('/')}/{version}"
-
-    # Creating is not idempotent: a retried create whose first reply was lost makes a second
-    # job. So create is sent once; the caller looks the job up after any doubt.
-    _NO_RETRY = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+        self.endpoint = sdk.endpoint(client)
 
     def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
-        def call() -> Any:
-            options = self._NO_RETRY if once else None
-            response = self._http.request(method, path, body, options)
-            return wire.parse_json(response.body)
-
-        return self._deadline(call)
+        return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
 
     def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
         with http.deadline(self.timeout + size / MIN_TRANSFER_RATE):
@@ -152,12 +149,12 @@ class Backend:
                 config=types.UploadFileConfig(mime_type=BATCH_MIME_TYPE, display_name=display_name),
             )
             if not uploaded.name:
-                raise wire.BadReply("the upload reply names no file")
+                raise BadReply("the upload reply names no file")
             return uploaded.name
 
         return self._deadline(call, path.stat().st_size)
 
-    def find_files(self, display_name: str) -> list[str]:
+    def find_uploads(self, display_name: str) -> list[str]:
         """Uploaded files with this display name (an upload whose reply was lost)."""
 
         def call() -> list[str]:
@@ -171,16 +168,16 @@ class Backend:
 
         return self._deadline(call)
 
-    def download(self, name: str, destination: Path, expected_bytes: int = 0) -> None:
-        """Stream a file (a job's responses) to disk; `expected_bytes` stretches the deadline."""
+    def download(self, results: str, destination: Path, expected_bytes: int = 0) -> None:
+        """Stream a job's responses file (already in the answers format) to disk."""
 
         def call() -> None:
             with destination.open("wb") as handle:
-                self.client.files.download(file=name, destination=handle)
+                self.client.files.download(file=results, destination=handle)
 
         self._deadline(call, expected_bytes)
 
-    def delete_file(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         self._deadline(lambda: self.client.files.delete(name=name))
 
     def close(self) -> None:
@@ -193,7 +190,7 @@ def _inlined(source: Path) -> Iterator[dict[str, Any]]:
     """The inlined requests of a request file: `{"request", "metadata": {"key"}}` each."""
     with source.open("rb") as handle:
         for raw in handle:
-            line = wire.parse_json(raw)  # integers past 64 bits stay exact
+            line = parse_json(raw)  # integers past 64 bits stay exact
             yield {"request": line["request"], "metadata": {"key": line["key"]}}
 
 

@@ -27,14 +27,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .simanswers import (
+from .answers import (
     estimate_tokens,
     pick,
     prompt_text,
     request_error,
     simulate_response,
 )
-from .simwire import (
+from .wire import (
     NO_KEY_MESSAGE,
     ApiError,
     Fault,

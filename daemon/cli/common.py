@@ -1,0 +1,38 @@
+"""What every command shares: its configuration option, its one-line errors, its exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TypeAlias
+
+from ..config import Config, default_config_path, load_config
+from ..errors import BatchdError
+
+EXIT_USAGE = 2
+"""Bad configuration, missing API key, unknown target: the command could not start its work."""
+
+CONFIG_HELP = "configuration file (default: $GEMINI_BATCHD_CONFIG, else ./config.yaml)"
+
+
+class CommandError(BatchdError):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """`-c/--config`, on the command and before it (`gemini-batchd -c FILE status`): the
+    command's own default is SUPPRESS, so it does not overwrite one given before it."""
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+
+
+def load(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The configuration the command names (`-c`, `$GEMINI_BATCHD_CONFIG`, `./config.yaml`)."""
+    given = getattr(args, "config", None)
+    path = default_config_path(given)
+    explicit = bool(given or os.environ.get("GEMINI_BATCHD_CONFIG"))
+    return load_config(path, must_exist=explicit), path
+
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What `add_subparsers` returns: each command adds its own parser to it."""
