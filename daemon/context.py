@@ -19,9 +19,12 @@ from . import jobrecord, logs
 from .api import Engine, RemoteJob
 from .config import Config
 from .errors import CallFailed
-from .failures import Call, Health, RetryPolicy, classify
+from .failures import Call, RetryPolicy, classify
+from .health import Health
 from .inputs import Defaults
 from .jobrecord import JobEntry, JobRecord, isotime
+from .logs import Throttle
+from .metrics import Counters
 from .schedule import Backoff
 from .spool import Spool
 
@@ -99,13 +102,15 @@ class Tracked:
 
 @dataclass
 class Context:
-    """What steps need of the daemon: settings, the API, time, and the API's health."""
+    """What steps need of the daemon: settings, the engine, time, the pause, counts, the log."""
 
     config: Config
     engine: Engine
     poll: Backoff
     policy: RetryPolicy
     health: Health
+    counters: Counters
+    throttle: Throttle
     clock: Callable[[], float]
     wall: Callable[[], datetime] = jobrecord.utcnow
     stopping: Callable[[], bool] = lambda: False
@@ -116,8 +121,10 @@ class Context:
             result = fn(*args, **kwargs)
         except Exception as exc:
             failure = classify(exc, action)
+            self.counters.call(call, failure.kind.value)
             self.health.failed(call, failure)
             raise CallFailed(call, failure) from exc
+        self.counters.call(call, "ok")
         self.health.ok(call)
         return result
 

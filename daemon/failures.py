@@ -4,6 +4,10 @@ The rule: a file gets an error report only when the API has said no (a job FAILE
 or CANCELLED; a create or upload refused as invalid) or its input is invalid. Anything time
 or an operator can fix -- the network, timeouts, 408/429/5xx, replies that cannot be parsed,
 a rejected key, quota and billing -- keeps the file where it is, retried with backoff.
+
+Two questions are answered here, and nowhere else: what a failed call means (`classify`, then
+`RetryPolicy.decide` for the step that made it), and what a job's final state means for its
+file (`job_outcome`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,6 @@ import contextlib
 import importlib
 import json
 import os
-import threading
-import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,6 +23,7 @@ import pydantic
 from google.genai import errors
 
 from . import logs
+from .api.engine import RemoteJob, RemoteState
 from .errors import BadReply
 from .schedule import Backoff
 
@@ -129,10 +130,10 @@ def _api_failure(exc: errors.APIError, action: str) -> Failure:
     reason = _reason(exc.details)
     text = _line(f"{action}: {code} {status or ''} {message}".replace("  ", " "))
     google = status in RPC_STATUSES
-    if code is None or code >= 500 or (code in (408, 429) and "enqueued" not in message.lower()):
-        return Failure(Kind.TRANSIENT, text, code, status, reason)
-    if code == 429:
+    if code == 429 and is_token_quota(message):
         return Failure(Kind.QUOTA, text, code, status, reason)
+    if code is None or code >= 500 or code in (408, 429):
+        return Failure(Kind.TRANSIENT, text, code, status, reason)
     if code == 403 and "may not exist" in message:  # what the API says of an unknown file
         return Failure(Kind.NOT_FOUND, text, code, status, reason)
     if code in (401, 403) or reason in API_KEY_REASONS or status in OPERATOR_STATUSES:
@@ -146,6 +147,42 @@ def _api_failure(exc: errors.APIError, action: str) -> Failure:
     if 400 <= code < 500:
         return Failure(Kind.REFUSED, text, code, status, reason)
     return Failure(Kind.TRANSIENT, text, code, status, reason)
+
+
+def is_token_quota(message: str | None) -> bool:
+    """Whether an error names the enqueued-token quota ("Enqueued token quota exceeded ...")."""
+    text = (message or "").lower()
+    return "enqueued" in text and "token" in text
+
+
+RESOURCE_EXHAUSTED = 8
+"""google.rpc.Code of a quota failure, as an operation's `error.code` carries it."""
+
+
+class Outcome(Enum):
+    """What a job's state means for its file (see `job_outcome`)."""
+
+    RUNNING = "running"  # not over (queued, running, paused, cancelling, unknown): poll again
+    ANSWERED = "answered"  # answers to collect (all of them, or some and errors for the rest)
+    QUOTA = "quota"  # failed for the enqueued-token quota: created again later, with backoff
+    EXPIRED = "expired"  # not done in time: created again while `expired_resubmits` allows
+    FAILED = "failed"  # the engine said no (FAILED, CANCELLED): the file's error report
+
+
+def job_outcome(job: RemoteJob) -> Outcome:
+    """The one place that decides how a job's state ends (or does not end) its part of a file."""
+    state = job.state
+    if not state.ended:
+        return Outcome.RUNNING
+    if state.answered:
+        return Outcome.ANSWERED
+    if state is RemoteState.FAILED and (
+        is_token_quota(job.error_message) or job.error_code == RESOURCE_EXHAUSTED
+    ):
+        return Outcome.QUOTA
+    if state is RemoteState.EXPIRED:
+        return Outcome.EXPIRED
+    return Outcome.FAILED
 
 
 def _reason(details: object) -> str | None:
@@ -215,83 +252,3 @@ class RetryPolicy:
         if kind is Kind.BUG and call is Call.LOCAL and attempt >= MAX_BUG_RETRIES:
             return RetryDecision(Action.GIVE_UP, 0.0, failure)
         return RetryDecision(Action.RETRY, delay, failure)
-
-
-class Health:
-    """The daemon's view of the API: paused or not (and why), and counts of call outcomes.
-
-    Workers report every call here; the supervisor reads it for status, metrics and the pause
-    rule: while the API rejects the key or its permission no new work starts, and one clear
-    error is logged per minute, until any call succeeds.
-    """
-
-    LOG_EVERY = 60.0
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self.paused: str | None = None
-        self.paused_since: float | None = None
-        self.last_ok_wall: float | None = None  # time.time() of the last successful call
-        self.calls: Counter[tuple[str, str]] = Counter()  # (call, outcome) -> count
-        self.quota_refusals = 0
-        self.jobs_ended = 0
-        self._last_pause_log = -1e18
-        self._last_said: dict[str, float] = {}
-
-    def ok(self, call: Call) -> None:
-        with self._lock:
-            self.calls[(call.value, "ok")] += 1
-            self.last_ok_wall = time.time()
-            resumed = self.paused
-            self.paused = self.paused_since = None
-            if resumed:
-                self._last_pause_log = -1e18  # a new pause is news again
-        if resumed:
-            log.warning("resumed: the API accepts calls again", was=resumed)
-
-    def failed(self, call: Call, failure: Failure) -> None:
-        now = self._clock()
-        with self._lock:
-            self.calls[(call.value, failure.kind.value)] += 1
-            if failure.kind is not Kind.AUTH:
-                return
-            if self.paused is None:
-                self.paused_since = now
-            self.paused = f"API key or permission rejected: {failure.message}"
-            due = now - self._last_pause_log >= self.LOG_EVERY
-            if due:
-                self._last_pause_log = now
-        if due:
-            log.error(
-                "paused: the API rejects the key or its permission; no new work starts until "
-                "a call succeeds",
-                reason=failure.message,
-            )
-
-    def call_counts(self) -> dict[tuple[str, str], int]:
-        """A copy of `calls`, taken under the lock the workers update it under."""
-        with self._lock:
-            return dict(self.calls)
-
-    def loud(self, failure: Failure) -> bool:
-        """Whether to log this failure as a warning: always, unless its cause (a folder every
-        file writes to, say) was logged in the last minute."""
-        return failure.cause is None or self.due(failure.cause)
-
-    def due(self, cause: str) -> bool:
-        """Whether `cause` was not logged in the last minute (and counts as logged from now)."""
-        now = self._clock()
-        with self._lock:
-            if now - self._last_said.get(cause, -1e18) < self.LOG_EVERY:
-                return False
-            self._last_said[cause] = now
-        return True
-
-    def job_ended(self) -> None:
-        with self._lock:
-            self.jobs_ended += 1
-
-    def quota_refused(self) -> None:
-        with self._lock:
-            self.quota_refusals += 1

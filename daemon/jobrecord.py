@@ -19,7 +19,11 @@ from typing import Any
 import orjson
 
 from . import atomic
+from .api.engine import RemoteState
 from .errors import InvalidTransition, SidecarError
+
+ANSWERED_STATES = frozenset(state.value for state in RemoteState if state.answered)
+"""Remote job states whose answers are collected, as the sidecar writes them."""
 
 DISPLAY_NAME_MAX = 128
 """Longest display name we send; the API's own limit is not documented, so stay short."""
@@ -154,7 +158,8 @@ class JobEntry:
 
     @property
     def succeeded(self) -> bool:
-        return self.job_state == "JOB_STATE_SUCCEEDED" and self.error is None
+        """The job ended with answers (all of them, or some and errors for the rest)."""
+        return self.job_state in ANSWERED_STATES and self.error is None
 
     def leave_remote(self) -> None:
         """Forget this job's remote objects (after deleting them, or before a resubmit)."""

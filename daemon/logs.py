@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -163,3 +164,23 @@ def configure(
 
 def get(name: str = "gemini-batchd") -> Any:
     return structlog.get_logger(name)
+
+
+class Throttle:
+    """At most one warning a minute per cause: trouble that repeats (a full disk, a removed
+    folder, a file that waits) is said once a minute, not once per file and retry."""
+
+    def __init__(self, clock: Callable[[], float], every: float = 60.0) -> None:
+        self._clock = clock
+        self._every = every
+        self._lock = threading.Lock()
+        self._said: dict[str, float] = {}
+
+    def due(self, cause: str) -> bool:
+        """Whether `cause` was not said in the last minute (and counts as said from now)."""
+        now = self._clock()
+        with self._lock:
+            if now - self._said.get(cause, -1e18) < self._every:
+                return False
+            self._said[cause] = now
+        return True

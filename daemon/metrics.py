@@ -8,12 +8,14 @@ daemon started; Prometheus handles the reset at a restart.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, atomic
-from .failures import Call, Health, Kind
+from .failures import Call, Kind
+from .health import Health
 from .jobrecord import FileState, JobRecord, JobState
 from .records import USAGE_KEYS
 
@@ -53,6 +55,32 @@ class Finished:
         self.tokens.update({k: int(v) for k, v in (record.tokens or {}).items()})
 
 
+class Counters:
+    """What the API did since start, counted as it happens (by the workers, under a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: Counter[tuple[str, str]] = Counter()  # (call, outcome) -> count
+        self.quota_refusals = 0
+        self.jobs_ended = 0
+
+    def call(self, call: Call, outcome: str) -> None:
+        with self._lock:
+            self._calls[(call.value, outcome)] += 1
+
+    def calls(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._calls)
+
+    def job_ended(self) -> None:
+        with self._lock:
+            self.jobs_ended += 1
+
+    def quota_refused(self) -> None:
+        with self._lock:
+            self.quota_refusals += 1
+
+
 @dataclass
 class View:
     """What the metrics are computed from (the supervisor collects it)."""
@@ -60,6 +88,7 @@ class View:
     in_flight: list[JobRecord]  # files this daemon owns now
     finished: Finished  # what it finished since it started
     health: Health
+    counters: Counters
     waiting: int  # inbox files not yet claimed
     ignored: int  # inbox entries the daemon will not take
     started: float  # time.time() at start
@@ -79,7 +108,7 @@ class Family:
 
 def families(view: View) -> list[Family]:
     """Every metric, with HELP and TYPE; names prefixed `gemini_batchd_`."""
-    health = view.health
+    health, counters = view.health, view.counters
     out: list[Family] = []
 
     def family(name: str, kind: str, text: str) -> Family:
@@ -116,16 +145,16 @@ def families(view: View) -> list[Family]:
         used.add(count, kind=kind.removesuffix("_tokens"))
 
     calls = family("api_calls_total", "counter", "Batch API calls by call and outcome.")
-    counted = health.call_counts()
+    counted = counters.calls()
     for call in Call:  # every call with outcome ok, so a rate of zero is visible
         counted.setdefault((call.value, "ok"), 0)
     for (call_name, outcome), count in sorted(counted.items()):
         calls.add(count, call=call_name, outcome=outcome)
     family("quota_refusals_total", "counter", "Creates refused for the enqueued-token quota.").add(
-        health.quota_refusals
+        counters.quota_refusals
     )
     family("jobs_ended_total", "counter", "Batch jobs that reached a final state.").add(
-        health.jobs_ended
+        counters.jobs_ended
     )
 
     steps = [r for r in view.in_flight if r.retries] + [

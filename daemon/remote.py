@@ -15,7 +15,7 @@ from . import answers, logs
 from .api import RemoteJob, RemoteState
 from .context import Context, Tracked
 from .errors import CallFailed, LeftAlone
-from .failures import Call, Failure, Kind
+from .failures import Call, Failure, Kind, Outcome, job_outcome
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState, seconds_since
 
@@ -183,7 +183,8 @@ def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         t.record.key_id = ctx.engine.account  # our key reaches the job: it is ours now
     if remote.progress is not None:
         job.progress = remote.progress.as_dict()
-    if not remote.done:
+    outcome = job_outcome(remote)
+    if outcome is Outcome.RUNNING:
         delay = ctx.poll.delay(job.polls)
         if ctx.health.paused:
             delay = max(delay, ctx.policy.pause_seconds)
@@ -191,30 +192,26 @@ def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         ctx.save(t)
         return delay
     job.ended_at = ctx.stamp()
-    if remote.state is RemoteState.SUCCEEDED:
+    ctx.counters.job_ended()
+    if outcome is Outcome.ANSWERED:
         t.remote[job.index] = remote
         job.results_file = remote.results
         job.move_to(JobState.ENDED)
         ctx.save(t)
-        ctx.health.job_ended()
         return 0.0
     message = remote.error_message or "no message from the API"
     if remote.state is RemoteState.CANCELLED and t.cancel_requested and not remote.error_message:
         message = "cancelled by gemini-batchd cancel"
-    if "enqueued" in message.lower() and "token" in message.lower():
+    if outcome is Outcome.QUOTA:
         requeue(ctx, t, job, message, quota=True)
-        ctx.health.job_ended()
         return None
-    if remote.state is RemoteState.EXPIRED and job.expired_resubmits < ctx.config.expired_resubmits:
+    if outcome is Outcome.EXPIRED and job.expired_resubmits < ctx.config.expired_resubmits:
         log.warning("job expired; resubmitting", file=t.name, job=job.job_name)
         job.expired_resubmits += 1
         requeue(ctx, t, job, message, quota=False)
-        ctx.health.job_ended()
         return None
-    end_job(
-        ctx, t, job, f"the batch job ended {remote.state_name}: {message}", remote.state_name, "job"
-    )
-    ctx.health.job_ended()
+    ending = f"the batch job ended {remote.state_name}: {message}"
+    end_job(ctx, t, job, ending, remote.state_name, "job")
     return 0.0
 
 
@@ -332,7 +329,7 @@ def requeue(ctx: Context, t: Tracked, job: JobEntry, reason: str, *, quota: bool
     if quota:
         job.quota_waits += 1
         job.not_before = ctx.stamp(ctx.policy.backoff.delay(job.quota_waits - 1))
-        ctx.health.quota_refused()
+        ctx.counters.quota_refused()
     job.attempt += 1
     job.move_to(JobState.QUEUED)
     job.last_error = logs.redact(reason)

@@ -24,9 +24,11 @@ from .api import Engine
 from .config import Config
 from .context import Context, Next, Pool, Tracked
 from .errors import CallFailed, ConfigError, LeftAlone
-from .failures import Call, Health, RetryPolicy
+from .failures import Call, RetryPolicy
+from .health import Health
 from .inputs import Defaults
 from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
+from .metrics import Counters
 from .notify import Notifier, SystemdStatus
 from .presence import Presence
 from .schedule import Backoff, Scheduler, Sleeper
@@ -81,6 +83,8 @@ class Service:
         self._rng = rng or random.Random()
         self.scheduler = Scheduler(clock, sleeper)
         self.health = Health(clock)
+        self.counters = Counters()
+        self.throttle = logs.Throttle(clock)
         self.systemd = SystemdStatus(notifier or Notifier())
         self._workers = WORKERS if workers is None else workers
         self._lock = threading.RLock()
@@ -133,6 +137,8 @@ class Service:
             poll=self.poll,
             policy=self.policy,
             health=self.health,
+            counters=self.counters,
+            throttle=self.throttle,
             clock=self.clock,
             wall=self.wall,
             stopping=lambda: self._stop,
@@ -343,6 +349,7 @@ class Service:
             in_flight=in_flight,
             finished=self.finished,
             health=self.health,
+            counters=self.counters,
             waiting=self.watcher.pending,
             ignored=len(self.watcher.ignored),
             started=self._started_wall,
@@ -439,7 +446,7 @@ class Service:
 
     def _say(self, event: str, cause: str, **fields: object) -> None:
         """Log `event` at most once per minute per cause."""
-        if self.health.due(cause):
+        if self.throttle.due(cause):
             log.warning(event, **fields)
 
     # ---- cancel requests -----------------------------------------------------------
@@ -490,7 +497,7 @@ class Service:
         if not self.slots.waiting or self._stop or self.health.paused:
             return
         granted = self.slots.grant(
-            self._file, self.config.limits, self.ctx.wall(), self.health.quota_refusals
+            self._file, self.config.limits, self.ctx.wall(), self.counters.quota_refusals
         )
         for t in granted:
             if not t.busy:

@@ -21,7 +21,7 @@ import structlog  # noqa: E402
 
 from daemon import logs  # noqa: E402
 from daemon.simulator import Simulator  # noqa: E402
-from tests.harness import Spool  # noqa: E402
+from tests.support.harness import Spool  # noqa: E402
 
 TMP_ENV = "GEMINI_BATCHD_TEST_TMP"
 """`disk`: keep pytest's usual temporary folders (kept after the run, for a post-mortem)."""

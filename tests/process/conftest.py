@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.forkserver import Launcher
-from tests.harness import ROOT, Spool
+from tests.support.forkserver import Launcher
+from tests.support.harness import ROOT, Spool
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,8 +21,8 @@ from google import genai
 from google.genai import types
 
 from daemon.simulator import Simulator
-from tests.guarantees import assert_nothing_lost, records, wait_started
-from tests.harness import ROOT, Spool, wait_for
+from tests.support.guarantees import assert_nothing_lost, records, wait_started
+from tests.support.harness import ROOT, Spool, wait_for
 
 
 def clean_env() -> dict[str, str]:

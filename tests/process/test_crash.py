@@ -30,7 +30,7 @@ from daemon import claims
 from daemon.faults import CRASH_ENV, POINTS
 from daemon.simulator import Fault, Simulator
 from daemon.spool import Spool as DaemonSpool
-from tests.guarantees import (
+from tests.support.guarantees import (
     CORPUS,
     assert_no_secret,
     assert_no_stray_traceback,
@@ -43,7 +43,7 @@ from tests.guarantees import (
     wait_killed,
     wait_started,
 )
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
 
 LIMITS: dict[str, Any] = {
     "limits": {"inline_max_bytes": 1000, "max_requests_per_job": 3},

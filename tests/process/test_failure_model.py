@@ -23,7 +23,7 @@ import pytest
 
 from daemon.faults import CRASH_ENV
 from daemon.simulator import Fault, Simulator
-from tests.guarantees import (
+from tests.support.guarantees import (
     NoDacSpool,
     assert_exact_answers,
     assert_no_job_running,
@@ -38,7 +38,8 @@ from tests.guarantees import (
     wait_killed,
     wait_started,
 )
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
+from tests.support.settings import merged
 
 CREATE = ":batchGenerateContent"  # POST models/M:batchGenerateContent
 POLL = "batches/"  # GET batches/ID: a poll, or the GET of a finished inline job
@@ -63,11 +64,7 @@ MakeSpool = Callable[..., Spool]
 
 def settings(**overrides: Any) -> dict[str, Any]:
     """FAST with `overrides`; a section given as a dict overrides single keys of FAST's."""
-    merged = dict(FAST)
-    for key, value in overrides.items():
-        base = merged.get(key)
-        merged[key] = {**base, **value} if isinstance(base, dict) else value
-    return merged
+    return merged(copy.deepcopy(FAST), overrides)
 
 
 @pytest.fixture

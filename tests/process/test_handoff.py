@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.simulator import Simulator
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
 
 UNIT_DIR = Path(__file__).resolve().parent.parent.parent / "systemd"
 PATH_UNIT = UNIT_DIR / "gemini-batchd-consumer.path"

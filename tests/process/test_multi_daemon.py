@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from daemon.simulator import Simulator
-from tests.guarantees import (
+from tests.support.guarantees import (
     assert_no_secret,
     assert_no_stray_traceback,
     assert_nothing_lost,
@@ -18,7 +18,7 @@ from tests.guarantees import (
     records,
     wait_started,
 )
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
 
 
 def _lines(i: int) -> list[object]:

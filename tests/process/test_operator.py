@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.guarantees import (
+from tests.support.guarantees import (
     CONTRACT_DAEMON_FIELDS,
     CONTRACT_ROW_FIELDS,
     CONTRACT_TOTALS,
     wait_started,
 )
-from tests.harness import TEST_API_KEY, Spool, wait_for
+from tests.support.harness import TEST_API_KEY, Spool, wait_for
 
 QUICK_RETRIES = {"backoff_initial_seconds": 0.1, "backoff_max_seconds": 0.5}
 """A paused daemon tries again this soon (else once a minute)."""

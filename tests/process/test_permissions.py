@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.simulator import Simulator
-from tests.guarantees import (
+from tests.support.guarantees import (
     NoDacSpool,
     assert_nothing_lost,
     can_drop_caps,
@@ -23,7 +23,7 @@ from tests.guarantees import (
     state_of,
     wait_started,
 )
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() == 0 and not can_drop_caps(), reason="as root, needs setpriv to drop DAC caps"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from daemon.simulator import Simulator
-from tests.harness import Spool, wait_for
+from tests.support.harness import Spool, wait_for
 
 WATCHDOG_USEC = 600_000
 """systemd kills a service that stays silent this long; the daemon pings every half of it."""

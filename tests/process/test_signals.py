@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Fault, Simulator
-from tests.guarantees import (
+from tests.support.guarantees import (
     assert_no_stray_traceback,
     assert_nothing_lost,
     records,
     sigterm_and_wait,
     state_of,
 )
-from tests.harness import Process, Spool, wait_for
+from tests.support.harness import Process, Spool, wait_for
 
 
 def events(spool: Spool, name: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.support.harness import ROOT
 
 UNIT_DIR = ROOT / "systemd"
 PLAIN = UNIT_DIR / "gemini-batchd.service"

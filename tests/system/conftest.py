@@ -11,7 +11,7 @@ import structlog
 
 from daemon.simulator import Simulator
 from tests.conftest import stop_soon
-from tests.inprocess import Daemon, WallClock
+from tests.support.inprocess import Daemon, WallClock
 
 
 @pytest.fixture

@@ -13,16 +13,16 @@ import pytest
 
 from daemon import cli
 from daemon.simulator import Fault, Simulator
-from tests.guarantees import left_in_processing
-from tests.harness import TEST_API_KEY
-from tests.inprocess import Daemon
+from tests.support.guarantees import left_in_processing
+from tests.support.harness import TEST_API_KEY
+from tests.support.inprocess import Daemon
 
 MakeDaemon = Any
 
 
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The key `cancel` calls the API with (the daemon's own comes from tests.inprocess)."""
+    """The key `cancel` calls the API with (the daemon's own comes from tests.support.inprocess)."""
     for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BATCHD_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GEMINI_API_KEY", TEST_API_KEY)

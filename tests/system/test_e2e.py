@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from daemon.simulator import Simulator
-from tests.guarantees import left_in_processing
-from tests.harness import CONTRACT_SIDECAR_FIELDS, TEST_API_KEY
-from tests.inprocess import Daemon
+from tests.support.guarantees import left_in_processing
+from tests.support.harness import CONTRACT_SIDECAR_FIELDS, TEST_API_KEY
+from tests.support.inprocess import Daemon
 
 MODEL_VERSION = "gemini-2.5-flash-sim-001"
 MakeDaemon = Any

@@ -16,9 +16,9 @@ import pytest
 
 from daemon import publish
 from daemon.simulator import Fault, Simulator
-from tests.guarantees import left_in_processing
-from tests.harness import TEST_API_KEY
-from tests.inprocess import Daemon
+from tests.support.guarantees import left_in_processing
+from tests.support.harness import TEST_API_KEY
+from tests.support.inprocess import Daemon
 
 LINES = ["one", ["two", "parts"], {"key": "three", "prompt": "three"}]
 CREATE = ":batchGenerateContent"
@@ -283,7 +283,7 @@ def test_the_token_quota_makes_a_job_wait_not_fail(
     daemon.run_all()
     for name in ("a.jsonl", "b.jsonl"):
         assert [r["status"] for r in daemon.results(name)] == ["ok"] * 3
-    assert daemon.service.health.quota_refusals >= 1
+    assert daemon.service.counters.quota_refusals >= 1
     assert len(sim.jobs) == (2 if mode == "refuse" else 3)  # a failed job stays listed
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.guarantees import left_in_processing
-from tests.harness import TEST_API_KEY
-from tests.inprocess import Daemon
+from tests.support.guarantees import left_in_processing
+from tests.support.harness import TEST_API_KEY
+from tests.support.inprocess import Daemon
 
 MAX_FILE_BYTES = 12_000_000
 TEN_MB = 10 * 1024 * 1024

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.inprocess import Daemon
+from tests.support.inprocess import Daemon
 
 INLINE_MAX = 2000
 MakeDaemon = Any

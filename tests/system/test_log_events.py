@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.harness import TEST_API_KEY
+from tests.support.harness import TEST_API_KEY
 
 MakeDaemon = Any
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.inprocess import WallClock
+from tests.support.inprocess import WallClock
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from daemon import claims, publish
-from tests.guarantees import left_in_processing
+from tests.support.guarantees import left_in_processing
 
 MakeDaemon = Any
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from daemon.simulator import Simulator
-from tests.guarantees import CONTRACT_REPORT_FIELDS
-from tests.inprocess import Daemon
+from tests.support.guarantees import CONTRACT_REPORT_FIELDS
+from tests.support.inprocess import Daemon
 
 
 def check(daemon: Daemon, name: str, stage: str) -> dict[str, Any]:

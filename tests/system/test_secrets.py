@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from daemon.simulator import Fault, Simulator
-from tests.harness import TEST_API_KEY
-from tests.inprocess import Daemon
+from tests.support.harness import TEST_API_KEY
+from tests.support.inprocess import Daemon
 
 LEAKY = f"the request carried {TEST_API_KEY}, which is refused"
 CREATE = ":batchGenerateContent"

@@ -11,8 +11,8 @@ from daemon import presence
 from daemon.cli import status
 from daemon.simulator import Simulator
 from daemon.spool import Spool
-from tests.guarantees import CONTRACT_ROW_FIELDS
-from tests.inprocess import Daemon, WallClock
+from tests.support.guarantees import CONTRACT_ROW_FIELDS
+from tests.support.inprocess import Daemon, WallClock
 
 """Every field of a `status --json` file row in the contract's example."""
 

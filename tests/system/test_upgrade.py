@@ -10,7 +10,7 @@ from daemon.api.gemini import GeminiEngine
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import request_line
 from daemon.simulator import Simulator
-from tests.harness import TEST_API_KEY
+from tests.support.harness import TEST_API_KEY
 
 
 def _old_sidecar(state: str, **fields: Any) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.simulator import Simulator
-from tests.harness import FakeClock
+from tests.support.harness import FakeClock
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from daemon import answers
 from daemon.answers import Entry
-from tests import recorded
+from tests.support import recorded
 
 # ---- entries -------------------------------------------------------------------------------------
 

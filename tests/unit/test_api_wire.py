@@ -9,7 +9,7 @@ import pytest
 
 from daemon.api import Progress, RemoteJob, RemoteState, wire
 from daemon.errors import BadReply
-from tests import recorded
+from tests.support import recorded
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon import atomic
-from tests.harness import ROOT
+from tests.support.harness import ROOT
 
 
 def mode(path: Path) -> int:

@@ -22,7 +22,7 @@ from daemon.config import (
     raise_problems,
     resolve_api_key,
 )
-from tests.harness import ROOT
+from tests.support.harness import ROOT
 
 CONTRACT_DEFAULTS = {
     "model": "gemini-2.5-flash",

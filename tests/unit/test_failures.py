@@ -1,6 +1,6 @@
 """daemon.failures: every exception is classified once (real errors from the SDK talking to the
 simulator where the simulator can make them), and the retry policy says what each kind means
-for each call; Health keeps the pause state."""
+for each call; `job_outcome` says what a job's final state means for its file."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from google.genai import errors
 
 from daemon import logs
-from daemon.api import http
+from daemon.api import RemoteJob, RemoteState, http
 from daemon.api.gemini import GeminiEngine
 from daemon.errors import BadReply
 from daemon.failures import (
@@ -24,16 +24,16 @@ from daemon.failures import (
     Action,
     Call,
     Failure,
-    Health,
     Kind,
+    Outcome,
     RetryPolicy,
     classify,
+    job_outcome,
 )
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import request_line
 from daemon.schedule import Backoff
 from daemon.simulator import Fault, Simulator
-from tests.harness import FakeClock
 
 KEY = "AIzaTEST-failures-0123456789abcdef"
 
@@ -317,34 +317,48 @@ def test_a_bug_in_local_work_gives_up_after_a_few_tries() -> None:
     assert decide(Kind.BUG, Call.POLL, 100)[0] is Action.RETRY  # a job exists: never given up
 
 
-# ---- Health: pause state and call counts -------------------------------------------------------
+# ---- job_outcome: what a job's state means for its file ----------------------------------------
 
 
-def test_health_pauses_on_auth_and_resumes_on_any_success() -> None:
-    clock = FakeClock()
-    health = Health(clock)
-    health.failed(Call.POLL, Failure(Kind.TRANSIENT, "slow"))
-    assert health.paused is None
-    health.failed(Call.CREATE, Failure(Kind.AUTH, "create: 400 API key not valid"))
-    assert health.paused is not None and "API key not valid" in health.paused
-    assert health.paused_since == clock.now
-    clock.advance(5)
-    health.failed(Call.PROBE, Failure(Kind.AUTH, "probe: 403"))
-    assert health.paused_since == clock.now - 5  # still the start of the pause
-    health.ok(Call.PROBE)
-    assert health.paused is None and health.paused_since is None
-    assert health.last_ok_wall is not None
-    assert health.calls == {
-        ("poll", "transient"): 1,
-        ("create", "auth"): 1,
-        ("probe", "auth"): 1,
-        ("probe", "ok"): 1,
-    }
+def job(state: str, code: int | None = None, message: str | None = None) -> RemoteJob:
+    parsed, name = RemoteState.parse(state)
+    return RemoteJob("batches/x", parsed, name, error_code=code, error_message=message)
 
 
-def test_health_counts_ended_jobs_and_quota_refusals() -> None:
-    health = Health(FakeClock())
-    health.job_ended()
-    health.job_ended()
-    health.quota_refused()
-    assert (health.jobs_ended, health.quota_refusals) == (2, 1)
+@pytest.mark.parametrize(
+    ("state", "outcome"),
+    [
+        ("JOB_STATE_QUEUED", Outcome.RUNNING),
+        ("BATCH_STATE_PENDING", Outcome.RUNNING),
+        ("JOB_STATE_RUNNING", Outcome.RUNNING),
+        ("JOB_STATE_UPDATING", Outcome.RUNNING),
+        ("JOB_STATE_PAUSED", Outcome.RUNNING),
+        ("JOB_STATE_CANCELLING", Outcome.RUNNING),
+        ("JOB_STATE_SOMETHING_NEW", Outcome.RUNNING),
+        ("", Outcome.RUNNING),
+        ("BATCH_STATE_SUCCEEDED", Outcome.ANSWERED),
+        ("JOB_STATE_PARTIALLY_SUCCEEDED", Outcome.ANSWERED),
+        ("BATCH_STATE_FAILED", Outcome.FAILED),
+        ("JOB_STATE_CANCELLED", Outcome.FAILED),
+        ("BATCH_STATE_EXPIRED", Outcome.EXPIRED),
+    ],
+)
+def test_every_state_has_an_outcome(state: str, outcome: Outcome) -> None:
+    assert job_outcome(job(state)) is outcome
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (8, "Enqueued token quota exceeded for this model."),  # as the live service sends it
+        (None, "Enqueued token quota exceeded for model gemini-2.5-flash: ..."),
+        (8, None),  # RESOURCE_EXHAUSTED alone
+    ],
+)
+def test_a_job_failed_for_the_token_quota_is_quota(code: int | None, message: str | None) -> None:
+    assert job_outcome(job("BATCH_STATE_FAILED", code, message)) is Outcome.QUOTA
+
+
+def test_other_failed_jobs_fail() -> None:
+    assert job_outcome(job("BATCH_STATE_FAILED", 13, "internal")) is Outcome.FAILED
+    assert job_outcome(job("BATCH_STATE_EXPIRED", 8, "Enqueued token")) is Outcome.EXPIRED

@@ -21,7 +21,7 @@ from daemon.inputs import Defaults, Request, prompt_request
 from daemon.plan import request_line
 from daemon.schedule import Backoff
 from daemon.simulator import Fault, Simulator
-from tests.harness import FakeClock
+from tests.support.harness import FakeClock
 
 MODEL = "gemini-2.5-flash"
 DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.3, thinking_budget=0)

@@ -25,7 +25,7 @@ from daemon.inputs import (
     read_requests,
     scan_file,
 )
-from tests.harness import write_jsonl
+from tests.support.harness import write_jsonl
 
 DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.2, thinking_budget=24576)
 

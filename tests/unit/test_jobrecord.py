@@ -28,7 +28,7 @@ from daemon.jobrecord import (
     save,
     seconds_since,
 )
-from tests.harness import CONTRACT_SIDECAR_FIELDS
+from tests.support.harness import CONTRACT_SIDECAR_FIELDS
 
 F = FileState
 IN_FLIGHT = (F.QUEUED, F.UPLOADING, F.SUBMITTING, F.RUNNING)

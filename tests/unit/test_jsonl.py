@@ -9,7 +9,7 @@ import pytest
 
 from daemon import jsonl
 from daemon.errors import BadReply
-from tests import recorded
+from tests.support import recorded
 
 # ---- parse_json ----------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from daemon.api.gemini import GeminiEngine
 from daemon.llm import GeminiLLM, LLMProviderError, LLMService, sdk_response
 from daemon.simulator import Simulator
 from daemon.simulator import server as simulator
-from tests import recorded
-from tests.harness import FakeClock
+from tests.support import recorded
+from tests.support.harness import FakeClock
 
 JSON_CONFIG = "[[sim:fenced]]"  # the simulator answers with fenced, trailing-comma JSON
 

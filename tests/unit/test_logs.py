@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from daemon import logs
-from tests.harness import TEST_API_KEY
+from tests.support.harness import TEST_API_KEY, FakeClock
 
 
 @pytest.fixture(autouse=True)
@@ -301,3 +301,15 @@ def test_logged_exception_text_is_redacted() -> None:
     assert "unexpected error" in text and "library failure" in text
     assert "RuntimeError" in text
     assert TEST_API_KEY not in text
+
+
+def test_throttle_says_each_cause_once_a_minute() -> None:
+    clock = FakeClock()
+    throttle = logs.Throttle(clock)
+    assert throttle.due("disk full in /spool") is True
+    assert throttle.due("disk full in /spool") is False
+    assert throttle.due("another cause") is True
+    clock.advance(59.9)
+    assert throttle.due("disk full in /spool") is False
+    clock.advance(0.1)
+    assert throttle.due("disk full in /spool") is True

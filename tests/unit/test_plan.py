@@ -12,7 +12,7 @@ import pytest
 
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import IndexEntry, JobLimits, Plan, dumps, read_index, request_line, write_plan
-from tests.harness import write_jsonl
+from tests.support.harness import write_jsonl
 
 DEFAULTS = Defaults()
 UNLIMITED = JobLimits(2**40, None, None)

@@ -22,7 +22,7 @@ from daemon.jobrecord import JobRecord
 from daemon.plan import JobLimits, dumps, write_plan
 from daemon.publish import write_report
 from daemon.records import Tally, answer_text
-from tests.guarantees import CONTRACT_REPORT_FIELDS
+from tests.support.guarantees import CONTRACT_REPORT_FIELDS
 
 DEFAULTS = Defaults()
 NO_LIMITS = JobLimits(2**40, None, None)

@@ -12,7 +12,7 @@ from daemon import answers, jsonl, records
 from daemon.answers import Entry
 from daemon.api import wire
 from daemon.records import Tally, is_retryable, parse_json_text, record_for
-from tests import recorded
+from tests.support import recorded
 
 ZERO_USAGE = dict.fromkeys(records.USAGE_KEYS, 0)
 

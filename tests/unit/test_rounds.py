@@ -17,13 +17,16 @@ from daemon import jobrecord, rounds
 from daemon.api.gemini import GeminiEngine
 from daemon.config import Config
 from daemon.context import Context, Tracked
-from daemon.failures import Health, RetryPolicy
+from daemon.failures import RetryPolicy
+from daemon.health import Health
 from daemon.inputs import Defaults, estimate_tokens, prompt_chars, prompt_request
 from daemon.jobrecord import FileState, JobEntry, JobRecord, JobState
+from daemon.logs import Throttle
+from daemon.metrics import Counters
 from daemon.plan import dumps, request_line
 from daemon.schedule import Backoff
 from daemon.spool import Spool
-from tests.harness import FakeClock
+from tests.support.harness import FakeClock
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -39,6 +42,8 @@ def make_context(tmp_path: Path, **settings: Any) -> Context:
         poll=Backoff(1, 10, 2, 0),
         policy=RetryPolicy(Backoff(5, 300, 2, 0)),
         health=Health(clock),
+        counters=Counters(),
+        throttle=Throttle(clock),
         clock=clock,
         wall=lambda: NOW,
     )

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.config import PollSettings
 from daemon.schedule import Backoff, Scheduler, Wakeup
-from tests.harness import FakeClock
+from tests.support.harness import FakeClock
 
 
 class FakeSleeper:

@@ -26,7 +26,7 @@ from daemon import cli
 from daemon.simulator import Fault, Simulator
 from daemon.simulator import cli as simulator_cli
 from tests.conftest import stop_soon
-from tests.harness import ROOT, FakeClock
+from tests.support.harness import ROOT, FakeClock
 
 MODEL = "gemini-2.5-flash"
 

@@ -16,7 +16,7 @@ import pytest
 
 from daemon.spool import is_candidate, name_too_long
 from daemon.watcher import InboxWatcher, open_for_writing
-from tests.harness import FakeClock, wait_for
+from tests.support.harness import FakeClock, wait_for
 
 SETTLE = 2.0
 HOUR_NS = 3600 * 10**9

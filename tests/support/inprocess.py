@@ -24,7 +24,8 @@ from daemon.jobrecord import FileState
 from daemon.service import Service
 from daemon.simulator import Simulator
 from daemon.watcher import InboxWatcher
-from tests.harness import TEST_API_KEY, FakeClock, Spool, merged
+from tests.support.harness import TEST_API_KEY, FakeClock, Spool
+from tests.support.settings import STEPPED, test_config
 
 EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -34,25 +35,6 @@ class WallClock(FakeClock):
 
     def wall(self) -> datetime:
         return EPOCH + timedelta(seconds=self.now)
-
-
-def in_process_config(base_url: str, **overrides: Any) -> dict[str, Any]:
-    """Fast, deterministic settings: no jitter, small backoffs, a short lookup grace."""
-    config: dict[str, Any] = {
-        "inbox_settle_seconds": 0,
-        "inbox_rescan_seconds": 3600,
-        "log_level": "debug",
-        "api": {
-            "base_url": base_url,
-            "retries": 1,
-            "timeout_seconds": 10,
-            "lookup_grace_seconds": 60,
-            "backoff_initial_seconds": 1,
-            "backoff_max_seconds": 30,
-        },
-        "poll": {"initial_seconds": 1, "max_seconds": 30, "multiplier": 2.0, "jitter": 0.0},
-    }
-    return merged(config, overrides)
 
 
 class QuietWatcher(InboxWatcher):
@@ -84,7 +66,9 @@ class Daemon:
         self.sim = sim
         self.clock = clock
         self.folder = Spool(root, sim)
-        self.folder.config_path.write_text(json.dumps(in_process_config(sim.base_url, **overrides)))
+        self.folder.config_path.write_text(
+            json.dumps(test_config(sim.base_url, STEPPED, **overrides))
+        )
         self.config: Config = load_config(self.folder.config_path)
         self.log = io.StringIO()
         logs.configure(self.config.log_level, stream=self.log)

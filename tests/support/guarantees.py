@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.simulator import ACTIVE_STATES, Simulator
-from tests.harness import TEST_API_KEY, Process, Spool, wait_for
+from tests.support.harness import TEST_API_KEY, Process, Spool, wait_for
 
 OUTBOX_SUFFIXES = (".error.json", ".jsonl")
 

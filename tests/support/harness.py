@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 
 from daemon.simulator import Simulator
-from tests.forkserver import Forked, Launcher
+from tests.support.forkserver import Forked, Launcher
+from tests.support.settings import REAL_TIME, test_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 Process = subprocess.Popen[bytes] | Forked
 """A daemon process the tests started: its pid, poll, wait, send_signal, kill, returncode."""
 
@@ -71,35 +72,6 @@ def write_jsonl(path: Path, lines: Iterable[Any]) -> Path:
     return path
 
 
-def fast_config(base_url: str, **overrides: Any) -> dict[str, Any]:
-    """A configuration that polls, settles, backs off and looks jobs up in fractions of a second."""
-    config: dict[str, Any] = {
-        "inbox_settle_seconds": 0.3,
-        "inbox_rescan_seconds": 1,
-        "log_level": "debug",
-        "api": {
-            "base_url": base_url,
-            "retries": 1,
-            "timeout_seconds": 10,
-            "lookup_grace_seconds": 1,
-            "backoff_initial_seconds": 0.05,
-            "backoff_max_seconds": 0.5,
-        },
-        "poll": {"initial_seconds": 0.05, "max_seconds": 0.3, "multiplier": 2.0, "jitter": 0.0},
-    }
-    return merged(config, overrides)
-
-
-def merged(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`config` with `overrides`; a section given as a dict is merged key by key."""
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -130,7 +102,9 @@ class Spool:
         self.configure(**overrides)
 
     def configure(self, **overrides: Any) -> None:
-        self.config_path.write_text(yaml.safe_dump(fast_config(self.sim.base_url, **overrides)))
+        self.config_path.write_text(
+            yaml.safe_dump(test_config(self.sim.base_url, REAL_TIME, **overrides))
+        )
 
     # ---- processes --------------------------------------------------------------
 
@@ -152,7 +126,7 @@ class Spool:
     def start(self, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start `gemini-batchd run -c config.yaml ARGS` in the background; stderr goes to a log
         file. Forked from the test session's fork server where there is one (see
-        tests/forkserver.py), else `python -m daemon`."""
+        tests/support/forkserver.py), else `python -m daemon`."""
         log_path = self.root / f"daemon-{len(self.log_paths)}.log"
         self.log_paths.append(log_path)
         argv = ["run", "-c", str(self.config_path), *args]

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PAYLOADS = Path(__file__).resolve().parent / "payloads"
+PAYLOADS = Path(__file__).resolve().parents[1] / "payloads"
 
 RESPONSES = sorted(p.stem for p in PAYLOADS.glob("resp_*.json"))
 OPERATIONS = sorted(p.stem for p in PAYLOADS.glob("op_*.json"))

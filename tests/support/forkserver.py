@@ -1,7 +1,7 @@
 """Start daemon processes a second faster: fork them from a process that has the libraries loaded.
 
 Importing google-genai, pydantic and httpx takes about a second of CPU, and the process tests
-start a hundred daemons. The fork server (`python -m tests.forkserver`) imports those libraries
+start a hundred daemons. The fork server (`python -m tests.support.forkserver`) imports those libraries
 once -- none of the daemon's own modules, whose module-level state must be fresh -- and forks
 a child per request that runs `gemini-batchd ARGS` (daemon.cli.main) in the requested folder
 with the requested environment and its output in the requested log file: a real process,
@@ -170,7 +170,7 @@ class Launcher:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.forkserver"],
+            [sys.executable, "-m", "tests.support.forkserver"],
             cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)},
             stdin=subprocess.PIPE,
