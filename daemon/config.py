@@ -94,10 +94,6 @@ class Limits(_Section):
     max_requests_per_job: int | None = Field(default=None, ge=1)
     max_enqueued_tokens: int | None = Field(default=None, ge=1)
 
-    def inline(self, payload_bytes: int, requests: int) -> bool:
-        """Whether a job of this size goes inline (else through the File API)."""
-        return payload_bytes <= self.inline_max_bytes and requests <= self.inline_max_requests
-
 
 class ModelPrice(_Section):
     """USD per million tokens of one model at the standard (interactive) price."""

@@ -20,7 +20,7 @@ import orjson
 from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
-from .config import Config, Limits
+from .config import Config
 from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
@@ -172,11 +172,6 @@ class Scan:
     def estimated_tokens(self) -> int:
         """Input tokens of the valid requests, estimated (see CHARS_PER_TOKEN)."""
         return estimate_tokens(self.prompt_chars)
-
-    def mode(self, limits: Limits) -> str:
-        """`inline` when the requests are few enough for one create call and one reply, else
-        `file` (the File API)."""
-        return "inline" if limits.inline(self.payload_bytes, self.requests) else "file"
 
     def summary(self) -> str:
         if self.error_count:

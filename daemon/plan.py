@@ -20,23 +20,39 @@ from typing import IO, Any, NamedTuple, Protocol
 
 import orjson
 
+from .api.engine import EngineLimits
 from .config import Limits
 from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
 
 
 @dataclass(frozen=True)
 class JobLimits:
-    """Where a file is cut into parts."""
+    """Where a file is cut into parts, and which jobs go inline."""
 
     max_job_bytes: int
     max_requests_per_job: int | None
     max_job_tokens: int | None
+    inline_max_bytes: int = 0  # 0: the engine takes no inline jobs
+    inline_max_requests: int = 0
 
     @classmethod
-    def of(cls, limits: Limits) -> JobLimits:
+    def of(cls, limits: Limits, engine: EngineLimits) -> JobLimits:
         """The configured limits (`limits.max_job_bytes`, `max_requests_per_job`,
-        `max_enqueued_tokens`)."""
-        return cls(limits.max_job_bytes, limits.max_requests_per_job, limits.max_enqueued_tokens)
+        `max_enqueued_tokens`, `inline_max_*`) within the engine's own."""
+        requests = [n for n in (limits.max_requests_per_job, engine.max_job_requests) if n]
+        return cls(
+            min(limits.max_job_bytes, engine.max_job_bytes),
+            min(requests) if requests else None,
+            limits.max_enqueued_tokens,
+            limits.inline_max_bytes if engine.inline else 0,
+            limits.inline_max_requests if engine.inline else 0,
+        )
+
+    def mode(self, payload_bytes: int, requests: int) -> str:
+        """`inline` when a job's requests are few enough for one create call and one reply,
+        else `file` (uploaded first)."""
+        inline = payload_bytes <= self.inline_max_bytes and requests <= self.inline_max_requests
+        return "inline" if inline else "file"
 
 
 class Filling(Protocol):

@@ -55,7 +55,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
         added: list[JobEntry] = []
         out = None
         next_index = max(j.index for j in record.jobs) + 1
-        limits = plan.JobLimits.of(ctx.config.limits)
+        limits = plan.JobLimits.of(ctx.config.limits, ctx.engine.limits)
         try:
             for job in jobs:
                 with t.job_file(job, "req").open("rb") as source:
@@ -91,7 +91,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
         final.close()
     delay = ctx.policy.backoff.delay(current - 1)
     for job in added:
-        job.mode = "inline" if ctx.config.limits.inline(job.bytes, job.requests) else "file"
+        job.mode = limits.mode(job.bytes, job.requests)
         job.not_before = ctx.stamp(delay)
     record.jobs.extend(added)
     ctx.save(t)

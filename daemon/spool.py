@@ -43,6 +43,15 @@ SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 """The daemon's own folders in the inbox: never inputs, never listed as ignored."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def printable(name: str) -> str:
+    """`name` safe to print on a terminal: control characters (ESC, newlines...) and bytes that
+    were not UTF-8 (kept as surrogates by the file system encoding) as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", name)
+
+
 def is_candidate(name: str) -> bool:
     """Whether the daemon takes an inbox entry of this name (see `why_ignored`)."""
     return why_ignored(name) is None

@@ -64,7 +64,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             f"{t.name} is {st.st_size} bytes, over limits.max_file_bytes "
             f"({config.limits.max_file_bytes})",
         )
-    limits = plan.JobLimits.of(config.limits)
+    limits = plan.JobLimits.of(config.limits, ctx.engine.limits)
     skip = config.on_invalid_line == "skip_line"
     started = time.thread_time()
     try:
@@ -103,7 +103,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             requests=job.requests,
             bytes=job.bytes,
             tokens=job.tokens,
-            mode=scan.mode(config.limits),
+            mode=limits.mode(scan.payload_bytes, scan.requests),
         )
         for job in found.jobs
     ]

@@ -7,9 +7,24 @@ deadline-bounded HTTP client the engines use (`http`) and the SDK's private part
 from __future__ import annotations
 
 from ..config import Config
-from .engine import Engine, Progress, RemoteJob, RemoteState
+from .engine import Engine, EngineLimits, Progress, RemoteJob, RemoteState
 
-__all__ = ["Engine", "Progress", "RemoteJob", "RemoteState", "connect"]
+__all__ = [
+    "Engine",
+    "EngineLimits",
+    "Progress",
+    "RemoteJob",
+    "RemoteState",
+    "connect",
+    "engine_class",
+]
+
+
+def engine_class(config: Config) -> type[Engine]:
+    """The class of the engine the configuration names: its limits, before any credential."""
+    from .gemini import GeminiEngine
+
+    return GeminiEngine
 
 
 def connect(config: Config, api_key: str, *, base_url: str | None = None) -> Engine:

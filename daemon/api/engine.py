@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class RemoteState(str, Enum):
@@ -115,6 +115,15 @@ class RemoteJob:
         return self.state.ended
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What a service takes in one job."""
+
+    inline: bool  # requests in the create call (else every job's requests are uploaded first)
+    max_job_bytes: int
+    max_job_requests: int | None = None
+
+
 class Engine(Protocol):
     """A batch service: jobs made from request files, and their answers.
 
@@ -124,12 +133,15 @@ class Engine(Protocol):
     shapes: a malformed one is a `BadReply`, never a name to call.
     """
 
-    kind: str  # what `backend:` calls it
+    kind: ClassVar[str]  # what `backend:` calls it
+    limits: ClassVar[EngineLimits]
     endpoint: str  # where its jobs live; a file's jobs at another endpoint are not ours to poll
     account: str  # a fingerprint of the credential the jobs belong to (never the credential)
-    inline: bool  # whether it takes requests in the create call (else every job is uploaded)
-    max_job_bytes: int  # the service's own limits of one job's input
-    max_job_requests: int | None
+
+    @staticmethod
+    def is_job_name(name: str) -> bool:
+        """Whether `name` has the documented shape of this service's job names."""
+        ...
 
     def create_job(
         self, model: str, display_name: str, source: Path | str, *, inline: bool

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
 from google import genai
@@ -21,7 +21,7 @@ from google.genai import types
 from ..errors import BadReply
 from ..jsonl import parse_json
 from . import http, sdk, wire
-from .engine import RemoteJob
+from .engine import EngineLimits, RemoteJob
 
 LIST_PAGE_SIZE = 100
 """Jobs fetched per `batches.list` page when looking a job up by display name."""
@@ -51,10 +51,8 @@ class GeminiEngine:
     """The `Engine` of the Gemini Developer API: one long-lived `genai.Client` (a collected
     client closes its connections)."""
 
-    kind = "gemini"
-    inline = True
-    max_job_bytes = MAX_JOB_BYTES
-    max_job_requests: int | None = None
+    kind: ClassVar[str] = "gemini"
+    limits: ClassVar[EngineLimits] = EngineLimits(inline=True, max_job_bytes=MAX_JOB_BYTES)
 
     def __init__(
         self,
@@ -94,6 +92,10 @@ class GeminiEngine:
     def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
         with http.deadline(self.timeout + size / MIN_TRANSFER_RATE):
             return call()
+
+    @staticmethod
+    def is_job_name(name: str) -> bool:
+        return wire.JOB_NAME.fullmatch(name) is not None
 
     def create_job(
         self, model: str, display_name: str, source: str | Path, *, inline: bool

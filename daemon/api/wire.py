@@ -7,12 +7,19 @@ at all (not an object, no job name) raises `BadReply`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import BadReply
 from ..jsonl import count, int_or_none, json_type, mapping, pick, str_or_none
 from .engine import Progress, RemoteJob, RemoteState
+
+JOB_NAME = re.compile(r"batches/[A-Za-z0-9_-]{1,128}")
+"""A batch job's name, as the API documents it."""
+
+FILE_NAME = re.compile(r"files/[a-z0-9-]{1,128}")
+"""A file's name (an upload, a job's responses file), as the API documents it."""
 
 
 def parse_progress(stats: Any) -> Progress | None:

@@ -18,7 +18,7 @@ from ..config import Config, resolve_api_key
 from ..errors import SidecarError
 from ..jobrecord import FileState, JobRecord, JobState
 from ..presence import read_daemons
-from ..spool import SIDECAR_SUFFIX, Spool, is_candidate, name_too_long, why_ignored
+from ..spool import SIDECAR_SUFFIX, Spool, is_candidate, name_too_long, printable, why_ignored
 from . import status
 from .common import CommandError, Subcommands, add_config_option, load
 
@@ -102,7 +102,9 @@ def add_cancel_parser(sub: Subcommands) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Report what the daemon would do with each file, under this configuration."""
-    from ..inputs import Defaults, scan_file  # imports google-genai: not needed by `status`
+    from ..api import engine_class  # imports google-genai: not needed by `status`
+    from ..inputs import Defaults, scan_file
+    from ..plan import JobLimits
 
     config, _ = load(args)
     defaults = Defaults.from_config(config)
@@ -125,7 +127,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             invalid += 1
             continue
         scan = scan_file(path, defaults)
-        mode = {"file": "File API", "inline": "inline"}[scan.mode(config.limits)]
+        limits = JobLimits.of(config.limits, engine_class(config).limits)
+        mode = {"file": "File API", "inline": "inline"}[
+            limits.mode(scan.payload_bytes, scan.requests)
+        ]
         if scan.requests and (skip_lines or not scan.error_count):
             skipped = f", {scan.error_count} line(s) would be skipped" if scan.error_count else ""
             estimate = _input_estimate(config, scan.estimated_tokens)
@@ -460,59 +465,71 @@ def retry_input(spool: Spool, source: Path) -> Path:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """A file's jobs are cancelled by the daemon that owns the file (whatever its engine and
+    credential): the command leaves a cancel request in the spool. Only a job no file in the
+    spool names is cancelled here, at the API, with this configuration's credential."""
     config, _ = load(args)
     target: str = args.target
-    record, sidecar = _find_record(config, target)
-    if record is not None:
-        job_names = [
-            j.job_name
-            for j in record.jobs
-            if j.job_name and j.state in (JobState.SUBMITTING, JobState.RUNNING)
-        ]
+    spool = Spool(config.inbox, config.outbox)
+    record = _find_record(spool, target)
+    if record is None:
+        return _cancel_orphan(config, target)
+    marker = spool.cancel_marker(record.input)
+    marker.parent.mkdir(exist_ok=True)
+    atomic.write_bytes(marker, b"")
+    jobs = [j.job_name for j in record.jobs if j.job_name and j.state is JobState.RUNNING]
+    if jobs:
+        what = f"the daemon cancels its job(s) {', '.join(jobs)}"
+    elif record.state in (FileState.UPLOADING, FileState.SUBMITTING):
+        what = "its job is being created; the daemon cancels it"
     else:
-        job_names = [target] if target.startswith("batches/") else []
-    if record is None and not job_names:
-        raise CommandError(
-            f"{target}: no file of that name is queued or in flight, and it is not a job name"
+        what = "no job yet; the daemon fails it as cancelled"
+    print(f"{printable(record.input)}: cancel requested: {what}")
+    if not read_daemons(spool, jobrecord.utcnow())[0]:
+        print(
+            f"no daemon is running on {config.inbox}: the cancel takes effect when one starts",
+            file=sys.stderr,
         )
-    if job_names:
-        from ..api import connect
-        from ..failures import classify
-
-        api_key = resolve_api_key(config)
-        if not api_key:
-            raise CommandError("no API key to cancel the job with (see api.key_file)")
-        engine = connect(config, api_key)
-        for job_name in job_names:
-            try:
-                engine.cancel_job(job_name)
-            except Exception as exc:
-                raise CommandError(classify(exc, f"cancel {job_name}").message) from None
-            print(f"cancelled {job_name}")
-    if record is not None and sidecar is not None:
-        # Tell the daemon: it polls the jobs at once (or fails a file that has no job yet, or
-        # cancels a job itself once a create call under way has returned).
-        marker = Spool(config.inbox, config.outbox).cancel_marker(record.input)
-        marker.parent.mkdir(exist_ok=True)
-        atomic.write_bytes(marker, b"")
-        if not job_names:
-            creating = record.state in (FileState.UPLOADING, FileState.SUBMITTING)
-            print(
-                f"{record.input}: its job is being created; the daemon will cancel it"
-                if creating
-                else f"{record.input}: no job yet; the daemon will fail it as cancelled"
-            )
     return 0
 
 
-def _find_record(config: Config, target: str) -> tuple[JobRecord | None, Path | None]:
+def _cancel_orphan(config: Config, target: str) -> int:
+    """A job name that no file in the spool owns: cancelled at the API directly."""
+    from ..api import connect, engine_class
+    from ..failures import classify
+
+    if not engine_class(config).is_job_name(target):
+        raise CommandError(
+            f"{printable(target)}: no file of that name is queued or in flight, "
+            "and it is not a job name"
+        )
+    api_key = resolve_api_key(config)
+    if not api_key:
+        raise CommandError(
+            f"{target}: no file in the spool has this job, and there is no API key to cancel "
+            "it with (see api.key_file)"
+        )
+    engine = connect(config, api_key)
+    try:
+        engine.cancel_job(target)
+    except Exception as exc:
+        raise CommandError(classify(exc, f"cancel {target}").message) from None
+    finally:
+        engine.close()
+    print(f"cancelled {target} (no file in the spool has this job)")
+    return 0
+
+
+def _find_record(spool: Spool, target: str) -> JobRecord | None:
+    """The sidecar of the file in processing/ that TARGET names: its input name (or a path
+    to it), or the name of one of its jobs."""
     name = Path(target).name
-    for sidecar in status.sidecars(Spool(config.inbox, config.outbox).processing):
+    for sidecar in status.sidecars(spool.processing):
         try:
             record = jobrecord.load(sidecar)
         except (OSError, SidecarError):
             continue
         names = {j.job_name for j in record.jobs if j.job_name}
         if target == record.input or name == record.input or target in names:
-            return record, sidecar
-    return None, None
+            return record
+    return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logs
+from daemon.api import Engine
 from daemon.api.gemini import GeminiEngine
 from daemon.config import Config, load_config
 from daemon.jobrecord import FileState
@@ -60,11 +61,19 @@ class Daemon:
     """A spool folder and a `Service` on it, stepped by the test."""
 
     def __init__(
-        self, root: Path, sim: Simulator, clock: WallClock, *, once: bool = False, **overrides: Any
+        self,
+        root: Path,
+        sim: Simulator,
+        clock: WallClock,
+        *,
+        once: bool = False,
+        engine: Engine | None = None,
+        **overrides: Any,
     ) -> None:
         self.root = root
         self.sim = sim
         self.clock = clock
+        self._engine = engine  # another engine than the Gemini one against `sim`
         self.folder = Spool(root, sim)
         self.folder.config_path.write_text(
             json.dumps(test_config(sim.base_url, STEPPED, **overrides))
@@ -78,7 +87,7 @@ class Daemon:
         self.started = False
 
     def _service(self) -> Service:
-        backend = GeminiEngine(
+        engine = self._engine or GeminiEngine(
             TEST_API_KEY,
             base_url=self.config.api.base_url,
             api_version=self.config.api.api_version,
@@ -87,7 +96,7 @@ class Daemon:
         )
         return SteppedService(
             self.config,
-            backend,
+            engine,
             once=self.once,
             clock=self.clock,
             wall=self.clock.wall,

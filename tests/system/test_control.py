@@ -77,11 +77,12 @@ def test_cancel_by_file_name_path_or_job_name_and_before_a_job_exists(
     ):
         code, out, err = cancel(daemon, target)
         assert code == 0, err
-        assert f"cancelled {jobs[name]}" in out
-        assert sim.jobs[jobs[name]]["state"] == "BATCH_STATE_CANCELLED"
+        assert f"{name}: cancel requested: the daemon cancels its job(s) {jobs[name]}" in out
+        assert sim.jobs[jobs[name]]["state"] == "BATCH_STATE_PENDING"  # the daemon cancels it
     started = daemon.clock.now
     daemon.run_all(longest=1)
     assert daemon.clock.now - started < 60  # not an hour: the cancel made the daemon look
+    assert {sim.jobs[job]["state"] for job in jobs.values()} == {"BATCH_STATE_CANCELLED"}
 
     for name in names[:3]:
         assert cancelled_report(daemon, name)["job_name"] == jobs[name]

@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.api import EngineLimits
+from daemon.config import Limits
 from daemon.inputs import Defaults, prompt_request
 from daemon.plan import IndexEntry, JobLimits, Plan, dumps, read_index, request_line, write_plan
 from tests.support.harness import write_jsonl
@@ -145,3 +147,14 @@ def test_index_entries_round_trip(tmp_path: Path, line: int) -> None:
         IndexEntry(line, "k", True, 3),
         IndexEntry(line + 1, None, False, 0, "bad"),
     ]
+
+
+def test_job_limits_are_the_configuration_within_the_engine() -> None:
+    config = Limits(max_job_bytes=5000, max_requests_per_job=300, inline_max_bytes=100)
+    gemini = JobLimits.of(config, EngineLimits(inline=True, max_job_bytes=2_000_000_000))
+    assert (gemini.max_job_bytes, gemini.max_requests_per_job) == (5000, 300)
+    assert gemini.mode(100, 1000) == "inline" and gemini.mode(101, 1) == "file"
+    assert gemini.mode(100, 1001) == "file"  # inline_max_requests (1000)
+    vertex = JobLimits.of(Limits(), EngineLimits(False, 1_000_000_000, 200_000))
+    assert (vertex.max_job_bytes, vertex.max_requests_per_job) == (1_000_000_000, 200_000)
+    assert vertex.mode(1, 1) == "file"  # an engine without inline jobs

@@ -1,0 +1,45 @@
+"""The private names of google-genai and httpx2 the daemon uses, each touched once: an upgrade
+that renames one fails here, in CI, and not in production (daemon/api/sdk.py, daemon/api/http.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import httpcore2
+import httpx2
+from google import genai
+from google.genai import types
+
+from daemon.api import http, sdk
+from daemon.simulator import Simulator
+
+
+def test_the_sdk_client_keeps_its_http_client_and_options_where_sdk_py_reads_them(
+    sim: Simulator,
+) -> None:
+    options = types.HttpOptions(base_url=sim.base_url, api_version="v1beta")
+    client = genai.Client(api_key="k", http_options=options)
+    api_client = client._api_client
+    assert callable(api_client.request)
+    assert list(inspect.signature(api_client.request).parameters)[:4] == [
+        "http_method",
+        "path",
+        "request_dict",
+        "http_options",
+    ]
+    assert api_client._http_options.base_url == sim.base_url
+    assert api_client._http_options.api_version == "v1beta"
+    assert sdk.endpoint(client) == f"{sim.base_url}/v1beta"
+    assert sdk.rest(client, "get", "batches?pageSize=1", {}, once=True) == {}
+
+
+def test_httpx2_builds_transports_and_pools_where_http_py_wraps_them() -> None:
+    for name in ("_init_transport", "_init_proxy_transport"):
+        assert callable(getattr(httpx2.Client, name))
+    transport = httpx2.HTTPTransport()
+    assert isinstance(transport._pool, httpcore2.ConnectionPool)
+    assert isinstance(transport._pool._network_backend, httpcore2.NetworkBackend)
+    client = http.DeadlineClient(default_seconds=5)
+    assert isinstance(client._transport, http._DeadlineTransport)
+    client.close()
