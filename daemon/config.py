@@ -111,14 +111,16 @@ class ModelPrice(_Section):
         thinking_tokens: int = 0,
         cached_tokens: int = 0,
     ) -> float:
-        """USD at batch price; `prompt_tokens` includes `cached_tokens`, as in usageMetadata."""
+        """USD at batch price; `prompt_tokens` includes `cached_tokens`, as in usageMetadata.
+
+        Cached tokens get no batch discount: Google prices them in a batch as outside one
+        (and on Vertex AI the cache discount takes precedence over the batch discount)."""
         cached_price = self.input if self.cached is None else self.cached
-        standard = (
+        discounted = (
             max(prompt_tokens - cached_tokens, 0) * self.input
-            + cached_tokens * cached_price
             + (output_tokens + thinking_tokens) * self.output
-        )
-        return standard / 1_000_000 * (1 - self.batch_discount)
+        ) * (1 - self.batch_discount)
+        return (discounted + cached_tokens * cached_price) / 1_000_000
 
 
 class Config(_Section):
@@ -183,6 +185,20 @@ class Config(_Section):
         if self._looked_for is not None:
             return f"none: defaults ({self._looked_for} not found)"
         return "none: defaults"
+
+    def cost_of(self, model: str | None, tokens: Mapping[str, int]) -> float | None:
+        """USD at batch price of the tokens a file's results report (`usage` names), where
+        `prices` has the model; None where it has not."""
+        price = self.price(model) if model else None
+        if price is None or not tokens:
+            return None
+        usd = price.batch_cost(
+            prompt_tokens=tokens.get("prompt_tokens", 0),
+            output_tokens=tokens.get("output_tokens", 0),
+            thinking_tokens=tokens.get("thinking_tokens", 0),
+            cached_tokens=tokens.get("cached_tokens", 0),
+        )
+        return round(usd, 6)
 
     def price(self, model: str | None = None) -> ModelPrice | None:
         """The configured price of `model` (default: the configured one; `models/` prefix or

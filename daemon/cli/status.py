@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import jobrecord
-from ..config import Config, ModelPrice
+from ..config import Config
 from ..errors import SidecarError
 from ..jobrecord import FileState, JobEntry, JobRecord, JobState, isotime, utcnow
 from ..presence import SILENT_AFTER_SECONDS, read_daemons
@@ -310,7 +310,7 @@ def file_row(
         "invalid_lines": record.invalid_lines,
         "errors_by_stage": record.errors_by_stage or None,
         "tokens": record.tokens or None,
-        "cost_usd": cost(config, record),
+        "cost_usd": config.cost_of(record.model, record.tokens),
         "error": {"stage": error.get("stage"), "message": error.get("message")} if error else None,
         "jobs": [_job_row(j) for j in record.jobs],
         "sidecar": str(sidecar) if sidecar else None,
@@ -348,23 +348,6 @@ def retry_info(record: JobRecord) -> tuple[int, str | None]:
         return 0, None
     worst = max(trying, key=lambda j: j.retries)
     return worst.retries, worst.last_error
-
-
-def cost(config: Config, record: JobRecord) -> float | None:
-    """USD at batch price of the tokens the results report, where `prices` has the model."""
-    price = config.price(record.model) if record.model else None
-    if price is None or not record.tokens:
-        return None
-    return round(token_cost(price, record.tokens), 6)
-
-
-def token_cost(price: ModelPrice, tokens: Mapping[str, int]) -> float:
-    return price.batch_cost(
-        prompt_tokens=tokens.get("prompt_tokens", 0),
-        output_tokens=tokens.get("output_tokens", 0),
-        thinking_tokens=tokens.get("thinking_tokens", 0),
-        cached_tokens=tokens.get("cached_tokens", 0),
-    )
 
 
 # ---- rendering -----------------------------------------------------------------------
@@ -533,7 +516,7 @@ def outcome_line(record: JobRecord, config: Config) -> str:
     total = (record.tokens or {}).get("total_tokens")
     if total:
         parts.append(f"{total} tokens")
-    usd = cost(config, record)
+    usd = config.cost_of(record.model, record.tokens)
     if usd is not None:
         parts.append(f"~${money(usd)}")
     text = ", ".join(parts)
@@ -556,7 +539,7 @@ def totals_line(records: list[JobRecord], config: Config) -> str:
         f"total: {len(records)} files ({done} done, {len(records) - done} failed), "
         f"{ok} requests ok, {errors} errors, {tokens} tokens"
     )
-    costs = [c for r in records if (c := cost(config, r)) is not None]
+    costs = [c for r in records if (c := config.cost_of(r.model, r.tokens)) is not None]
     if costs:
         text += f", ~${money(sum(costs))}"
     return text

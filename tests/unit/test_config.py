@@ -489,10 +489,9 @@ def test_batch_cost() -> None:
     price = ModelPrice(input=1.0, output=10.0, cached=0.25, batch_discount=0.5)
     assert price.batch_cost(prompt_tokens=1_000_000) == pytest.approx(0.5)
     assert price.batch_cost(output_tokens=100_000, thinking_tokens=100_000) == pytest.approx(1.0)
-    # cached tokens are part of the prompt count, billed at the cached price
-    assert price.batch_cost(prompt_tokens=1_000_000, cached_tokens=1_000_000) == pytest.approx(
-        0.125
-    )
+    # cached tokens are part of the prompt count, billed at the cached price: no batch discount
+    assert price.batch_cost(prompt_tokens=1_000_000, cached_tokens=1_000_000) == pytest.approx(0.25)
+    assert price.batch_cost(prompt_tokens=3_000_000, cached_tokens=1_000_000) == pytest.approx(1.25)
     no_cached_price = ModelPrice(input=1.0, output=10.0, batch_discount=0)
     assert no_cached_price.batch_cost(
         prompt_tokens=2_000_000, cached_tokens=1_000_000
