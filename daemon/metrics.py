@@ -43,8 +43,11 @@ class Finished:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # result records by error stage
     tokens: Counter[str] = field(default_factory=Counter)  # by usage kind
+    cost_usd: float = 0.0
 
-    def add(self, record: JobRecord) -> None:
+    def add(self, record: JobRecord, cost_usd: float | None = None) -> None:
+        """Count a finished file; `cost_usd`: its tokens' cost, where `prices` has the model."""
+        self.cost_usd += cost_usd or 0.0
         if record.state is FileState.DONE:
             self.done += 1
         else:
@@ -92,6 +95,8 @@ class View:
     waiting: int  # inbox files not yet claimed
     ignored: int  # inbox entries the daemon will not take
     started: float  # time.time() at start
+    oldest_arrival: int | None = None  # wall ns of the oldest file not finished (None: none)
+    now: float = 0.0  # time.time() of this view
 
 
 @dataclass
@@ -143,6 +148,16 @@ def families(view: View) -> list[Family]:
     used = family("tokens_total", "counter", "Tokens the API reported in written results, by kind.")
     for kind, count in tokens.items():
         used.add(count, kind=kind.removesuffix("_tokens"))
+
+    family(
+        "cost_usd_total", "counter", "Estimated cost of the tokens in written results (USD)."
+    ).add(view.finished.cost_usd)
+    oldest = 0.0 if view.oldest_arrival is None else max(0.0, view.now - view.oldest_arrival / 1e9)
+    family(
+        "oldest_file_age_seconds",
+        "gauge",
+        "How long the oldest file not yet finished has been waiting or in flight (0: none).",
+    ).add(round(oldest, 3))
 
     calls = family("api_calls_total", "counter", "Batch API calls by call and outcome.")
     counted = counters.calls()

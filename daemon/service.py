@@ -353,6 +353,11 @@ class Service:
             waiting=self.watcher.pending,
             ignored=len(self.watcher.ignored),
             started=self._started_wall,
+            oldest_arrival=min(
+                (a for a in (self.watcher.oldest_arrival(), *(r.arrival for r in in_flight)) if a),
+                default=None,
+            ),
+            now=time.time(),
         )
 
     # ---- claiming and taking over --------------------------------------------------
@@ -576,7 +581,7 @@ class Service:
     def _after_step(self, t: Tracked, result: Next) -> None:
         if result.finished:
             self._forget(t)  # gives its slots back
-            self.finished.add(t.record)
+            self.finished.add(t.record, self.config.cost_of(t.record.model, t.record.tokens))
             if self.once:
                 self.outcomes.append(t.record)
             self.watcher.rescan()  # a same-named file may be waiting in the inbox

@@ -213,6 +213,12 @@ class InboxWatcher:
         with self._lock:
             return len(self._seen) + len(self._handed)
 
+    def oldest_arrival(self) -> int | None:
+        """When the longest-waiting inbox file arrived (wall-clock ns), None if none waits."""
+        with self._lock:
+            arrivals = [s.arrival for s in (*self._seen.values(), *self._handed.values())]
+        return min(arrivals, default=None)
+
     def ready(self, limit: int | None = None) -> list[tuple[Path, int]]:
         """Hand out candidates that are complete now, with their arrival time, oldest first.
 

@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.simulator import Simulator
 from tests.support.inprocess import WallClock
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """A strict reader of the text format (0.0.4): HELP and TYPE once per family, before its
-    samples; every sample of a declared family; label values quoted; values are numbers."""
-    assert text.endswith("\n")
-    types: dict[str, str] = {}
-    helps: set[str] = set()
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            assert name not in helps, f"second HELP for {name}"
-            helps.add(name)
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name not in types and kind in ("counter", "gauge"), line
-            assert name in helps, f"TYPE before HELP: {name}"
-            types[name] = kind
-            continue
-        assert not line.startswith("#") and line.strip(), f"unexpected line: {line!r}"
-        match = SAMPLE.match(line)
-        assert match, f"not a sample: {line!r}"
-        name, labels_text, value = match.groups()
-        assert name in types, f"sample before its TYPE: {line}"
-        labels: list[tuple[str, str]] = []
-        rest = labels_text or ""
-        while rest:
-            label = LABEL.match(rest)
-            assert label, f"bad labels: {labels_text!r}"
-            labels.append((label.group(1), label.group(2)))
-            rest = rest[label.end() :]
-        key = (name, frozenset(labels))
-        assert key not in samples, f"duplicate series: {line}"
-        samples[key] = float(value)
-    for name, kind in types.items():
-        assert name.startswith("gemini_batchd_"), name
-        assert name.endswith("_total") == (kind == "counter"), name
+def parse(text: str) -> Series:
+    """The file as Prometheus reads it (prometheus_client's own parser), every series once;
+    counters end in _total and nothing else does."""
+    samples: Series = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("gemini_batchd_") and family.type in ("counter", "gauge")
+        for sample in family.samples:
+            assert sample.name.endswith("_total") == (family.type == "counter"), sample.name
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"duplicate series: {sample}"
+            samples[key] = sample.value
     return samples
 
 
@@ -79,6 +53,8 @@ def test_metrics_file(make_daemon: Any, sim: Simulator, clock: WallClock, tmp_pa
     assert value(samples, "request_errors_total", stage="parse") == 0
     assert value(samples, "tokens_total", kind="total") > 0
     assert value(samples, "tokens_total", kind="prompt") > 0
+    assert value(samples, "cost_usd_total") == 0  # no `prices` configured
+    assert value(samples, "oldest_file_age_seconds") == 0  # nothing waits
     assert value(samples, "api_calls_total", call="create", outcome="ok") == 1
     assert value(samples, "api_calls_total", call="poll", outcome="ok") >= 1
     assert value(samples, "last_api_success_timestamp_seconds") > 1.7e9
