@@ -198,6 +198,11 @@ def families(view: View) -> list[Family]:
     family("jobs_active", "gauge", "Batch jobs being uploaded, created or running.").add(
         sum(1 for j in jobs if j.state.holds_slot)
     )
+    family(
+        "jobs_waiting_for_quota",
+        "gauge",
+        "Batch jobs back in the queue because the enqueued-token quota was full.",
+    ).add(sum(1 for j in jobs if j.state is JobState.QUEUED and j.quota_waits))
     auth = sum(n for (_, outcome), n in counted.items() if outcome == Kind.AUTH.value)
     family("api_auth_failures_total", "counter", "Calls refused for the key or permission.").add(
         auth
