@@ -132,6 +132,8 @@ class Recovery:
                 names.add(entry)
             elif entry.endswith(spool.INPUT_SUFFIX + spool.SIDECAR_SUFFIX):
                 names.add(entry[: -len(spool.SIDECAR_SUFFIX)])
+            elif spool.not_utf8(entry) and entry.endswith(spool.INPUT_SUFFIX):
+                self._put_back(entry)
         self._claims_of_inputs = _claims_of_inputs(folder.workdir)
         taken: list[Claimed] = []
         for name in sorted(names - owned.keys()):
@@ -141,6 +143,25 @@ class Recovery:
         keep = {**owned, **{c.record.input: c.record.claim_id for c in taken}}
         self._remove_leftovers(entries, keep)
         return taken
+
+    def _put_back(self, name: str) -> None:
+        """An input whose name is not UTF-8, claimed by a version that took such names: back
+        to the inbox, where it is listed as ignored (it can have no sidecar, hence no job)."""
+        fd = lock_name(self.spool, name)
+        if fd is None:
+            return
+        try:
+            moved = atomic.move_new(self.spool.input(name), self.spool.inbox / name)
+            log.warning(
+                "put back into the inbox: its name is not UTF-8",
+                file=spool.printable(name),
+                moved_to=spool.printable(str(moved)),
+            )
+        except OSError as exc:
+            log.warning("cannot put back", file=spool.printable(name), error=str(exc))
+        finally:
+            self.spool.lock(name).unlink(missing_ok=True)
+            release(fd)
 
     def _take(self, name: str) -> Claimed | None:
         folder = self.spool

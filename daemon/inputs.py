@@ -279,6 +279,11 @@ def _parse_raw(
         if isinstance(parsed, LineError):
             return parsed
         value = parsed
+    if type(value) is dict:
+        repeated = _repeated_field(raw, value)
+        if repeated is not None:
+            key = None if repeated == "key" else _given_key(value)
+            return LineError(number, f"an object names the field {repeated!r} twice", key)
     try:
         request = _to_request(value, number, defaults)
     except _BadLine as exc:
@@ -293,6 +298,50 @@ def _parse_raw(
 
 
 _NOT_PARSED = object()
+
+_FIELD_END = re.compile(rb'"[ \t\r\n]*:')
+"""How every field name of a JSON object ends (a quote, perhaps white space, a colon)."""
+
+
+def _repeated_field(raw: bytes, value: dict[str, Any]) -> str | None:
+    """A field that an object of this line names twice (parsers keep its last value only).
+
+    Every field of every object ends in `":`, so a line with no more colons -- then no more
+    such ends -- than its parsed objects have fields repeats none: the usual line is cleared
+    by two counts, and only the rest is parsed again, by a parser that sees every field."""
+    colons = raw.count(b":")
+    if colons <= len(value):
+        return None
+    fields = _count_fields(value)
+    if colons <= fields or len(_FIELD_END.findall(raw)) <= fields:
+        return None
+    repeated: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names: set[str] = set()
+        for name, _ in pairs:
+            if name in names and not repeated:
+                repeated.append(name)
+            names.add(name)
+        return dict(pairs)
+
+    try:
+        json.loads(raw, object_pairs_hook=check)
+    except (ValueError, RecursionError):  # what orjson took and json refuses: nothing to say
+        return None
+    return repeated[0] if repeated else None
+
+
+def _count_fields(value: Any) -> int:
+    """Fields of every object in a parsed JSON value."""
+    if type(value) is dict:
+        return len(value) + sum(_count_fields(v) for v in value.values() if type(v) in _NESTED)
+    if type(value) is list:
+        return sum(_count_fields(v) for v in value if type(v) in _NESTED)
+    return 0
+
+
+_NESTED = (dict, list)
 
 
 def _parse_slowly(raw: bytes, number: int) -> Any:

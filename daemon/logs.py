@@ -83,6 +83,18 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def _printable_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """For a terminal: control characters in values (a file name with ESC in it) escaped, as
+    JSON lines escape them. Newlines and tabs stay (tracebacks)."""
+    for key, value in event.items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            event[key] = _CONTROL.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", value)
+    return event
+
+
 class _DropShutdownNoise(logging.Filter):
     """watchdog logs an error when its inotify thread is stopped mid-read; that is normal at exit."""
 
@@ -139,6 +151,7 @@ def configure(
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             _redact_event,
+            *([_printable_event] if console else []),
             renderer,
         ],
     )

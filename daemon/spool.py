@@ -46,6 +46,16 @@ SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
 
 
+def not_utf8(name: str) -> bool:
+    """Whether a name from the file system held bytes that are not UTF-8 (Python keeps each as
+    a lone surrogate): such a name cannot be written into a sidecar, a report or a log line."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def printable(name: str) -> str:
     """`name` safe to print on a terminal: control characters (ESC, newlines...) and bytes that
     were not UTF-8 (kept as surrogates by the file system encoding) as `\\xNN`."""
@@ -62,6 +72,11 @@ def why_ignored(name: str) -> str | None:
     (for `validate`, `status` and the log; agrees with `is_candidate`)."""
     if name.startswith("."):
         return "names starting with '.' are left alone (writers use them while writing)"
+    if not_utf8(name):
+        return (
+            f"the name is not UTF-8 (bytes {printable(name)}): rename it to a UTF-8 name "
+            "ending in .jsonl"
+        )
     if not name.endswith(INPUT_SUFFIX) or name == INPUT_SUFFIX:
         stem, dot, suffix = name.rpartition(".")
         if dot and suffix.lower() == INPUT_SUFFIX[1:]:

@@ -28,7 +28,7 @@ from watchdog.observers import Observer
 
 from . import logs
 from .schedule import Clock
-from .spool import SPOOL_FOLDERS, Spool, is_candidate, why_ignored
+from .spool import SPOOL_FOLDERS, Spool, is_candidate, printable, why_ignored
 
 log = logs.get()
 
@@ -149,7 +149,9 @@ class InboxWatcher:
         for name, reason in ignored.items():
             if name not in self.ignored:
                 log.warning(
-                    "ignored: rename the file to have it processed", file=name, reason=reason
+                    "ignored: rename the file to have it processed",
+                    file=printable(name),
+                    reason=reason,
                 )
         self.ignored = ignored
         self._rescan_cancel_requests()

@@ -177,6 +177,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.strict and not args.wait:
         raise CommandError("--strict needs --wait")
     config, _ = load(args)
+    if config.source is None:  # ./inbox/ of no daemon: files would wait there for nobody
+        raise CommandError(
+            f"submit: no configuration ({config.describe_source()}): pass -c CONFIG or set "
+            "$GEMINI_BATCHD_CONFIG to the daemon's configuration file"
+        )
     config.inbox.mkdir(parents=True, exist_ok=True)
     for name in args.files:
         source = Path(name)
@@ -206,7 +211,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait:
             submitted.append(Submitted(final, [st.st_dev, st.st_ino]))
         else:
-            print(final, flush=True)
+            print(printable(str(final)), flush=True)
     if not args.wait:
         return 0
     return wait_for_results(config, submitted, strict=args.strict)
@@ -263,7 +268,7 @@ def wait_for_results(config: Config, files: list[Submitted], *, strict: bool) ->
                 print(status.outcome_line(record, config), file=sys.stderr)
                 for path in (record.output, record.report):
                     if path:
-                        print(path, flush=True)
+                        print(printable(path), flush=True)
             if pending:
                 time.sleep(WAIT_POLL_SECONDS)
     except KeyboardInterrupt:
@@ -351,7 +356,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     for name in args.names:
         found, problem = _failed_input(spool, name)
         if found is None:
-            print(f"gemini-batchd: retry: {problem}", file=sys.stderr)
+            print(f"gemini-batchd: retry: {printable(problem)}", file=sys.stderr)
             missing += 1
         elif found not in chosen:
             chosen.append(found)
@@ -363,7 +368,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         chosen += recent
     for source in chosen:
         target = retry_input(spool, source)
-        print(f"{source} -> {target}", flush=True)
+        print(printable(f"{source} -> {target}"), flush=True)
     return 1 if missing else 0
 
 

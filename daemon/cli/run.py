@@ -119,7 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finished = service.outcomes
     for record in finished:
         print(status.outcome_line(record, service.config))
-    print(status.totals_line(finished, service.config), flush=True)
+    unfinished = [t.record for t in service.files.values()]
+    for record in unfinished:
+        print(status.unfinished_line(record))
+    print(status.totals_line(finished, service.config, unfinished=len(unfinished)), flush=True)
     return 1 if code or (args.strict and any(r.errors for r in finished)) else 0
 
 

@@ -22,7 +22,15 @@ from ..config import Config
 from ..errors import SidecarError
 from ..jobrecord import FileState, JobEntry, JobRecord, JobState, isotime, utcnow
 from ..presence import SILENT_AFTER_SECONDS, read_daemons
-from ..spool import HOST, SIDECAR_SUFFIX, SPOOL_FOLDERS, Spool, why_ignored
+from ..spool import (
+    HOST,
+    SIDECAR_SUFFIX,
+    SPOOL_FOLDERS,
+    Spool,
+    not_utf8,
+    printable,
+    why_ignored,
+)
 from .common import CommandError, Subcommands, add_config_option, load
 
 RECENT_SECONDS = 24 * 3600
@@ -207,8 +215,9 @@ def _inbox_rows(spool: Spool, now: datetime) -> list[dict[str, Any]]:
         reason = why_ignored(entry.name)
         if reason is None:
             waiting.append((mtime_ns, _bare_row(entry.name, "WAITING", stamp, now)))
-        else:
-            row = _bare_row(entry.name, "IGNORED", stamp, now)
+        else:  # a name that is not UTF-8 has no exact JSON string: shown escaped
+            name = printable(entry.name) if not_utf8(entry.name) else entry.name
+            row = _bare_row(name, "IGNORED", stamp, now)
             row["last_error"] = reason
             ignored.append(row)
     waiting.sort(key=lambda item: (item[0], item[1]["input"]))
@@ -364,13 +373,14 @@ def render_table(snap: Mapping[str, Any], now: datetime | None = None) -> str:
     if not files:
         lines.append(f"no files (inbox: {snap['inbox']})")
         return "\n".join(lines) + "\n"
-    table = [COLUMNS] + [_cells(row, now) for row in files]
+    polled = bool(snap["daemon"]["running"])
+    table = [COLUMNS] + [tuple(map(printable, _cells(row, now, polled))) for row in files]
     widths = [max(len(cells[i]) for cells in table) for i in range(len(COLUMNS))]
     lines.append("")
     lines.append(_join(COLUMNS, widths))
     for row, cells in zip(files, table[1:], strict=True):
         lines.append(_join(cells, widths))
-        lines.extend("  " + detail for detail in _details(row))
+        lines.extend("  " + printable(detail) for detail in _details(row))
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +412,12 @@ def header_lines(snap: Mapping[str, Any], now: datetime) -> list[str]:
                 f" last heartbeat {dead.get('heartbeat')}"
             )
         lines.append(f"config: {snap.get('config')}")
+        stalled = snap["totals"]["queued"] + snap["totals"]["active"]
+        if stalled:
+            lines.append(
+                f"NOT RUNNING: {stalled} file(s) queued or in flight, and nothing polls or "
+                "advances them until a daemon runs on this spool (gemini-batchd run)"
+            )
     totals = snap["totals"]
     text = ", ".join(f"{totals[k]} {k}" for k in ("waiting", "queued", "active", "done", "failed"))
     if totals.get("ignored"):
@@ -414,8 +430,9 @@ def _join(cells: Iterable[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
-def _cells(row: Mapping[str, Any], now: datetime) -> tuple[str, ...]:
+def _cells(row: Mapping[str, Any], now: datetime, polled: bool) -> tuple[str, ...]:
     running = row["state"] == FileState.RUNNING.value
+    next_poll = _until(row.get("next_poll_at"), now) if polled else "(no daemon)"
     return (
         str(row["input"]),
         str(row["state"]),
@@ -423,7 +440,7 @@ def _cells(row: Mapping[str, Any], now: datetime) -> tuple[str, ...]:
         (row.get("job_state") or "-").removeprefix("JOB_STATE_"),
         _duration(row["age_seconds"]) if row.get("age_seconds") is not None else "-",
         str(row.get("polls") or 0) if row.get("job_name") else "-",
-        _until(row.get("next_poll_at"), now) if running else "-",
+        next_poll if running else "-",
         _progress_cell(row),
     )
 
@@ -526,18 +543,31 @@ def outcome_line(record: JobRecord, config: Config) -> str:
         text = f"{text}; {failure}" if text else failure
     paths = [p for p in (record.output, record.report) if p]
     text = f"{record.state.value} {record.input}: " + (text or "no records")
-    return text + (f" -> {', '.join(paths)}" if paths else "")
+    return printable(text + (f" -> {', '.join(paths)}" if paths else ""))
 
 
-def totals_line(records: list[JobRecord], config: Config) -> str:
-    """`total: 3 files (2 done, 1 failed), 80 requests ok, 2 errors, 10400 tokens, ~$0.002`."""
+def unfinished_line(record: JobRecord) -> str:
+    """`UNFINISHED a.jsonl: RUNNING, job batches/x; resumed at the next start` (one line)."""
+    why = f"{record.state.value}"
+    if record.job_name:
+        why += f", job {record.job_name}"
+    if any(j.quota_waits and j.state is JobState.QUEUED for j in record.jobs):
+        waits = max(j.quota_waits for j in record.jobs)
+        why = f"waiting for the enqueued-token quota ({waits} attempt(s))"
+    return printable(f"UNFINISHED {record.input}: {why}; resumed at the next start")
+
+
+def totals_line(records: list[JobRecord], config: Config, *, unfinished: int = 0) -> str:
+    """`total: 3 files (2 done, 1 failed), 80 requests ok, 2 errors, 10400 tokens, ~$0.002`;
+    `unfinished`: files left in flight (a stop, or a quota nothing of ours will free)."""
     done = sum(1 for r in records if r.state is FileState.DONE)
     ok = sum(r.ok or 0 for r in records)
     errors = sum(r.errors or 0 for r in records)
     tokens = sum((r.tokens or {}).get("total_tokens", 0) for r in records)
+    left = f", {unfinished} unfinished" if unfinished else ""
     text = (
-        f"total: {len(records)} files ({done} done, {len(records) - done} failed), "
-        f"{ok} requests ok, {errors} errors, {tokens} tokens"
+        f"total: {len(records) + unfinished} files ({done} done, {len(records) - done} failed"
+        f"{left}), {ok} requests ok, {errors} errors, {tokens} tokens"
     )
     costs = [c for r in records if (c := config.cost_of(r.model, r.tokens)) is not None]
     if costs:

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from daemon.cli import status
 from daemon.simulator import Simulator
 from tests.support.guarantees import left_in_processing
 from tests.support.harness import TEST_API_KEY
@@ -218,3 +219,52 @@ def test_a_file_renamed_over_one_in_processing_gets_its_own_report(
     assert (daemon.inbox / "failed" / "a.jsonl").read_text() == '"never submitted"\n'
     assert "never submitted" not in json.dumps(sim.jobs)
     assert not left_in_processing(daemon.inbox)
+
+
+# ---- names the daemon cannot write into a record ------------------------------------------------
+
+NOT_UTF8 = os.fsdecode(b"\xff\xfebad.jsonl")
+ESCAPED = "\\xff\\xfebad.jsonl"
+
+
+def test_a_name_that_is_not_utf8_is_left_in_the_inbox_as_ignored(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon(once=True)
+    daemon.drop(NOT_UTF8, ["x"])
+    daemon.drop("good.jsonl", ["y"])
+    daemon.start()
+    daemon.run_until(daemon.service.once_finished)
+    assert [r["status"] for r in daemon.results("good.jsonl")] == ["ok"]
+    assert (daemon.inbox / NOT_UTF8).exists()  # never claimed: no claim without a sidecar
+    assert not left_in_processing(daemon.inbox)
+    row = next(r for r in status.snapshot(daemon.config)["files"] if r["state"] == "IGNORED")
+    assert row["input"] == ESCAPED and "not UTF-8" in row["last_error"]
+    [warning] = daemon.events("ignored: rename the file to have it processed")
+    assert warning["file"] == ESCAPED
+    assert ESCAPED in status.render_table(status.snapshot(daemon.config))
+
+
+def test_a_name_that_is_not_utf8_claimed_by_an_older_version_goes_back(
+    make_daemon: MakeDaemon,
+) -> None:
+    daemon = make_daemon()
+    (daemon.inbox / "processing").mkdir(parents=True, exist_ok=True)
+    (daemon.inbox / "processing" / NOT_UTF8).write_text('"x"\n')
+    daemon.start()
+    assert (daemon.inbox / NOT_UTF8).exists()
+    assert not (daemon.inbox / "processing" / NOT_UTF8).exists()
+    assert daemon.events("put back into the inbox: its name is not UTF-8")
+
+
+def test_control_characters_in_names_never_reach_the_terminal(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon(once=True)
+    name = "\x1b[2J\x1b]0;pwned\x07evil\nname.jsonl"
+    daemon.drop(name, ["x"])
+    daemon.drop("\x1b[31mnotes.txt", ["x"])  # ignored: listed by status
+    daemon.start()
+    daemon.run_until(daemon.service.once_finished)
+    table = status.render_table(status.snapshot(daemon.config))
+    assert "\x1b" not in table and "\\x1b[31mnotes.txt" in table
+    [record] = daemon.service.outcomes
+    line = status.outcome_line(record, daemon.config)
+    assert "\x1b" not in line and "\x07" not in line and "\n" not in line
+    assert "\\x0aname.jsonl" in line

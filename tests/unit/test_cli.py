@@ -464,3 +464,78 @@ def test_file_system_errors_are_one_line(project: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert out == ""
     assert err.strip() == f"gemini-batchd: {project / 'blocker'}: File exists"
+
+
+# ---- where the configuration comes from -----------------------------------------------------
+
+
+def test_submit_without_a_configuration_is_refused_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GEMINI_BATCHD_CONFIG", raising=False)
+    source = jsonl(tmp_path / "p.jsonl", "a")
+    code, out, err = run_cli(capsys, "submit", str(source))
+    assert (code, out) == (2, "")
+    assert "submit: no configuration" in err and "-c CONFIG" in err
+    assert not (tmp_path / "inbox").exists()
+
+
+def test_the_configuration_option_may_come_before_the_command(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = project / "other"
+    other.mkdir()
+    write_config(other, inbox="in", outbox="out")
+    code, out, _ = run_cli(capsys, "-c", str(other / "config.yaml"), "status", "--json")
+    assert code == 0 and json.loads(out)["inbox"] == str(other / "in")
+    # given after the command too, the command's own wins
+    code, out, _ = run_cli(
+        capsys, "-c", "nowhere.yaml", "status", "--json", "-c", str(other / "config.yaml")
+    )
+    assert code == 0 and json.loads(out)["inbox"] == str(other / "in")
+
+
+# ---- cancel goes through the daemon that owns the file --------------------------------------
+
+
+def test_cancel_of_a_file_needs_no_key_and_says_when_no_daemon_runs(
+    project: Path, keyless: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    processing = project / "inbox" / "processing"
+    processing.mkdir(parents=True)
+    (processing / "a.jsonl").write_text('"x"\n')
+    record = {
+        "input": "a.jsonl",
+        "state": "RUNNING",
+        "jobs": [{"index": 1, "state": "RUNNING", "job_name": "batches/abc"}],
+    }
+    (processing / "a.jsonl.job.json").write_text(json.dumps(record))
+    code, out, err = run_cli(capsys, "cancel", "a.jsonl")
+    assert code == 0, err
+    assert out == "a.jsonl: cancel requested: the daemon cancels its job(s) batches/abc\n"
+    assert "no daemon is running" in err and "when one starts" in err
+    assert (processing / ".cancel" / "a.jsonl").exists()
+
+
+# ---- status with no daemon --------------------------------------------------------------------
+
+
+def test_status_says_plainly_that_nothing_polls_files_in_flight_without_a_daemon(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    processing = project / "inbox" / "processing"
+    processing.mkdir(parents=True)
+    record = {
+        "input": "a.jsonl",
+        "state": "RUNNING",
+        "job_name": "batches/abc",
+        "next_poll_at": "2020-01-01T00:00:00Z",
+        "jobs": [{"index": 1, "state": "RUNNING", "job_name": "batches/abc"}],
+    }
+    (processing / "a.jsonl.job.json").write_text(json.dumps(record))
+    code, out, _ = run_cli(capsys, "status")
+    assert code == 0
+    assert "NOT RUNNING: 1 file(s) queued or in flight, and nothing polls" in out
+    row = next(line for line in out.splitlines() if line.startswith("a.jsonl"))
+    assert "(no daemon)" in row and "due" not in row

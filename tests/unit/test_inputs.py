@@ -691,3 +691,41 @@ def test_scan_estimates_the_input_tokens_of_valid_requests(tmp_path: Path) -> No
     scan = scan_file(path, defaults)
     assert scan.prompt_chars == (40 + 8) + (21 + 8) + 12
     assert scan.estimated_tokens == estimate_tokens(89) == 23
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('{"key": "a", "key": "b", "prompt": "x"}', "key"),
+        ('{"key": "a", "prompt": "x", "prompt": "y"}', "prompt"),
+        ('{"prompt": "x", "config": {"temperature": 1, "temperature": 2}}', "temperature"),
+        (
+            '{"key": "n", "request": {"contents": [{"parts": [{"text": "a", "text": "b"}]}]}}',
+            "text",
+        ),
+        ('{"key" : "a" ,\t"key"\t:\t"b", "prompt": "x"}', "key"),
+    ],
+)
+def test_a_field_named_twice_is_an_invalid_line_naming_it(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    path = tmp_path / "dup.jsonl"
+    path.write_text(line + "\n")
+    [error] = list(read_requests(path, Defaults()))
+    assert isinstance(error, LineError)
+    assert error.message == f"an object names the field {field!r} twice"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"key": "a", "prompt": "Categorise: x: y: z"}',
+        '{"key": "a", "prompt": "say \\"a\\": b and \\"a\\": c"}',
+        '{"key": "k", "request": {"contents": [{"parts": [{"text": "a"}]}, {"parts": [{"text": "b"}]}]}}',
+    ],
+)
+def test_colons_and_the_same_field_in_different_objects_are_fine(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_text(line + "\n")
+    [request] = list(read_requests(path, Defaults()))
+    assert not isinstance(request, LineError), request
