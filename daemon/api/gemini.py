@@ -152,6 +152,10 @@ class GeminiEngine:
             )
             if not uploaded.name:
                 raise BadReply("the upload reply names no file")
+            if wire.FILE_NAME.fullmatch(uploaded.name) is None:
+                raise BadReply(
+                    f"the upload reply names a file of an unknown shape: {uploaded.name[:100]!r}"
+                )
             return uploaded.name
 
         return self._deadline(call, path.stat().st_size)
@@ -165,7 +169,7 @@ class GeminiEngine:
                 for f in self.client.files.list(
                     config=types.ListFilesConfig(page_size=LIST_PAGE_SIZE)
                 )
-                if f.display_name == display_name and f.name
+                if f.display_name == display_name and f.name and wire.FILE_NAME.fullmatch(f.name)
             ]
 
         return self._deadline(call)
@@ -201,6 +205,6 @@ def _model_path(model: str) -> str:
 
 
 def _batch_path(name: str) -> str:
-    if not name.startswith("batches/"):
-        raise ValueError(f"not a batch job name: {name!r}")
+    if wire.JOB_NAME.fullmatch(name) is None:  # a name from an older sidecar: never a path
+        raise BadReply(f"not a batch job name: {name[:100]!r}")
     return name

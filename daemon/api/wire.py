@@ -45,6 +45,8 @@ def parse_operation(obj: Any) -> RemoteJob:
     name = str_or_none(obj.get("name")) or str_or_none(metadata.get("name"))
     if name is None:
         raise BadReply("the reply names no batch job")
+    if JOB_NAME.fullmatch(name) is None:  # never a path to call: what the job is, is unknown
+        raise BadReply(f"the reply names a batch job of an unknown shape: {name[:100]!r}")
     batch = metadata or obj
     state, state_name = RemoteState.parse(batch.get("state") or obj.get("state"))
     error = obj.get("error")
@@ -71,7 +73,10 @@ def parse_operation(obj: Any) -> RemoteJob:
 
 
 def _responses_file(output: Mapping[str, Any]) -> str | None:
-    return str_or_none(pick(output, "responsesFile", "responses_file"))
+    name = str_or_none(pick(output, "responsesFile", "responses_file"))
+    if name is not None and FILE_NAME.fullmatch(name) is None:
+        raise BadReply(f"the reply names a responses file of an unknown shape: {name[:100]!r}")
+    return name
 
 
 def _has_inline(output: Mapping[str, Any]) -> bool:

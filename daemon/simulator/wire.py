@@ -259,6 +259,7 @@ class Fault:
     delay: float = 0.0
     trickle: float = 0.0
     trickle_headers: bool = False
+    rewrite: Callable[[Any], Any] | None = None  # the real reply's JSON, changed (body "real")
 
     def __post_init__(self) -> None:
         if self.body not in FAULT_BODIES:
@@ -314,6 +315,19 @@ class Fault:
         )
 
     @classmethod
+    def rewritten(
+        cls,
+        change: Callable[[Any], Any],
+        *,
+        method: str | None = None,
+        path_contains: str | None = None,
+        times: int = 1,
+    ) -> Fault:
+        """Do the work, then send its real reply with its JSON passed through `change` (a job
+        name of an unknown shape, a field of another type...)."""
+        return cls(method, path_contains, times=times, after=True, body="real", rewrite=change)
+
+    @classmethod
     def reset(
         cls,
         *,
@@ -345,6 +359,10 @@ class Fault:
             return None
         if self.body == "real" and real is not None:
             reply = real
+            if self.rewrite is not None:
+                changed = self.rewrite(json.loads(real.body))
+                reply = Reply(real.status, b"", real.content_type, dict(real.headers))
+                reply.payload = changed
         elif self.body in ("error", "real"):
             reply = error_reply(self.status, self.message)
         else:

@@ -104,6 +104,27 @@ def test_a_garbled_create_reply_adopts_the_job(make_daemon: MakeDaemon, sim: Sim
     assert sim.create_calls == 1
 
 
+@pytest.mark.parametrize(
+    "name", ["batches/../../v1beta/files/evil", "operations/x", "batches/a/b", 42]
+)
+def test_a_create_reply_naming_a_job_of_an_unknown_shape_is_looked_up(
+    make_daemon: MakeDaemon, sim: Simulator, name: Any
+) -> None:
+    """The name is never called: the create's outcome is unknown, so the job is looked up by
+    its display name, found under its real name, adopted and collected."""
+
+    def rename(op: dict[str, Any]) -> dict[str, Any]:
+        return {**op, "name": name, "metadata": {**op["metadata"], "name": name}}
+
+    sim.add_fault(Fault.rewritten(rename, method="POST", path_contains=CREATE))
+    daemon = make_daemon()
+    assert run_one(daemon) == 0
+    assert_ok(daemon)
+    assert sim.create_calls == 1
+    assert not [p for _, p, _ in sim.requests_log if "evil" in p or "operations" in p]
+    assert daemon.events("adopted a job created before a crash or a lost reply")
+
+
 def test_a_job_slow_to_show_in_the_list_is_waited_for(
     make_daemon: MakeDaemon, sim: Simulator
 ) -> None:

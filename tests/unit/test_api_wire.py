@@ -131,7 +131,10 @@ def test_inline_output_from_metadata_or_response() -> None:
     assert odd_job.inline_responses == [items[0], {}, {}]  # positions kept
     assert (
         wire.parse_operation(
-            {"name": "b/x", "metadata": {"output": {"inlinedResponses": {"inlinedResponses": 5}}}}
+            {
+                "name": "batches/x",
+                "metadata": {"output": {"inlinedResponses": {"inlinedResponses": 5}}},
+            }
         ).inline_responses
         == []
     )
@@ -139,18 +142,22 @@ def test_inline_output_from_metadata_or_response() -> None:
 
 def test_responses_file_from_metadata_or_response() -> None:
     out = {"responsesFile": "files/batch-1"}
-    assert wire.parse_operation({"name": "b/1", "metadata": {"output": out}}).results == (
+    assert wire.parse_operation({"name": "batches/1", "metadata": {"output": out}}).results == (
         "files/batch-1"
     )
-    assert wire.parse_operation({"name": "b/1", "response": out}).results == ("files/batch-1")
-    assert wire.parse_operation({"name": "b/1", "response": {"responsesFile": 5}}).results is (None)
+    assert wire.parse_operation({"name": "batches/1", "response": out}).results == ("files/batch-1")
+    assert wire.parse_operation(
+        {"name": "batches/1", "response": {"responsesFile": 5}}
+    ).results is (None)
 
 
 def test_progress_absent_partial_or_odd() -> None:
     def progress(stats: Any) -> Progress | None:
-        return wire.parse_operation({"name": "b/1", "metadata": {"batchStats": stats}}).progress
+        return wire.parse_operation(
+            {"name": "batches/1", "metadata": {"batchStats": stats}}
+        ).progress
 
-    assert wire.parse_operation({"name": "b/1", "metadata": {}}).progress is None
+    assert wire.parse_operation({"name": "batches/1", "metadata": {}}).progress is None
     assert progress("3") is None
     assert progress([1]) is None
     assert progress({}) == Progress(0, 0, 0, 0)
@@ -257,3 +264,29 @@ def test_parse_job_list_shapes(page: dict[str, Any], count: int, token: str | No
 def test_parse_job_list_not_an_object(obj: Any) -> None:
     with pytest.raises(BadReply):
         wire.parse_job_list(obj)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "batches/../../v1beta/files/evil",
+        "batches/a/b",
+        "batches/",
+        "files/abc",
+        "batches/a?b=c",
+        "batches/a%2Fb",
+        "operations/x",
+        "batches/" + "a" * 200,
+    ],
+)
+def test_a_job_name_of_an_unknown_shape_is_a_bad_reply_not_a_job(name: str) -> None:
+    with pytest.raises(BadReply, match="unknown shape"):
+        wire.parse_operation({"name": name, "metadata": {"state": "BATCH_STATE_RUNNING"}})
+    jobs, _ = wire.parse_job_list({"operations": [{"name": name}, {"name": "batches/ok-1_x"}]})
+    assert [j.name for j in jobs] == ["batches/ok-1_x"]  # skipped in a listing
+
+
+@pytest.mark.parametrize("responses", ["files/../evil", "batches/x", "files/UP"])
+def test_a_responses_file_of_an_unknown_shape_is_a_bad_reply(responses: str) -> None:
+    with pytest.raises(BadReply, match="responses file of an unknown shape"):
+        wire.parse_operation({"name": "batches/x", "response": {"responsesFile": responses}})
