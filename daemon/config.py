@@ -43,6 +43,7 @@ class ApiSettings(_Section):
     lookup_grace_seconds: float = Field(default=120, ge=0)
     backoff_initial_seconds: float = Field(default=5, gt=0)
     backoff_max_seconds: float = Field(default=300, gt=0)
+    probe_seconds: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
     def _backoff_max_not_below_initial(self) -> ApiSettings:
@@ -93,6 +94,7 @@ class Limits(_Section):
     max_job_bytes: int = Field(default=1_990_000_000, ge=1)
     max_requests_per_job: int | None = Field(default=None, ge=1)
     max_enqueued_tokens: int | None = Field(default=None, ge=1)
+    max_quota_wait_seconds: float = Field(default=86400, gt=0)
 
 
 class ModelPrice(_Section):

@@ -40,11 +40,13 @@ class Pool(Enum):
 @dataclass(frozen=True)
 class Next:
     """What a step says about when its file needs a worker again: after `seconds` (None: not
-    for time's sake), and/or when a job slot is free (`slot`), or never (`finished`)."""
+    for time's sake), and/or when a job slot is free (`slot`), and/or the moment a pause ends
+    (`resume`), or never (`finished`)."""
 
     seconds: float | None = None
     slot: bool = False
     finished: bool = False
+    resume: bool = False
 
     @staticmethod
     def now() -> Next:
@@ -62,14 +64,27 @@ class Next:
     def done() -> Next:
         return Next(finished=True)
 
+    @staticmethod
+    def until_resumed() -> Next:
+        return Next(resume=True)
+
     @property
     def is_now(self) -> bool:
         return self.seconds == 0.0
 
     def also(self, other: Next) -> Next:
-        """Both waits: the sooner time, and a slot if either wants one."""
+        """Both waits: the sooner time, a slot if either wants one, the end of a pause too."""
         times = [s for s in (self.seconds, other.seconds) if s is not None]
-        return Next(min(times) if times else None, self.slot or other.slot)
+        return Next(
+            min(times) if times else None,
+            self.slot or other.slot,
+            resume=self.resume or other.resume,
+        )
+
+
+UNTIL_RESUMED = float("inf")
+"""What a job step returns instead of a delay while the daemon is paused: it runs again the
+moment the pause ends (the supervisor's one probe finds out when), not on a timer of its own."""
 
 
 @dataclass
@@ -88,10 +103,35 @@ class Tracked:
     cancel_requested: bool = False
     dirty: bool = False  # the record has changes not saved yet (none that must be durable)
     verified: bool = True  # its work files are known to be whole (claimed by this process)
+    marks: dict[tuple[int, str], float] = field(default_factory=dict)  # see `elapsed`
 
     @property
     def sidecar(self) -> Path:
         return self.spool.sidecar(self.name)
+
+    def elapsed(self, job: JobEntry, timer: str, now: float) -> float:
+        """Seconds since `timer` of `job` was last read in this process (0 the first time).
+
+        Grace periods, deferrals and give-up times add these up into the sidecar: measured on
+        the monotonic clock, a clock step changes none of them, and the time a daemon was
+        stopped counts for nothing (it waits longer after a restart, never shorter)."""
+        key = (job.index, timer)
+        last = self.marks.get(key, now)
+        self.marks[key] = now
+        return max(0.0, now - last)
+
+    def forget_timer(self, job: JobEntry, timer: str) -> None:
+        self.marks.pop((job.index, timer), None)
+
+    def defer(self, job: JobEntry, seconds: float, now: float, wall: datetime) -> None:
+        """Start `job` no sooner than `seconds` from now (a quota or follow-up round backoff)."""
+        self.due[job.index] = now + seconds
+        job.defer_seconds = seconds
+        job.not_before = isotime(wall + timedelta(seconds=seconds))
+
+    def deferred(self, job: JobEntry, now: float) -> float:
+        """Seconds until a deferred job may start (0: it may)."""
+        return max(0.0, self.due.get(job.index, now) - now) if job.not_before else 0.0
 
     def work(self, what: str) -> Path:
         return self.spool.work(self.record.claim_id, what)

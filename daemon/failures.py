@@ -233,14 +233,14 @@ class RetryPolicy:
     """Backoff for failed calls, separate from the poll schedule; what each failure means."""
 
     backoff: Backoff
-    pause_seconds: float = 60.0  # how often a paused daemon tries again
+    pause_seconds: float = 60.0  # how often a paused daemon probes the API (api.probe_seconds)
 
     def decide(self, failure: Failure, call: Call, attempt: int) -> RetryDecision:
         """`attempt`: failed attempts at this step so far, this one included (1-based)."""
         delay = self.backoff.delay(attempt - 1)
         kind = failure.kind
         if kind is Kind.AUTH:
-            return RetryDecision(Action.PAUSE, max(delay, self.pause_seconds), failure)
+            return RetryDecision(Action.PAUSE, self.pause_seconds, failure)
         if kind is Kind.QUOTA and call in (Call.CREATE, Call.UPLOAD):
             return RetryDecision(Action.REQUEUE, delay, failure)
         if kind is Kind.REFUSED and call in (Call.CREATE, Call.UPLOAD):

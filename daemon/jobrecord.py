@@ -132,19 +132,25 @@ class JobEntry:
     uploaded_file: str | None = None
     upload_pending_since: str | None = None  # an upload may have happened: find and delete it
     create_pending_since: str | None = None  # a create may have happened: look it up first
+    lookups: int = 0  # complete listings that did not show the job, since the create in doubt
+    lookup_seconds: float = 0.0  # ... and for how long (elapsed time, never a clock difference)
     create_calls: int = 0
     job_name: str | None = None
     job_state: str | None = None
     polls: int = 0
     next_poll_at: str | None = None
     progress: dict[str, int] | None = None
-    not_found_since: str | None = None  # first of a run of 404s for the job
+    not_found_since: str | None = None  # first of a run of 404s for the job (shown)
+    not_found_seconds: float = 0.0  # how long that run has lasted (elapsed time)
     results_file: str | None = None  # the API's responses file (File API), until deleted
     ended_at: str | None = None
+    collect_failing_seconds: float = 0.0  # how long fetching its answers has failed
     error: str | None = None  # why the job ended without answers (FAILED, EXPIRED, refused...)
     stage: str | None = None  # the error report's stage for `error`: submission, job, results
-    not_before: str | None = None  # not started again before (quota, round backoff)
+    not_before: str | None = None  # not started again before (quota, round backoff): shown
+    defer_seconds: float = 0.0  # ... the length of that wait, which a restart keeps to
     quota_waits: int = 0
+    quota_wait_seconds: float = 0.0  # how long it has waited for the token quota (elapsed)
     expired_resubmits: int = 0
     retries: int = 0  # consecutive failed attempts at this job's current step
     last_error: str | None = None
@@ -166,7 +172,8 @@ class JobEntry:
         self.display_name = self.job_name = self.job_state = None
         self.uploaded_file = self.results_file = self.create_pending_since = None
         self.upload_pending_since = None
-        self.create_calls = self.polls = 0
+        self.create_calls = self.polls = self.lookups = 0
+        self.lookup_seconds = self.not_found_seconds = self.collect_failing_seconds = 0.0
         self.next_poll_at = self.not_found_since = self.progress = None
 
 

@@ -17,7 +17,7 @@ from .context import Context, Tracked
 from .errors import CallFailed, LeftAlone
 from .failures import Call, Failure, Kind, Outcome, job_outcome
 from .faults import crash_point
-from .jobrecord import JobEntry, JobState, seconds_since
+from .jobrecord import JobEntry, JobState
 
 log = logs.get()
 
@@ -25,6 +25,14 @@ CANCELLED = RemoteState.CANCELLED.value
 
 RESULTS_LIFETIME = 48 * 3600
 """The API keeps a job's responses file this long: downloads are retried until then."""
+
+UPLOAD_KEPT_SECONDS = 40 * 3600
+"""An upload is kept for the next attempt of a job refused for the quota while it is younger
+than this: the API deletes uploads after 48 hours."""
+
+MIN_LOOKUPS = 2
+"""A create in doubt is made again only after this many complete listings without the job
+(and the lookup grace): one listing a moment after a crash proves little."""
 
 
 MAX_DELETE_ATTEMPTS = 5
@@ -38,7 +46,8 @@ def start_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     t.granted.discard(job.index)
     job.display_name = t.record.display_name(job)
     job.not_before = None
-    job.move_to(JobState.UPLOADING if job.mode == "file" else JobState.SUBMITTING)
+    upload = job.mode == "file" and not job.uploaded_file  # kept through a quota wait
+    job.move_to(JobState.UPLOADING if upload else JobState.SUBMITTING)
     if job.state is JobState.UPLOADING:
         ctx.save(t)  # (a create saves before its call anyway)
     return 0.0
@@ -98,21 +107,29 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                 "adopted a job created before a crash or a lost reply", file=t.name, job=found.name
             )
             return started(ctx, t, job, found)
-        waited = seconds_since(job.create_pending_since, ctx.wall())
+        job.lookups += 1
+        job.lookup_seconds += t.elapsed(job, "lookup", ctx.clock())
         grace = ctx.config.api.lookup_grace_seconds
-        if waited < grace:
+        if job.lookup_seconds < grace or job.lookups < MIN_LOOKUPS:
             job.retries += 1
-            delay = min(ctx.policy.backoff.delay(job.retries - 1), grace - waited)
+            delay = min(ctx.policy.backoff.delay(job.retries - 1), grace - job.lookup_seconds)
             log.info(
                 "the job is not listed yet; looking again",
                 file=t.name,
                 display_name=job.display_name,
-                retry_in=round(delay, 2),
+                retry_in=round(max(delay, 0.01), 2),
             )
             ctx.save(t)
             return max(delay, 0.01)
-        log.info("no job was made; creating it", file=t.name, waited=round(waited, 1))
+        log.info(
+            "no job was made; creating it",
+            file=t.name,
+            waited=round(job.lookup_seconds, 1),
+            lookups=job.lookups,
+        )
         job.create_pending_since = None
+        job.lookups, job.lookup_seconds = 0, 0.0
+        t.forget_timer(job, "lookup")
     if t.cancel_requested:
         end_job(ctx, t, job, "cancelled before a job was created", CANCELLED, "job")
         return 0.0
@@ -142,6 +159,9 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
 def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float:
     job.job_name, job.job_state = remote.name, remote.state_name
     job.create_pending_since = None
+    job.lookups, job.lookup_seconds = 0, 0.0
+    for timer in ("lookup", "quota"):
+        t.forget_timer(job, timer)
     job.polls = 0
     job.move_to(JobState.RUNNING)
     delay = 0.0 if t.cancel_requested else ctx.poll.delay(0)
@@ -168,7 +188,8 @@ def poll(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         log.info("cancelled the job", file=t.name, job=job.job_name)
         return 0.5
     job.polls += 1
-    job.not_found_since = None
+    job.not_found_since, job.not_found_seconds = None, 0.0
+    t.forget_timer(job, "not_found")
     if remote.state_name != job.job_state:
         log.info(
             "job state changed",
@@ -220,7 +241,8 @@ def maybe_gone(
 ) -> float | None:
     """404 for a job: it is gone only after 404s for at least `poll.max_seconds`."""
     if job.state is JobState.ENDED:  # the responses file: retried while the API may keep it
-        if seconds_since(job.ended_at, ctx.wall()) > RESULTS_LIFETIME:
+        job.collect_failing_seconds += t.elapsed(job, "collect", ctx.clock())
+        if job.collect_failing_seconds > RESULTS_LIFETIME:
             job.error, job.stage = f"the results could not be fetched: {failure.message}", "results"
             job.results_file = None
             job.move_to(JobState.COLLECTED)
@@ -231,8 +253,9 @@ def maybe_gone(
     if t.record.key_id and t.record.key_id != ctx.engine.account:
         raise LeftAlone(f"its job {job.job_name} is not reachable with this daemon's API key")
     job.not_found_since = job.not_found_since or ctx.stamp()
+    job.not_found_seconds += t.elapsed(job, "not_found", ctx.clock())
     window = max(ctx.config.poll.max_seconds, 1.0)
-    if seconds_since(job.not_found_since, ctx.wall()) >= window and job.retries >= 3:
+    if job.not_found_seconds >= window and job.retries >= 3:
         end_job(ctx, t, job, f"the batch job no longer exists: {failure.message}", None, "job")
         return 0.0
     ctx.save(t)
@@ -315,21 +338,35 @@ def delete_remote(ctx: Context, t: Tracked, name: str) -> None:
                 return
 
 
-def leave_job(ctx: Context, t: Tracked, job: JobEntry) -> None:
-    """Leave a job cleanly before it is made again: delete its files at the API, forget them."""
-    for name in (job.uploaded_file, job.results_file):
-        if name:
-            delete_remote(ctx, t, name)
-    job.leave_remote()
-
-
 def requeue(ctx: Context, t: Tracked, job: JobEntry, reason: str, *, quota: bool) -> None:
-    """Back to the queue, as a new attempt: the enqueued-token quota is full, or it expired."""
-    leave_job(ctx, t, job)
+    """Back to the queue, as a new attempt: the enqueued-token quota is full (with backoff, its
+    upload kept for the next attempt), or the job expired (uploaded again)."""
     if quota:
         job.quota_waits += 1
-        job.not_before = ctx.stamp(ctx.policy.backoff.delay(job.quota_waits - 1))
+        job.quota_wait_seconds += t.elapsed(job, "quota", ctx.clock())
         ctx.counters.quota_refused()
+        limit = ctx.config.limits.max_quota_wait_seconds
+        if job.quota_wait_seconds >= limit:
+            hours = job.quota_wait_seconds / 3600
+            end_job(
+                ctx,
+                t,
+                job,
+                f"waited {hours:.1f} h ({job.quota_waits} attempts) for the enqueued-token quota "
+                f"and nothing freed it (limits.max_quota_wait_seconds: {limit:g}); the last "
+                f"refusal: {reason}",
+                None,
+                "submission",
+            )
+            return
+    kept = job.uploaded_file if quota and job.quota_wait_seconds < UPLOAD_KEPT_SECONDS else None
+    for name in (job.uploaded_file, job.results_file):
+        if name and name != kept:
+            delete_remote(ctx, t, name)
+    job.leave_remote()
+    job.uploaded_file = kept
+    if quota:
+        t.defer(job, ctx.policy.backoff.delay(job.quota_waits - 1), ctx.clock(), ctx.wall())
     job.attempt += 1
     job.move_to(JobState.QUEUED)
     job.last_error = logs.redact(reason)

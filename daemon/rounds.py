@@ -92,7 +92,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
     delay = ctx.policy.backoff.delay(current - 1)
     for job in added:
         job.mode = limits.mode(job.bytes, job.requests)
-        job.not_before = ctx.stamp(delay)
+        t.defer(job, delay, ctx.clock(), ctx.wall())
     record.jobs.extend(added)
     ctx.save(t)
     return added

@@ -97,6 +97,7 @@ class Service:
         self.finished = metrics.Finished()
         self._probing = False
         self._claiming: set[str] = set()  # handed to a worker to claim
+        self._parked: set[str] = set()  # files with steps held back by the pause
         self._next_probe = 0.0
         self._pools: dict[Pool, WorkerPool] = {}
         self.presence: Presence | None = None
@@ -124,7 +125,7 @@ class Service:
                 0.1,
                 self._rng,
             ),
-            pause_seconds=min(60.0, config.api.backoff_max_seconds),
+            pause_seconds=config.api.probe_seconds,
         )
         for created in self.spool.heal():
             log.info("created a spool folder", folder=str(created))
@@ -233,7 +234,8 @@ class Service:
                 self.scheduler.wait(self._wait_limit())
         finally:
             self.shutdown()
-        return 1 if self.once and self.finished.failed else 0
+        left = self.once and any(self._quota_bound(t) for t in self.files.values())
+        return 1 if self.once and (self.finished.failed or left) else 0
 
     def tick(self) -> None:
         """One turn of the main loop."""
@@ -253,6 +255,7 @@ class Service:
         self._claim_ready(limit=CLAIM_BATCH)
         self._take_cancel_requests()
         self._probe_if_paused()
+        self._resume_parked()
         self._grant_slots()
         for name in self.scheduler.pop_due():
             self._dispatch(name)
@@ -273,10 +276,23 @@ class Service:
         return any(pool.stuck(now, limit) for pool in self._pools.values())
 
     def once_finished(self) -> bool:
+        """With `once`: every file present at start has finished, or waits for a quota that
+        nothing of this daemon's will free (no job of its own in flight): left for the next run."""
         with self._lock:
-            if self.files or self._claiming:
+            if self._claiming or any(not self._quota_bound(t) for t in self.files.values()):
                 return False
+        if self.files and self.slots.held[0]:
+            return False
         return not any(os.path.lexists(self.spool.inbox / name) for name in self._once_names)
+
+    @staticmethod
+    def _quota_bound(t: Tracked) -> bool:
+        """Whether all a file's unfinished jobs wait in the queue for the token quota."""
+        waiting = [j for j in t.record.jobs if j.state is not JobState.COLLECTED]
+        return bool(waiting) and all(
+            j.state is JobState.QUEUED and j.quota_waits and j.index not in t.granted
+            for j in waiting
+        )
 
     def shutdown(self) -> None:
         self._stop = True
@@ -307,10 +323,13 @@ class Service:
     def status_text(self) -> str:
         with self._lock:
             states = [t.record.state for t in self.files.values()]
+            quota = sum(1 for t in self.files.values() if self._quota_bound(t))
         active = sum(1 for s in states if s.in_flight and s is not FileState.QUEUED)
         queued = sum(1 for s in states if s in (FileState.CLAIMED, FileState.QUEUED))
         done, failed = self.finished.done, self.finished.failed
         text = f"{queued} queued, {active} active, {done} done, {failed} failed"
+        if quota:
+            text += f", {quota} waiting for quota"
         paused = self.health.paused
         return f"paused: {paused}; {text}" if paused else text
 
@@ -427,12 +446,15 @@ class Service:
         t = Tracked(record.input, record, claimed.lock_fd, claimed.spool, defaults)
         t.verified = claimed.fresh
         now_wall = self.ctx.wall()
-        for job in record.jobs:
+        for job in record.jobs:  # wall-clock times, each kept within the wait it stands for
             if job.state is JobState.RUNNING and job.next_poll_at:
                 remaining = -seconds_since(job.next_poll_at, now_wall)
                 t.due[job.index] = self.clock() + min(
                     max(0.0, remaining), self.config.poll.max_seconds
                 )
+            elif job.state is JobState.QUEUED and job.not_before:
+                remaining = -seconds_since(job.not_before, now_wall)
+                t.due[job.index] = self.clock() + min(max(0.0, remaining), job.defer_seconds)
         with self._lock:
             self.files[record.input] = t
         self.slots.account(t.name, t)
@@ -472,6 +494,15 @@ class Service:
             if not t.busy:
                 self.scheduler.schedule(name, 0)
 
+    def _resume_parked(self) -> None:
+        """The pause is over: every step it held back runs now, not at a time of its own."""
+        if not self._parked or self.health.paused:
+            return
+        with self._lock:
+            parked, self._parked = self._parked, set()
+        for name in parked:
+            self.scheduler.schedule(name, 0)
+
     def _probe_if_paused(self) -> None:
         """While paused, one cheap call now and then finds out when the key works again."""
         if not self.health.paused or self._probing or self._stop:
@@ -502,7 +533,7 @@ class Service:
         if not self.slots.waiting or self._stop or self.health.paused:
             return
         granted = self.slots.grant(
-            self._file, self.config.limits, self.ctx.wall(), self.counters.quota_refusals
+            self._file, self.config.limits, self.clock(), self.counters.quota_refusals
         )
         for t in granted:
             if not t.busy:
@@ -589,6 +620,9 @@ class Service:
         self.slots.account(t.name, t)
         if result.slot:
             self.slots.wait(t)
+        if result.resume:
+            with self._lock:
+                self._parked.add(t.name)
         if result.seconds is None or (self._stop and not result.is_now):
             return
         self.scheduler.schedule(t.name, result.seconds)

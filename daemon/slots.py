@@ -12,11 +12,10 @@ import heapq
 import itertools
 import threading
 from collections.abc import Callable
-from datetime import datetime
 
 from .config import Limits
 from .context import Tracked
-from .jobrecord import JobState, seconds_since
+from .jobrecord import JobState
 
 
 class Slots:
@@ -67,7 +66,7 @@ class Slots:
         self,
         lookup: Callable[[str], Tracked | None],
         limits: Limits,
-        now: datetime,
+        now: float,
         quota_refusals: int,
     ) -> list[Tracked]:
         """Give free slots to waiting jobs, oldest file first; the files that got one."""
@@ -94,7 +93,7 @@ class Slots:
             for job in t.record.jobs:
                 if job.state is not JobState.QUEUED or job.index in t.granted:
                     continue
-                if job.not_before and seconds_since(job.not_before, now) < 0:
+                if t.deferred(job, now) > 0:
                     blocked = True  # not yet (a quota or round backoff): later jobs may go
                     continue
                 if active >= limits.max_active_jobs or (

@@ -18,11 +18,11 @@ from typing import Any
 
 from . import logs, plan, publish, remote, rounds
 from .claims import claimed_input
-from .context import Context, Next, Pool, Tracked
+from .context import UNTIL_RESUMED, Context, Next, Pool, Tracked
 from .errors import CallFailed, InvalidTransition, LeftAlone
 from .failures import Action, Call, Failure, Kind, classify
 from .faults import crash_point
-from .jobrecord import FileState, JobEntry, JobState, seconds_since
+from .jobrecord import FileState, JobEntry, JobState
 
 log = logs.get()
 
@@ -140,7 +140,7 @@ def drive(ctx: Context, t: Tracked) -> Next:
                 ctx, t, job, "cancelled before a job was created", remote.CANCELLED, "job"
             )
         elif job.state is JobState.QUEUED and job.index not in t.granted:
-            remaining = -seconds_since(job.not_before, ctx.wall()) if job.not_before else 0.0
+            remaining = t.deferred(job, now)
             wait = wait.also(Next.after(remaining) if remaining > 0 else Next.wait_for_slot())
             continue
         due = t.due.get(job.index, now)
@@ -148,8 +148,11 @@ def drive(ctx: Context, t: Tracked) -> Next:
             wait = wait.also(Next.after(due - now))
             continue
         delay = run_job(ctx, t, job)
-        if delay is None:
-            wait = wait.also(Next.wait_for_slot())
+        if delay == UNTIL_RESUMED:
+            wait = wait.also(Next.until_resumed())
+        elif delay is None:  # back in the queue: for a slot, after any deferral it was given
+            remaining = t.deferred(job, ctx.clock())
+            wait = wait.also(Next.after(remaining) if remaining > 0 else Next.wait_for_slot())
         elif not collected(job):
             t.due[job.index] = ctx.clock() + delay
             wait = wait.also(Next.after(delay))
@@ -167,6 +170,8 @@ def run_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     """Run the job's steps until it must wait; failures are decided by the retry policy."""
     while job.state is not JobState.COLLECTED:
         step = JOB_STEPS[job.state]
+        if ctx.health.paused and step.call is not Call.LOCAL:
+            return UNTIL_RESUMED  # no call of its own while paused: one probe for the daemon
         try:
             delay = step.run(ctx, t, job)
         except CallFailed as exc:
@@ -202,10 +207,12 @@ def on_job_failure(
         return None
     if action is Action.MAYBE_GONE:
         return remote.maybe_gone(ctx, t, job, failure, decision.delay)
-    if action is Action.RETRY:
-        _will_retry(ctx, bound, "will retry", failure, decision.delay, retries=job.retries)
     with contextlib.suppress(OSError):
         ctx.save(t)
+    if action is Action.PAUSE:
+        bound.debug("waits for the pause to end", error=failure.message)
+        return UNTIL_RESUMED
+    _will_retry(ctx, bound, "will retry", failure, decision.delay, retries=job.retries)
     return decision.delay
 
 

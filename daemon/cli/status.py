@@ -321,8 +321,22 @@ def file_row(
         "tokens": record.tokens or None,
         "cost_usd": config.cost_of(record.model, record.tokens),
         "error": {"stage": error.get("stage"), "message": error.get("message")} if error else None,
+        "quota": _quota(record) if not finished else None,
         "jobs": [_job_row(j) for j in record.jobs],
         "sidecar": str(sidecar) if sidecar else None,
+    }
+
+
+def _quota(record: JobRecord) -> dict[str, Any] | None:
+    """`{"waits", "waited_seconds", "next_try_at"}` while a job waits for the enqueued-token
+    quota (back in the queue after a refusal), else None."""
+    waiting = [j for j in record.jobs if j.state is JobState.QUEUED and j.quota_waits]
+    if not waiting:
+        return None
+    return {
+        "waits": max(j.quota_waits for j in waiting),
+        "waited_seconds": round(max(j.quota_wait_seconds for j in waiting), 1),
+        "next_try_at": min((j.not_before for j in waiting if j.not_before), default=None),
     }
 
 
@@ -380,7 +394,7 @@ def render_table(snap: Mapping[str, Any], now: datetime | None = None) -> str:
     lines.append(_join(COLUMNS, widths))
     for row, cells in zip(files, table[1:], strict=True):
         lines.append(_join(cells, widths))
-        lines.extend("  " + printable(detail) for detail in _details(row))
+        lines.extend("  " + printable(detail) for detail in _details(row, now))
     return "\n".join(lines) + "\n"
 
 
@@ -466,7 +480,7 @@ def progress_bar(progress: Mapping[str, int] | None, requests: int | None) -> st
     return text
 
 
-def _details(row: Mapping[str, Any]) -> list[str]:
+def _details(row: Mapping[str, Any], now: datetime) -> list[str]:
     """The indented lines under a row: rounds, retries and the last error, outbox paths."""
     details = []
     state = row["state"]
@@ -477,6 +491,12 @@ def _details(row: Mapping[str, Any]) -> list[str]:
     if (row.get("round") or 1) > 1:
         details.append(
             f"round {row['round']}/{row.get('rounds')}, {row.get('round_requests')} requests"
+        )
+    if row.get("quota"):
+        quota = row["quota"]
+        details.append(
+            f"waiting for quota: the enqueued-token quota refused it {quota['waits']} time(s) "
+            f"over {_duration(quota['waited_seconds'])}; next try {_until(quota['next_try_at'], now)}"
         )
     if row.get("last_error") and state != FileState.FAILED.value:
         error = _clip(str(row["last_error"]))

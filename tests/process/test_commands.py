@@ -186,7 +186,7 @@ def test_submit_and_cancel_against_a_running_daemon(spool: Spool, sim: Simulator
     job = spool.sidecar("second.jsonl")["job_name"]
     done = spool.cli("cancel", "second.jsonl", "-c", str(spool.config_path))
     assert done.returncode == 0, done.stderr
-    assert f"cancelled {job}" in done.stdout
+    assert f"second.jsonl: cancel requested: the daemon cancels its job(s) {job}" in done.stdout
     sim.set_job_state(spool.sidecar("first.jsonl")["job_name"], "SUCCEEDED")
     wait_for(lambda: spool.finished("first.jsonl") and spool.finished("second.jsonl"), timeout=30)
     assert [r["status"] for r in records(spool, "first.jsonl")] == ["ok", "ok"]

@@ -247,7 +247,8 @@ def outbox_name_taken(run: Run) -> None:
 
 @scenario("results-gone")
 def results_gone(run: Run) -> None:
-    """A crash before the answers were saved; then the job vanishes, and it ended long ago."""
+    """A crash before the answers were saved; then the job vanishes, and fetching its answers
+    has failed for as long as the API keeps them."""
     spool = run.spool
     spool.configure()
     spool.drop("gone.jsonl", ["a", "b"])
@@ -256,7 +257,7 @@ def results_gone(run: Run) -> None:
     spool.sim.forget_job(run.seen["job_name"])
     car = spool.inbox / "processing" / "gone.jsonl.job.json"
     record = json.loads(car.read_text())
-    record["jobs"][0]["ended_at"] = "2000-01-01T00:00:00Z"  # past the 48 h the API keeps answers
+    record["jobs"][0]["collect_failing_seconds"] = 48 * 3600 + 1  # the API keeps answers 48 h
     car.write_text(json.dumps(record))
     run.seen["rc"] = spool.run_once()
     run.names = ["gone.jsonl"]

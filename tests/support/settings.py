@@ -20,14 +20,24 @@ BASE: dict[str, Any] = {
 REAL_TIME: dict[str, Any] = {
     "inbox_settle_seconds": 0.3,
     "inbox_rescan_seconds": 1,
-    "api": {"lookup_grace_seconds": 1, "backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.5},
+    "api": {
+        "lookup_grace_seconds": 1,
+        "backoff_initial_seconds": 0.05,
+        "backoff_max_seconds": 0.5,
+        "probe_seconds": 0.5,
+    },
     "poll": {"initial_seconds": 0.05, "max_seconds": 0.3},
 }
 
 STEPPED: dict[str, Any] = {
     "inbox_settle_seconds": 0,
     "inbox_rescan_seconds": 3600,
-    "api": {"lookup_grace_seconds": 60, "backoff_initial_seconds": 1, "backoff_max_seconds": 30},
+    "api": {
+        "lookup_grace_seconds": 60,
+        "backoff_initial_seconds": 1,
+        "backoff_max_seconds": 30,
+        "probe_seconds": 30,
+    },
     "poll": {"initial_seconds": 1, "max_seconds": 30},
 }
 

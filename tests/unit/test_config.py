@@ -51,6 +51,7 @@ CONTRACT_API = {
     "lookup_grace_seconds": 120,
     "backoff_initial_seconds": 5,
     "backoff_max_seconds": 300,
+    "probe_seconds": 60,
 }
 CONTRACT_POLL = {"initial_seconds": 10, "max_seconds": 600, "multiplier": 2.0, "jitter": 0.1}
 CONTRACT_LIMITS = {
@@ -62,6 +63,7 @@ CONTRACT_LIMITS = {
     "max_job_bytes": 1_990_000_000,
     "max_requests_per_job": None,
     "max_enqueued_tokens": None,
+    "max_quota_wait_seconds": 86400,
 }
 
 

@@ -275,9 +275,10 @@ def test_transient_and_local_failures_retry_with_backoff(call: Call) -> None:
 
 
 @pytest.mark.parametrize("call", list(Call))
-def test_auth_pauses_at_least_the_pause_interval(call: Call) -> None:
+def test_auth_pauses_until_the_probe_finds_the_key_works(call: Call) -> None:
+    """The step waits for the pause to end (the daemon's one probe, every pause_seconds)."""
     assert decide(Kind.AUTH, call, 1) == (Action.PAUSE, 30.0)
-    assert decide(Kind.AUTH, call, 8) == (Action.PAUSE, 60.0)
+    assert decide(Kind.AUTH, call, 8) == (Action.PAUSE, 30.0)
 
 
 def test_quota_requeues_a_create_or_upload_and_retries_elsewhere() -> None:
