@@ -13,6 +13,7 @@ file (`job_outcome`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -107,20 +108,26 @@ class Failure:
 
 
 def classify(exc: BaseException, action: str) -> Failure:
-    """Turn any exception raised while doing `action` into a `Failure`."""
+    """Turn any exception raised while doing `action` into a `Failure`.
+
+    Its `cause` is what many files' failures share (a status, a folder's trouble, a kind of
+    bad reply): the log says each cause at most once a minute, however many files meet it."""
     if isinstance(exc, errors.APIError):
         return _api_failure(exc, action)
     if isinstance(exc, BadReply | json.JSONDecodeError | pydantic.ValidationError):
-        return Failure(Kind.TRANSIENT, _line(f"{action}: unusable reply: {exc}"))
+        text = _line(f"{action}: unusable reply: {exc}")
+        return Failure(Kind.TRANSIENT, text, cause="an unusable reply")
     if isinstance(exc, TRANSPORT_ERRORS):
-        return Failure(Kind.TRANSIENT, _line(f"{action}: {type(exc).__name__}: {exc}"))
+        text = _line(f"{action}: {type(exc).__name__}: {exc}")
+        return Failure(Kind.TRANSIENT, text, cause=f"a transport error: {type(exc).__name__}")
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        cause = (
-            f"{exc.strerror or exc} in {os.path.dirname(exc.filename)}" if exc.filename else None
-        )
+        cause = str(exc.strerror or exc)
+        if exc.filename:
+            cause += f" in {os.path.dirname(exc.filename)}"
         return Failure(Kind.LOCAL, _line(f"{action}: {exc.strerror or exc}{where}"), cause=cause)
-    return Failure(Kind.BUG, _line(f"{action}: {type(exc).__name__}: {exc}"))
+    text = _line(f"{action}: {type(exc).__name__}: {exc}")
+    return Failure(Kind.BUG, text, cause=f"a bug: {type(exc).__name__}")
 
 
 def _api_failure(exc: errors.APIError, action: str) -> Failure:
@@ -130,23 +137,25 @@ def _api_failure(exc: errors.APIError, action: str) -> Failure:
     reason = _reason(exc.details)
     text = _line(f"{action}: {code} {status or ''} {message}".replace("  ", " "))
     google = status in RPC_STATUSES
+    cause = f"{code} {status or ''}".strip()  # many files meet the same status at once
+    failure = functools.partial(Failure, code=code, status=status, reason=reason, cause=cause)
     if code == 429 and is_token_quota(message):
-        return Failure(Kind.QUOTA, text, code, status, reason)
+        return failure(Kind.QUOTA, text, cause=f"{code} {status}")
     if code is None or code >= 500 or code in (408, 429):
-        return Failure(Kind.TRANSIENT, text, code, status, reason)
+        return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
     if code == 403 and "may not exist" in message:  # what the API says of an unknown file
-        return Failure(Kind.NOT_FOUND, text, code, status, reason)
+        return failure(Kind.NOT_FOUND, text, cause=f"{code} {status}")
     if code in (401, 403) or reason in API_KEY_REASONS or status in OPERATOR_STATUSES:
-        return Failure(Kind.AUTH, text, code, status, reason)
+        return failure(Kind.AUTH, text, cause=f"{code} {status}")
     if code == 400 and "api key" in message.lower():
-        return Failure(Kind.AUTH, text, code, status, reason)
+        return failure(Kind.AUTH, text, cause=f"{code} {status}")
     if not google:  # a 4xx page from a proxy or gateway, not the API's verdict
-        return Failure(Kind.TRANSIENT, text, code, status, reason)
+        return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
     if code == 404:
-        return Failure(Kind.NOT_FOUND, text, code, status, reason)
+        return failure(Kind.NOT_FOUND, text, cause=f"{code} {status}")
     if 400 <= code < 500:
-        return Failure(Kind.REFUSED, text, code, status, reason)
-    return Failure(Kind.TRANSIENT, text, code, status, reason)
+        return failure(Kind.REFUSED, text, cause=f"{code} {status}")
+    return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
 
 
 def is_token_quota(message: str | None) -> bool:

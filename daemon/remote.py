@@ -160,8 +160,7 @@ def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float
     job.job_name, job.job_state = remote.name, remote.state_name
     job.create_pending_since = None
     job.lookups, job.lookup_seconds = 0, 0.0
-    for timer in ("lookup", "quota"):
-        t.forget_timer(job, timer)
+    t.forget_timer(job, "lookup")  # (a quota wait goes on: a job may fail for the quota)
     job.polls = 0
     job.move_to(JobState.RUNNING)
     delay = 0.0 if t.cancel_requested else ctx.poll.delay(0)
@@ -377,6 +376,7 @@ def requeue(ctx: Context, t: Tracked, job: JobEntry, reason: str, *, quota: bool
         part=job.part,
         reason=job.last_error,
         quota_waits=job.quota_waits,
+        retry_in=round(job.defer_seconds, 2) if quota else None,
     )
 
 

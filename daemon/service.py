@@ -234,7 +234,12 @@ class Service:
                 self.scheduler.wait(self._wait_limit())
         finally:
             self.shutdown()
-        left = self.once and any(self._quota_bound(t) for t in self.files.values())
+        return self.exit_status()
+
+    def exit_status(self) -> int:
+        """With `once`: 1 if a file got an error report, or waits for a quota nothing of ours
+        will free (left for the next run); else 0."""
+        left = any(self._quota_bound(t) for t in self.files.values())
         return 1 if self.once and (self.finished.failed or left) else 0
 
     def tick(self) -> None:

@@ -220,7 +220,7 @@ def _will_retry(
     ctx: Context, bound: Any, event: str, failure: Failure, delay: float, **fields: object
 ) -> None:
     """Log a failure to be retried: a warning, unless its cause was logged in the last minute."""
-    loud = failure.cause is None or ctx.throttle.due(failure.cause)
+    loud = ctx.throttle.due(failure.cause or failure.message)
     say = bound.warning if loud else bound.debug
     say(event, error=failure.message, kind=failure.kind.value, retry_in=round(delay, 2), **fields)
 

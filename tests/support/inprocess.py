@@ -32,10 +32,16 @@ EPOCH = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
 
 class WallClock(FakeClock):
-    """A fake monotonic clock with a wall clock that moves with it."""
+    """A fake monotonic clock with a wall clock that moves with it, unless a test steps the
+    wall clock alone (an NTP step, a VM resumed)."""
+
+    offset = 0.0
 
     def wall(self) -> datetime:
-        return EPOCH + timedelta(seconds=self.now)
+        return EPOCH + timedelta(seconds=self.now + self.offset)
+
+    def step_wall(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 class QuietWatcher(InboxWatcher):
