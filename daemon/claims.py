@@ -205,6 +205,16 @@ class Recovery:
             claim_id = self._claims_of_inputs.get((st.st_dev, st.st_ino))
             if claim_id is not None:
                 record.claim_id = claim_id
+                # Validated once (its index exists), so its sidecar existed and was lost: jobs
+                # may have been made. Each is looked up before it is made (again).
+                record.in_doubt = os.path.lexists(folder.work(claim_id, "index"))
+                if record.in_doubt:
+                    log.warning(
+                        "the sidecar is gone but the claim's work files remain; its jobs are "
+                        "looked up before any is made",
+                        file=spool.printable(name),
+                        claim=claim_id,
+                    )
             return record
         except SidecarError as exc:
             record = JobRecord(input=name, state=FileState.WRITING)

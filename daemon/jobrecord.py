@@ -28,6 +28,9 @@ ANSWERED_STATES = frozenset(state.value for state in RemoteState if state.answer
 DISPLAY_NAME_MAX = 128
 """Longest display name we send; the API's own limit is not documented, so stay short."""
 
+ATTEMPT_DIGITS = 4
+"""Room kept for a job's attempt number at the end of its display name."""
+
 
 class FileState(str, Enum):
     """Where an input file is in its lifecycle; the sidecar's `state` field."""
@@ -196,6 +199,7 @@ class JobRecord:
     include_response: bool | None = None  # likewise: results are written as claimed
     endpoint: str | None = None  # the API endpoint (base URL and version) its jobs belong to
     key_id: str | None = None  # a fingerprint of the API key its jobs belong to (never the key)
+    in_doubt: bool = False  # its sidecar was lost: any job of this claim may exist already
     rounds: int = 1  # 1 + retry_requests when validated
     jobs: list[JobEntry] = field(default_factory=list)
     created_at: str = field(default_factory=isotime)
@@ -230,10 +234,13 @@ class JobRecord:
 
     def display_name(self, job: JobEntry) -> str:
         """Names the file, its content, this claim and the job, so it can be found after a crash."""
-        suffix = (
-            f"/{(self.sha256 or '')[:16]}/{self.claim_id}/r{job.round}p{job.part}a{job.attempt}"
-        )
-        return "gemini-batchd/" + self.input[: DISPLAY_NAME_MAX - len(suffix) - 14] + suffix
+        return self.job_prefix(job) + str(job.attempt)
+
+    def job_prefix(self, job: JobEntry) -> str:
+        """How the display name of every attempt of `job` starts (`.../r1p2a`)."""
+        suffix = f"/{(self.sha256 or '')[:16]}/{self.claim_id}/r{job.round}p{job.part}a"
+        room = DISPLAY_NAME_MAX - len(suffix) - len("gemini-batchd/") - ATTEMPT_DIGITS
+        return "gemini-batchd/" + self.input[:room] + suffix
 
     def summarize(self) -> None:
         """Derive the file's in-flight state and its summary fields from its jobs."""

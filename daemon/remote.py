@@ -101,7 +101,7 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     assert job.display_name and record.model
     if job.create_pending_since:
         crash_point("in_lookup")
-        found = ctx.call(Call.LOOKUP, "look up the job", ctx.engine.find_job, job.display_name)
+        found = lookup(ctx, t, job)
         if found is not None:
             log.warning(
                 "adopted a job created before a crash or a lost reply", file=t.name, job=found.name
@@ -154,6 +154,22 @@ def submit(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
         raise
     crash_point("after_create")
     return started(ctx, t, job, remote)
+
+
+def lookup(ctx: Context, t: Tracked, job: JobEntry) -> RemoteJob | None:
+    """The job a create in doubt may have made. A file whose sidecar was lost knows no
+    attempt numbers: any attempt of the job is taken (the newest), and its number kept."""
+    if not t.record.in_doubt:
+        assert job.display_name
+        return ctx.call(Call.LOOKUP, "look up the job", ctx.engine.find_job, job.display_name)
+    prefix = t.record.job_prefix(job)
+    found = ctx.call(Call.LOOKUP, "look up the job", ctx.engine.find_job, prefix, prefix=True)
+    if found is not None and found.display_name:
+        attempt = found.display_name[len(prefix) :]
+        if attempt.isdigit():
+            job.attempt = int(attempt)
+            job.display_name = found.display_name
+    return found
 
 
 def started(ctx: Context, t: Tracked, job: JobEntry, remote: RemoteJob) -> float:

@@ -75,6 +75,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                                 round=current + 1,
                                 part=len(added) + 1,
                                 mode="inline",
+                                create_pending_since=ctx.stamp() if record.in_doubt else None,
                             )
                             next_index += 1
                             added.append(current_job)

@@ -104,6 +104,7 @@ def validate(ctx: Context, t: Tracked) -> Next:
             bytes=job.bytes,
             tokens=job.tokens,
             mode=limits.mode(scan.payload_bytes, scan.requests),
+            create_pending_since=ctx.stamp() if record.in_doubt else None,
         )
         for job in found.jobs
     ]

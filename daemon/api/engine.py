@@ -150,9 +150,10 @@ class Engine(Protocol):
         `source` is the request file (inline) or what `upload` returned."""
         ...
 
-    def find_job(self, display_name: str) -> RemoteJob | None:
-        """The job with this display name; None only when a complete listing has none (a
-        listing that fails or cannot be read raises: it proves nothing)."""
+    def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
+        """The job with this display name (`prefix`: the newest whose display name starts
+        so); None only when a complete listing has none (a listing that fails or cannot be
+        read raises: it proves nothing)."""
         ...
 
     def get_job(self, name: str) -> RemoteJob: ...

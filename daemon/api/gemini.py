@@ -114,15 +114,18 @@ class GeminiEngine:
         """One GET of the batch operation, read whole: state, progress, error, answers."""
         return wire.parse_operation(self._json("get", _batch_path(name), {}))
 
-    def find_job(self, display_name: str) -> RemoteJob | None:
-        """The job with this display name; None only when a complete listing has none.
-
-        Any failed or unreadable page raises: an incomplete listing proves nothing.
-        """
+    def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
+        """The job with this display name (`prefix`: the newest whose name starts so); None
+        only when a complete listing has none. Any failed or unreadable page raises: an
+        incomplete listing proves nothing."""
+        found: list[RemoteJob] = []
         for job in self._all_jobs():
-            if job.display_name == display_name:
+            name = job.display_name or ""
+            if name == display_name:
                 return job
-        return None
+            if prefix and name.startswith(display_name):
+                found.append(job)
+        return max(found, key=lambda j: j.create_time or "", default=None)
 
     def _all_jobs(self) -> Iterator[RemoteJob]:
         token: str | None = None

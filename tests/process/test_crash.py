@@ -179,6 +179,30 @@ for _point in ("while_fetching", "mid_write"):
     scenario(f"file-api:{_point}")(crash_in_the_file_api_path(_point))
 
 
+LOST_SIDECAR_POINTS = ("after_create", "while_polling", "after_collect@3", "after_round")
+
+
+def lose_sidecars_at(point: str) -> Scenario:
+    """`kill -9` at `point`, and every sidecar deleted meanwhile (an operator's `rm`): the
+    claims' work files remain, so each job is looked up before it is made again."""
+
+    def play(run: Run) -> None:
+        spool = run.spool
+        run.names = drop_corpus(spool)
+        wait_killed(spool.start("--once", env={CRASH_ENV: point}))
+        lost = list((spool.inbox / "processing").glob("*.job.json"))
+        for sidecar in lost:
+            sidecar.unlink()
+        run.seen["lost"] = len(lost)
+        run.seen["rc"] = spool.run_once()
+
+    return play
+
+
+for _point in LOST_SIDECAR_POINTS:
+    scenario(f"sidecar-lost:{_point}")(lose_sidecars_at(_point))
+
+
 @scenario("every-point-in-turn")
 def every_point_in_turn(run: Run) -> None:
     """One restart per crash point, each crashing again further on: the worst day possible."""
@@ -391,6 +415,16 @@ def test_restart_under_a_changed_config_writes_results_as_claimed(runs: dict[str
     assert "response" in record
 
 
+@pytest.mark.parametrize("point", LOST_SIDECAR_POINTS)
+def test_a_lost_sidecar_and_a_crash_never_pay_twice(
+    runs: dict[str, Run], baseline: dict[str, list[dict[str, Any]]], point: str
+) -> None:
+    run = result(runs, f"sidecar-lost:{point}")
+    assert run.seen["lost"] >= 1
+    assert run.seen["rc"] == 0, run.spool.logs()[-4000:]
+    assert_same_as_baseline(run, baseline)
+
+
 def test_every_scenario_has_a_test() -> None:
     tested = {f"point:{p}" for p in [*POINTS, *LATER]} | {
         "file-api:while_fetching",
@@ -401,5 +435,6 @@ def test_every_scenario_has_a_test() -> None:
         "outbox-name-taken",
         "results-gone",
         "changed-config",
+        *(f"sidecar-lost:{p}" for p in LOST_SIDECAR_POINTS),
     }
     assert set(SCENARIOS) == tested

@@ -65,10 +65,12 @@ class MemoryEngine:
         self.jobs[job.name] = job
         return self._remote(job)
 
-    def find_job(self, display_name: str) -> RemoteJob | None:
+    def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
         self.calls.append("find")
-        for job in self.jobs.values():
-            if job.display_name == display_name:
+        for job in reversed(self.jobs.values()):
+            if job.display_name == display_name or (
+                prefix and job.display_name.startswith(display_name)
+            ):
                 return self._remote(job)
         return None
 

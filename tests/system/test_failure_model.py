@@ -188,9 +188,13 @@ def test_a_quota_that_never_frees_fails_the_file_after_the_limit_keeping_its_upl
     daemon = make_daemon(limits={"max_quota_wait_seconds": 600, "inline_max_bytes": 10})
     daemon.drop("a.jsonl", LINES)
     daemon.run_until(lambda: (daemon.sidecar("a.jsonl")["jobs"][0]["quota_waits"] or 0) >= 2)
-    row = next(r for r in status_command.snapshot(daemon.config)["files"] if r["input"] == "a.jsonl")
+    row = next(
+        r for r in status_command.snapshot(daemon.config)["files"] if r["input"] == "a.jsonl"
+    )
     assert row["quota"]["waits"] >= 2
-    assert "waiting for quota" in status_command.render_table(status_command.snapshot(daemon.config))
+    assert "waiting for quota" in status_command.render_table(
+        status_command.snapshot(daemon.config)
+    )
     assert "waiting for quota" in daemon.service.status_text()
     daemon.run_all()
     report = daemon.report("a.jsonl")
