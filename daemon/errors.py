@@ -37,6 +37,10 @@ class BadReply(BatchdError, ValueError):
     """A reply the daemon cannot use at all: empty, HTML, truncated, not an object, no name."""
 
 
+class UnreadableResults(BadReply):
+    """A results file arrived whole but cannot be read whole (a line no parser takes)."""
+
+
 class OutOfOrder(BatchdError):
     """Answers did not come back in request order: match them through an index instead."""
 

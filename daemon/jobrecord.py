@@ -148,6 +148,7 @@ class JobEntry:
     results_file: str | None = None  # the API's responses file (File API), until deleted
     ended_at: str | None = None
     collect_failing_seconds: float = 0.0  # how long fetching its answers has failed
+    unreadable_results: int = 0  # downloads in a row whose results could not be read whole
     error: str | None = None  # why the job ended without answers (FAILED, EXPIRED, refused...)
     stage: str | None = None  # the error report's stage for `error`: submission, job, results
     not_before: str | None = None  # not started again before (quota, round backoff): shown

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import answers, logs
 from .api import RemoteJob, RemoteState
 from .context import Context, Tracked
-from .errors import CallFailed, LeftAlone
+from .errors import BadReply, CallFailed, LeftAlone, UnreadableResults
 from .failures import Call, Failure, Kind, Outcome, job_outcome
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState
@@ -29,6 +29,10 @@ RESULTS_LIFETIME = 48 * 3600
 UPLOAD_KEPT_SECONDS = 40 * 3600
 """An upload is kept for the next attempt of a job refused for the quota while it is younger
 than this: the API deletes uploads after 48 hours."""
+
+MAX_UNREADABLE_RESULTS = 3
+"""Downloads of a results file that fail to read the same way before its readable part is
+taken as the job's answers (an API that keeps sending one broken file)."""
 
 MIN_LOOKUPS = 2
 """A create in doubt is made again only after this many complete listings without the job
@@ -312,6 +316,14 @@ def collect(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
                     temp,
                 )
                 os.replace(temp, saved)
+            except CallFailed as exc:
+                if not isinstance(exc.__cause__, UnreadableResults):
+                    raise
+                same = exc.failure.message == job.last_error
+                job.unreadable_results = job.unreadable_results + 1 if same else 1
+                if job.unreadable_results < MAX_UNREADABLE_RESULTS:
+                    raise
+                keep_what_reads(ctx, t, job, temp, saved, exc.failure.message)
             finally:
                 temp.unlink(missing_ok=True)
     t.remote.pop(job.index, None)
@@ -332,7 +344,27 @@ def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
     assert job.results_file
     ctx.engine.download(job.results_file, destination, expected_bytes=4 * job.bytes)
     # Every request the API counts as succeeded has a line; a failed one may have none.
-    answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
+    try:
+        answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
+    except BadReply as exc:
+        raise UnreadableResults(str(exc)) from None
+
+
+def keep_what_reads(
+    ctx: Context, t: Tracked, job: JobEntry, download: Path, saved: Path, why: str
+) -> None:
+    """The same results file could not be read whole, download after download: its readable
+    answers are the job's answers (the rest come out missing), the file stays at the API for
+    the operator (never deleted), and the file as a whole fails, naming it."""
+    os.replace(download, saved)
+    kept, job.results_file = job.results_file, None
+    message = (
+        f"the results file {kept} of job {job.job_name} could not be read whole after "
+        f"{job.unreadable_results} downloads ({why}); its readable answers are written, the "
+        f"others are missing; the file is kept at the API (for 48 h): {kept}"
+    )
+    t.record.error = t.record.error or {"stage": "results", "message": logs.redact(message)}
+    log.warning("results file unreadable; kept at the API", file=t.name, results=kept, reason=why)
 
 
 def delete_remote(ctx: Context, t: Tracked, name: str) -> None:

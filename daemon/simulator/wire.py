@@ -260,6 +260,7 @@ class Fault:
     trickle: float = 0.0
     trickle_headers: bool = False
     rewrite: Callable[[Any], Any] | None = None  # the real reply's JSON, changed (body "real")
+    rewrite_bytes: Callable[[bytes], bytes] | None = None  # ... or its bytes (a download)
 
     def __post_init__(self) -> None:
         if self.body not in FAULT_BODIES:
@@ -328,6 +329,21 @@ class Fault:
         return cls(method, path_contains, times=times, after=True, body="real", rewrite=change)
 
     @classmethod
+    def rewritten_bytes(
+        cls,
+        change: Callable[[bytes], bytes],
+        *,
+        method: str | None = None,
+        path_contains: str | None = None,
+        times: int = 1,
+    ) -> Fault:
+        """Do the work, then send its real reply's body passed through `change` (a results
+        file with a line no parser takes, say)."""
+        fault = cls(method, path_contains, times=times, after=True, body="real")
+        fault.rewrite_bytes = change
+        return fault
+
+    @classmethod
     def reset(
         cls,
         *,
@@ -363,6 +379,8 @@ class Fault:
                 changed = self.rewrite(json.loads(real.body))
                 reply = Reply(real.status, b"", real.content_type, dict(real.headers))
                 reply.payload = changed
+            elif self.rewrite_bytes is not None:
+                reply = Reply(real.status, self.rewrite_bytes(real.body), real.content_type)
         elif self.body in ("error", "real"):
             reply = error_reply(self.status, self.message)
         else:

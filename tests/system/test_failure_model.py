@@ -284,3 +284,33 @@ def test_a_full_disk_is_said_once_a_minute_not_once_per_file(
     full["on"] = False
     daemon.run_all()
     assert all(daemon.results(f"f{i}.jsonl") for i in range(8))
+
+
+# ---- a results file that cannot be read whole -------------------------------------------------
+
+DEEP = b'{"key": "deep", "response": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+
+
+def test_an_unreadable_results_file_ends_the_file_keeping_what_reads(
+    make_daemon: Any, sim: Simulator
+) -> None:
+    """Its last line is JSON nested 100,000 deep (no parser takes it), download after download:
+    after three, the readable answers are written, the rest are missing, the file fails with a
+    report of stage `results` naming the results file, which is kept at the API."""
+    sim.add_fault(
+        Fault.rewritten_bytes(lambda body: body + DEEP, path_contains=":download", times=100)
+    )
+    daemon = make_daemon(limits={"inline_max_bytes": 10}, retry_requests=0)
+    daemon.drop("a.jsonl", LINES)
+    daemon.run_all()
+    report = daemon.report("a.jsonl")
+    assert (
+        report["stage"] == "results"
+        and "could not be read whole after 3 downloads" in (report["message"])
+    )
+    kept = next(name for name in sim.files if name.startswith("files/batch-"))
+    assert kept in report["message"]  # named, and still at the API
+    assert [r["status"] for r in daemon.results("a.jsonl")] == ["ok"] * 3
+    downloads = [p for m, p, _ in sim.requests_log if ":download" in p]
+    assert len(downloads) == 3
+    assert (daemon.inbox / "failed" / "a.jsonl").exists()
