@@ -104,6 +104,7 @@ class Tracked:
     dirty: bool = False  # the record has changes not saved yet (none that must be durable)
     verified: bool = True  # its work files are known to be whole (claimed by this process)
     marks: dict[tuple[int, str], float] = field(default_factory=dict)  # see `elapsed`
+    quota_refused: set[int] = field(default_factory=set)  # jobs the quota refused in this run
 
     @property
     def sidecar(self) -> Path:

@@ -48,6 +48,7 @@ def start_job(ctx: Context, t: Tracked, job: JobEntry) -> float | None:
     if job.index not in t.granted:
         return None
     t.granted.discard(job.index)
+    t.quota_refused.discard(job.index)
     job.display_name = t.record.display_name(job)
     job.not_before = None
     upload = job.mode == "file" and not job.uploaded_file  # kept through a quota wait
@@ -414,6 +415,7 @@ def requeue(ctx: Context, t: Tracked, job: JobEntry, reason: str, *, quota: bool
     job.uploaded_file = kept
     if quota:
         t.defer(job, ctx.policy.backoff.delay(job.quota_waits - 1), ctx.clock(), ctx.wall())
+        t.quota_refused.add(job.index)
     job.attempt += 1
     job.move_to(JobState.QUEUED)
     job.last_error = logs.redact(reason)

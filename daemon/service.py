@@ -292,11 +292,11 @@ class Service:
 
     @staticmethod
     def _quota_bound(t: Tracked) -> bool:
-        """Whether all a file's unfinished jobs wait in the queue for the token quota."""
+        """Whether all a file's unfinished jobs wait in the queue, refused for the token quota
+        since this daemon started (one restarted in such a wait tries once more first)."""
         waiting = [j for j in t.record.jobs if j.state is not JobState.COLLECTED]
         return bool(waiting) and all(
-            j.state is JobState.QUEUED and j.quota_waits and j.index not in t.granted
-            for j in waiting
+            j.state is JobState.QUEUED and j.index in t.quota_refused for j in waiting
         )
 
     def shutdown(self) -> None:
