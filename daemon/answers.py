@@ -20,7 +20,7 @@ from typing import IO, Any, NamedTuple
 import orjson
 
 from . import atomic, logs, records
-from .errors import BadReply, OutOfOrder
+from .errors import BadReply, OutOfOrder, UnreadableResults
 from .jsonl import dumps, int_or_none, mapping, parse_json, str_or_none
 from .keymap import KeyMap
 from .plan import IndexEntry, read_index
@@ -179,7 +179,10 @@ def check_responses_file(path: Path, answered: int = 0) -> None:
     JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
     retried), not the job's answers. A body is only ever cut at its end, so the first and last
     lines tell. `answered`: requests the job reported done; fewer lines than that is a failure
-    too (a body cut at a line boundary, or empty)."""
+    too (a body cut at a line boundary, empty, or predictions not all written yet).
+
+    A line that starts like a JSON object but no parser takes (cut, or nested too deep) is
+    `UnreadableResults`: if the same file keeps coming back so, its readable part is used."""
     first: bytes | None = None
     last: bytes | None = None
     lines = 0
@@ -199,7 +202,8 @@ def check_responses_file(path: Path, answered: int = 0) -> None:
         except orjson.JSONDecodeError:
             value = None
         if not isinstance(value, dict):
-            raise BadReply(
+            broken = UnreadableResults if raw.lstrip().startswith(b"{") else BadReply
+            raise broken(
                 f"the responses file is not JSON lines: its {which} line is not a JSON object"
                 f" ({path.stat().st_size} bytes received)"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,46 @@ class ModelPrice(_Section):
         return (discounted + cached_tokens * cached_price) / 1_000_000
 
 
+STAGING_URI = re.compile(r"gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?:/(.*))?")
+"""`gs://BUCKET` or `gs://BUCKET/PREFIX`: where Vertex AI's inputs and predictions are staged."""
+
+
+class VertexSettings(_Section):
+    """Vertex AI batch prediction (`backend: vertex`): a Google Cloud project, its location,
+    a Cloud Storage folder for inputs and predictions, and a service account."""
+
+    project: str | None = Field(default=None, min_length=1)
+    location: str = Field(default="us-central1", pattern=r"^[a-z][a-z0-9-]*$")
+    staging_uri: str | None = None
+    credentials_file: Path | None = Field(default=None, strict=False)
+    keep_staged: bool = False
+
+    @model_validator(mode="after")
+    def _staging_uri_is_a_folder_of_a_bucket(self) -> VertexSettings:
+        uri = self.staging_uri
+        if uri is not None and (STAGING_URI.fullmatch(uri) is None or "//" in uri[5:]):
+            raise ValueError(  # names its key in full: see _describe
+                f"'vertex.staging_uri': must be gs://BUCKET or gs://BUCKET/PREFIX (got {uri!r})"
+            )
+        return self
+
+    @property
+    def bucket(self) -> str:
+        """The staging bucket's name."""
+        return self._parts()[0]
+
+    @property
+    def prefix(self) -> str:
+        """The staging folder inside the bucket, without slashes at either end ('' for none)."""
+        return self._parts()[1]
+
+    def _parts(self) -> tuple[str, str]:
+        match = STAGING_URI.fullmatch(self.staging_uri or "")
+        if match is None:
+            raise ValueError("vertex.staging_uri is not set")
+        return match.group(1), (match.group(2) or "").strip("/")
+
+
 class Config(_Section):
     """Every key of the contract, with its default; paths are absolute once loaded."""
 
@@ -149,10 +190,24 @@ class Config(_Section):
     limits: Limits = Limits()
     inbox_settle_seconds: float = Field(default=2, ge=0)
     inbox_rescan_seconds: float = Field(default=30, gt=0)
+    backend: Literal["gemini", "vertex"] = "gemini"
+    vertex: VertexSettings = VertexSettings()
 
     # Where the settings came from (set by load_config); not keys of the file.
     _source: Path | None = PrivateAttr(default=None)
     _looked_for: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _vertex_needs_a_project_and_a_bucket(self) -> Config:
+        if self.backend == "vertex":
+            missing = [
+                f"'vertex.{key}': required with backend: vertex"
+                for key in ("project", "staging_uri")
+                if getattr(self.vertex, key) is None
+            ]
+            if missing:
+                raise ValueError("; ".join(missing))  # names its keys in full: see _describe
+        return self
 
     @model_validator(mode="after")
     def _one_system_prompt(self) -> Config:
@@ -251,6 +306,13 @@ def load_config(path: Path, *, must_exist: bool = True) -> Config:
             "metrics_file": base / config.metrics_file if config.metrics_file else None,
             "api": config.api.model_copy(
                 update={"key_file": base / config.api.key_file if config.api.key_file else None}
+            ),
+            "vertex": config.vertex.model_copy(
+                update={
+                    "credentials_file": base / config.vertex.credentials_file
+                    if config.vertex.credentials_file
+                    else None
+                }
             ),
         }
     )

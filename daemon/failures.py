@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 import pydantic
+import requests
+from google.api_core import exceptions as api_core
+from google.auth import exceptions as auth_exceptions
 from google.genai import errors
 
 from . import logs
@@ -63,12 +66,30 @@ MAX_BUG_RETRIES = 5
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP library the SDK uses (httpx2 in 3.x, httpx before)."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    """Connection-level errors of the HTTP libraries the engines use: whichever the SDK uses
+    (httpx2 in 3.x, httpx before), and requests (Cloud Storage, token refreshes)."""
+    found: list[type[BaseException]] = [
+        ConnectionError,
+        TimeoutError,
+        requests.RequestException,
+        auth_exceptions.TransportError,
+    ]
     for module in ("httpx2", "httpx"):
         with contextlib.suppress(ImportError):
             found.append(importlib.import_module(module).TransportError)
     return tuple(found)
+
+
+def _data_corruption() -> tuple[type[BaseException], ...]:
+    """An upload or download whose checksum did not match (Cloud Storage's client)."""
+    found: list[type[BaseException]] = []
+    for module in ("google.cloud.storage.exceptions", "google.resumable_media.common"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(importlib.import_module(module).DataCorruption)
+    return tuple(found)
+
+
+DATA_CORRUPTION = _data_corruption()
 
 
 TRANSPORT_ERRORS = _transport_errors()
@@ -114,6 +135,14 @@ def classify(exc: BaseException, action: str) -> Failure:
     bad reply): the log says each cause at most once a minute, however many files meet it."""
     if isinstance(exc, errors.APIError):
         return _api_failure(exc, action)
+    if isinstance(exc, api_core.GoogleAPICallError):
+        return _storage_failure(exc, action)
+    if isinstance(exc, auth_exceptions.RefreshError | auth_exceptions.DefaultCredentialsError):
+        text = _line(f"{action}: the credential was refused: {exc}")
+        return Failure(Kind.AUTH, text, cause="the credential was refused")
+    if isinstance(exc, DATA_CORRUPTION):
+        text = _line(f"{action}: the checksums do not agree: {exc}")
+        return Failure(Kind.TRANSIENT, text, cause="a checksum mismatch")
     if isinstance(exc, BadReply | json.JSONDecodeError | pydantic.ValidationError):
         text = _line(f"{action}: unusable reply: {exc}")
         return Failure(Kind.TRANSIENT, text, cause="an unusable reply")
@@ -130,6 +159,22 @@ def classify(exc: BaseException, action: str) -> Failure:
     return Failure(Kind.BUG, text, cause=f"a bug: {type(exc).__name__}")
 
 
+def _storage_failure(exc: api_core.GoogleAPICallError, action: str) -> Failure:
+    """Cloud Storage (and other google-api-core) errors: a missing bucket or a denied
+    permission is the operator's to fix (a pause); a missing object is not found."""
+    code = exc.code if isinstance(exc.code, int) else None
+    message = str(exc.message or "")
+    text = _line(f"{action}: {code} {message}")
+    failure = functools.partial(Failure, code=code, cause=f"Cloud Storage {code}")
+    if code is None or code >= 500 or code in (408, 429):
+        return failure(Kind.TRANSIENT, text)
+    if code in (401, 403) or "bucket does not exist" in message.lower():
+        return failure(Kind.AUTH, text)
+    if code == 404:
+        return failure(Kind.NOT_FOUND, text)
+    return failure(Kind.REFUSED, text)
+
+
 def _api_failure(exc: errors.APIError, action: str) -> Failure:
     code = exc.code if isinstance(exc.code, int) else None
     status = exc.status if isinstance(exc.status, str) else None
@@ -140,22 +185,30 @@ def _api_failure(exc: errors.APIError, action: str) -> Failure:
     cause = f"{code} {status or ''}".strip()  # many files meet the same status at once
     failure = functools.partial(Failure, code=code, status=status, reason=reason, cause=cause)
     if code == 429 and is_token_quota(message):
-        return failure(Kind.QUOTA, text, cause=f"{code} {status}")
+        return failure(Kind.QUOTA, text)
     if code is None or code >= 500 or code in (408, 429):
-        return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
-    if code == 403 and "may not exist" in message:  # what the API says of an unknown file
-        return failure(Kind.NOT_FOUND, text, cause=f"{code} {status}")
+        return failure(Kind.TRANSIENT, text)
+    if code == 403 and _unknown_file(message):
+        return failure(Kind.NOT_FOUND, text)
     if code in (401, 403) or reason in API_KEY_REASONS or status in OPERATOR_STATUSES:
-        return failure(Kind.AUTH, text, cause=f"{code} {status}")
+        return failure(Kind.AUTH, text)
     if code == 400 and "api key" in message.lower():
-        return failure(Kind.AUTH, text, cause=f"{code} {status}")
+        return failure(Kind.AUTH, text)
     if not google:  # a 4xx page from a proxy or gateway, not the API's verdict
-        return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
+        return failure(Kind.TRANSIENT, text)
     if code == 404:
-        return failure(Kind.NOT_FOUND, text, cause=f"{code} {status}")
+        return failure(Kind.NOT_FOUND, text)
     if 400 <= code < 500:
-        return failure(Kind.REFUSED, text, cause=f"{code} {status}")
-    return failure(Kind.TRANSIENT, text, cause=f"{code} {status}")
+        return failure(Kind.REFUSED, text)
+    return failure(Kind.TRANSIENT, text)
+
+
+def _unknown_file(message: str) -> bool:
+    """What the Gemini API answers for an upload or results file it does not know (a 403:
+    "You do not have permission to access the File x or it may not exist."). Vertex's "(or it
+    may not exist)" after a denied permission is a permission to grant, not a missing file."""
+    text = message.lower()
+    return "access the file" in text and "may not exist" in text
 
 
 def is_token_quota(message: str | None) -> bool:

@@ -186,11 +186,16 @@ class _BadLine(Exception):
 
 
 def read_requests(
-    path: Path, defaults: Defaults, scan: Scan | None = None
+    path: Path,
+    defaults: Defaults,
+    scan: Scan | None = None,
+    *,
+    check: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Iterator[Request | LineError]:
     """Yield each non-blank line of `path` as a `Request` or a `LineError`, in file order.
 
-    When `scan` is given it is filled in as the file is read (size, hash, counts, errors).
+    When `scan` is given it is filled in as the file is read (size, hash, counts, errors);
+    `check` is the engine's own rule for each request (a reason refuses the line).
     """
     scan = scan if scan is not None else Scan(path)
     digest = hashlib.sha256()
@@ -203,6 +208,12 @@ def read_requests(
             item = _parse_raw(raw, number, defaults, keys)
             if item is None:
                 continue
+            if check is not None and type(item) is Request:
+                problem = check(item.body)
+                if problem is not None:
+                    item = LineError(
+                        number, f"the request would fail the whole job: {problem}", item.key
+                    )
             if type(item) is Request:
                 scan.requests += 1
                 scan.payload_bytes += payload_bytes(raw, item.key, overhead)
@@ -247,10 +258,12 @@ def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
-def scan_file(path: Path, defaults: Defaults) -> Scan:
+def scan_file(
+    path: Path, defaults: Defaults, check: Callable[[Mapping[str, Any]], str | None] | None = None
+) -> Scan:
     """Read the whole file once, keeping only counts, the hash and the first errors."""
     scan = Scan(path)
-    for _ in read_requests(path, defaults, scan):
+    for _ in read_requests(path, defaults, scan, check=check):
         pass
     return scan
 

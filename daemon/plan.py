@@ -20,7 +20,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 import orjson
 
-from .api.engine import EngineLimits
+from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
 from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
 
@@ -34,6 +34,7 @@ class JobLimits:
     max_job_tokens: int | None
     inline_max_bytes: int = 0  # 0: the engine takes no inline jobs
     inline_max_requests: int = 0
+    check: RequestCheck | None = None  # the engine's own rule for each request
 
     @classmethod
     def of(cls, limits: Limits, engine: EngineLimits) -> JobLimits:
@@ -46,6 +47,7 @@ class JobLimits:
             limits.max_enqueued_tokens,
             limits.inline_max_bytes if engine.inline else 0,
             limits.inline_max_requests if engine.inline else 0,
+            engine.check,
         )
 
     def mode(self, payload_bytes: int, requests: int) -> str:
@@ -125,7 +127,7 @@ def write_plan(
     handle: IO[bytes] | None = None
     try:
         with index_path.open("wb") as index:
-            for item in read_requests(source, defaults, scan):
+            for item in read_requests(source, defaults, scan, check=limits.check):
                 if type(item) is not Request:
                     assert isinstance(item, LineError)
                     if keep_invalid:

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import answers, logs
 from .api import RemoteJob, RemoteState
 from .context import Context, Tracked
-from .errors import BadReply, CallFailed, LeftAlone, UnreadableResults
+from .errors import CallFailed, LeftAlone, UnreadableResults
 from .failures import Call, Failure, Kind, Outcome, job_outcome
 from .faults import crash_point
 from .jobrecord import JobEntry, JobState
@@ -345,10 +345,7 @@ def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
     assert job.results_file
     ctx.engine.download(job.results_file, destination, expected_bytes=4 * job.bytes)
     # Every request the API counts as succeeded has a line; a failed one may have none.
-    try:
-        answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
-    except BadReply as exc:
-        raise UnreadableResults(str(exc)) from None
+    answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
 
 
 def keep_what_reads(

@@ -12,6 +12,7 @@ that matching and merging (`answers.py`) know no engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -115,6 +116,10 @@ class RemoteJob:
         return self.state.ended
 
 
+RequestCheck = Callable[[Mapping[str, Any]], "str | None"]
+"""Why a service would refuse a request (validation then refuses that line), or None."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     """What a service takes in one job."""
@@ -122,6 +127,7 @@ class EngineLimits:
     inline: bool  # requests in the create call (else every job's requests are uploaded first)
     max_job_bytes: int
     max_job_requests: int | None = None
+    check: RequestCheck | None = None  # a rule of the service's own for each request
 
 
 class Engine(Protocol):

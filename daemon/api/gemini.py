@@ -29,12 +29,6 @@ LIST_PAGE_SIZE = 100
 BATCH_MIME_TYPE = "application/jsonl"
 """Mime type of an uploaded batch input file; the SDK cannot guess it for `.jsonl`."""
 
-TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
-"""Statuses the SDK retries by itself within one call (never for a create)."""
-
-MIN_TRANSFER_RATE = 128 * 1024
-"""Bytes per second an upload or download may not fall below: its deadline grows with its size."""
-
 T = TypeVar("T")
 
 
@@ -68,18 +62,11 @@ class GeminiEngine:
         self.account = key_fingerprint(api_key)
         self._own_http = None
         if client is None:  # a client given (the library, tests) comes with its own HTTP
-            retry = types.HttpRetryOptions(
-                attempts=retries,
-                initial_delay=1.0,
-                max_delay=min(30.0, timeout_seconds / 4),
-                jitter=1.0,
-                http_status_codes=list(TRANSIENT_HTTP_CODES),
-            )
             options = http.http_options(
                 base_url=base_url,
                 api_version=api_version,
                 timeout_seconds=timeout_seconds,
-                retry_options=retry,
+                retry_options=http.retry_options(retries, timeout_seconds),
             )
             self._own_http = options.httpx_client
             client = genai.Client(api_key=api_key, http_options=options)
@@ -90,7 +77,7 @@ class GeminiEngine:
         return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
 
     def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
-        with http.deadline(self.timeout + size / MIN_TRANSFER_RATE):
+        with http.deadline(self.timeout + size / http.MIN_TRANSFER_RATE):
             return call()
 
     @staticmethod

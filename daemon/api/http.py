@@ -38,6 +38,12 @@ from google.genai import types
 
 from ..errors import BatchdError
 
+TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
+"""Statuses the SDK retries by itself within one call (never for a create)."""
+
+MIN_TRANSFER_RATE = 128 * 1024
+"""Bytes per second an upload or download may not fall below: its deadline grows with its size."""
+
 WRITE_PIECE = 16 * 1024
 """Bytes sent per capped write: one TLS record, which Python's ssl module sends within one
 timeout (over plain TCP a piece drained slowly may take a few sends of that timeout each)."""
@@ -273,6 +279,17 @@ def ssl_context() -> ssl.SSLContext:
     if cafile or capath:
         return ssl.create_default_context(cafile=cafile, capath=capath)
     return httpx2.create_ssl_context()
+
+
+def retry_options(attempts: int, timeout_seconds: float) -> types.HttpRetryOptions:
+    """The SDK's retries within one call: `attempts` for 408, 429, 5xx and resets."""
+    return types.HttpRetryOptions(
+        attempts=attempts,
+        initial_delay=1.0,
+        max_delay=min(30.0, timeout_seconds / 4),
+        jitter=1.0,
+        http_status_codes=list(TRANSIENT_HTTP_CODES),
+    )
 
 
 def http_options(

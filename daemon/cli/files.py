@@ -14,13 +14,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .. import atomic, jobrecord
-from ..config import Config, resolve_api_key
+from ..config import Config
 from ..errors import SidecarError
 from ..jobrecord import FileState, JobRecord, JobState
 from ..presence import read_daemons
 from ..spool import SIDECAR_SUFFIX, Spool, is_candidate, name_too_long, printable, why_ignored
 from . import status
-from .common import CommandError, Subcommands, add_config_option, load
+from .common import CommandError, Subcommands, add_config_option, find_credential, load
 
 
 def add_validate_parser(sub: Subcommands) -> None:
@@ -126,9 +126,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             )
             invalid += 1
             continue
-        scan = scan_file(path, defaults)
         limits = JobLimits.of(config.limits, engine_class(config).limits)
-        mode = {"file": "File API", "inline": "inline"}[
+        scan = scan_file(path, defaults, limits.check)
+        uploaded = "Cloud Storage" if config.backend == "vertex" else "File API"
+        mode = {"file": uploaded, "inline": "inline"}[
             limits.mode(scan.payload_bytes, scan.requests)
         ]
         if scan.requests and (skip_lines or not scan.error_count):
@@ -508,13 +509,13 @@ def _cancel_orphan(config: Config, target: str) -> int:
             f"{printable(target)}: no file of that name is queued or in flight, "
             "and it is not a job name"
         )
-    api_key = resolve_api_key(config)
-    if not api_key:
+    credential = find_credential(config)
+    if credential is None:
         raise CommandError(
             f"{target}: no file in the spool has this job, and there is no API key to cancel "
             "it with (see api.key_file)"
         )
-    engine = connect(config, api_key)
+    engine = connect(config, credential.value)
     try:
         engine.cancel_job(target)
     except Exception as exc:

@@ -9,18 +9,16 @@ import gc
 import signal
 
 from .. import logs
-from ..api import connect
+from ..api import Engine, connect
 from ..config import (
-    ApiKey,
     Config,
     check_paths,
-    find_api_key,
     load_config,
     raise_problems,
 )
 from ..errors import ConfigError
 from . import status
-from .common import CommandError, Subcommands, add_config_option, load
+from .common import CommandError, Credential, Subcommands, add_config_option, find_credential, load
 
 SIMULATED_API_KEY = "simulated-key"
 """What `run --simulate` sends; the simulator accepts any key."""
@@ -68,52 +66,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("configuration", file=config.describe_source())
     else:
         log.info("configuration", file=config.describe_source())
-    api_key = _start_checks(config, simulate=args.simulate)  # before anything is started
-    logs.add_secret(api_key.value)
-    simulator = None
-    base_url = None
-    if args.simulate:
-        from ..simulator import Simulator
+    credential = _start_checks(config, simulate=args.simulate)  # before anything is started
+    logs.add_secret(credential.value if isinstance(credential.value, str) else None)
+    endpoints: dict[str, str] = {}
+    with contextlib.ExitStack() as simulated:
+        if args.simulate:
+            endpoints = _simulate(config, simulated)
+            config = _fast_polls(config)
+            log.info("simulator started; no request leaves this machine", **endpoints)
+        else:
+            check_credential(config, credential)  # before anything is claimed
 
-        simulator = Simulator(pending_seconds=0.5, running_seconds=1.0).start()
-        base_url = simulator.base_url
-        config = _fast_polls(config)
-        log.info("simulator started; no request leaves this machine", base_url=base_url)
-    else:
-        check_key(config, api_key)  # before anything is claimed
+        def reload() -> Config:
+            new = load_config(path, must_exist=True)
+            raise_problems(new, check_paths(new))  # refused: the log level must not change
+            logs.configure(new.log_level)
+            return _fast_polls(new) if args.simulate else new
 
-    def reload() -> Config:
-        new = load_config(path, must_exist=True)
-        raise_problems(new, check_paths(new))  # refused: the log level must not change
-        logs.configure(new.log_level)
-        return _fast_polls(new) if simulator else new
+        def engine(settings: Config) -> Engine:
+            return connect(settings, credential.value, **endpoints)
 
-    service = Service(
-        config,
-        connect(config, api_key.value, base_url=base_url),
-        once=args.once,
-        reload_config=reload,
-        make_engine=lambda c: connect(c, api_key.value, base_url=base_url),
-    )
-    # Everything the daemon imports lives as long as it does: keep those objects out of the
-    # garbage collector's full passes, which otherwise walk them all again and again. Parsing
-    # a big reply makes objects by the million, nearly all without cycles: a young generation
-    # of 50,000 instead of 700 halves the time an inline job's answers take to read.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
-    _return_freed_buffers()
-    # Handlers only set flags and poke the wake-up pipe; the main loop does the work.
-    signal.set_wakeup_fd(service.scheduler.wakeup.fd, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
-    try:
-        code = service.run()
-    finally:
-        service.engine.close()
-        if simulator is not None:
-            simulator.stop()
+        service = Service(
+            config, engine(config), once=args.once, reload_config=reload, make_engine=engine
+        )
+        # Everything the daemon imports lives as long as it does: keep those objects out of
+        # the garbage collector's full passes, which otherwise walk them all again and again.
+        # Parsing a big reply makes objects by the million, nearly all without cycles: a young
+        # generation of 50,000 instead of 700 halves the time an inline job's answers take.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 10)
+        _return_freed_buffers()
+        # Handlers only set flags and poke the wake-up pipe; the main loop does the work.
+        signal.set_wakeup_fd(service.scheduler.wakeup.fd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: service.request_reload())
+        try:
+            code = service.run()
+        finally:
+            service.engine.close()
     if not args.once:
         return code
     finished = service.outcomes
@@ -124,6 +116,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(status.unfinished_line(record))
     print(status.totals_line(finished, service.config, unfinished=len(unfinished)), flush=True)
     return 1 if code or (args.strict and any(r.errors for r in finished)) else 0
+
+
+def _simulate(config: Config, stack: contextlib.ExitStack) -> dict[str, str]:
+    """Start the simulator the backend needs (and, for Vertex AI, Cloud Storage on loopback,
+    with the staging bucket); the endpoints the engine is to use instead of Google's."""
+    if config.backend == "vertex":
+        from ..simulator import StorageEmulator, VertexSimulator
+
+        storage = stack.enter_context(StorageEmulator())
+        storage.create_bucket(config.vertex.bucket)
+        sim = stack.enter_context(
+            VertexSimulator(storage=storage, pending_seconds=0.5, running_seconds=1.0)
+        )
+        return {"base_url": sim.base_url, "storage_endpoint": storage.base_url}
+    from ..simulator import Simulator
+
+    gemini = stack.enter_context(Simulator(pending_seconds=0.5, running_seconds=1.0))
+    return {"base_url": gemini.base_url}
 
 
 def _return_freed_buffers() -> None:
@@ -140,55 +150,75 @@ KEY_CHECK_SECONDS = 15.0
 """The start-up key check gives up (and starts anyway) after this long."""
 
 
-def check_key(config: Config, api_key: ApiKey) -> None:
-    """One cheap authenticated call: a rejected key is a CommandError naming where it came
-    from; an API that cannot be reached only gets a warning (the daemon retries later)."""
+def check_credential(config: Config, credential: Credential) -> None:
+    """The start-up check: for `gemini` one cheap authenticated call; for `vertex` listing jobs
+    in the project and location, and writing and deleting an object under the staging folder.
+    A rejected credential or permission, or a missing bucket, is a CommandError naming where
+    the credential came from and what is missing; a service that cannot be reached only gets a
+    warning (the daemon retries later)."""
     from ..failures import Kind, classify
 
     api = config.api.model_copy(
         update={"timeout_seconds": min(config.api.timeout_seconds, KEY_CHECK_SECONDS), "retries": 1}
     )
-    engine = connect(config.model_copy(update={"api": api}), api_key.value)
+    engine = connect(config.model_copy(update={"api": api}), credential.value)
+    what = "key" if config.backend == "gemini" else "credential"
     try:
-        engine.probe()
+        check = getattr(engine, "check_access", engine.probe)
+        check()
     except Exception as exc:
-        failure = classify(exc, "key check")
+        failure = classify(exc, f"{what} check")
         if failure.kind is Kind.AUTH:
-            raise CommandError(
-                f"the API rejected the key from {api_key.source} ({failure.message}); "
+            fix = (
                 "fix or replace that key"
+                if config.backend == "gemini"
+                else "grant the service account what it lacks (see docs/vertex.md), or fix "
+                "vertex.project, vertex.location and vertex.staging_uri"
+            )
+            raise CommandError(
+                f"the API rejected the {what} from {credential.source} ({failure.message}); {fix}"
             ) from None
         logs.get().warning(
-            "cannot check the API key now; starting anyway",
-            source=api_key.source,
+            f"cannot check the {what} now; starting anyway",
+            source=credential.source,
             error=failure.message,
         )
     else:
-        logs.get().info("API key accepted", source=api_key.source)
+        logs.get().info(
+            f"{'API key' if what == 'key' else 'credential'} accepted", source=credential.source
+        )
+    finally:
+        engine.close()
 
 
-def _start_checks(config: Config, *, simulate: bool) -> ApiKey:
-    """The API key to use, once the folders and files the configuration names are usable; else
-    one ConfigError listing every problem, a missing key included."""
+def _start_checks(config: Config, *, simulate: bool) -> Credential:
+    """The credential to use, once the folders and files the configuration names are usable;
+    else one ConfigError listing every problem, a missing credential included."""
     problems = check_paths(config)
     others: list[str] = []
     if simulate:
         raise_problems(config, problems)
-        return ApiKey(SIMULATED_API_KEY, "--simulate")
-    api_key: ApiKey | None = None
+        if config.backend == "vertex":
+            from google.oauth2.credentials import Credentials
+
+            token = Credentials(token=SIMULATED_API_KEY)  # type: ignore[no-untyped-call]
+            return Credential(token, "--simulate")
+        return Credential(SIMULATED_API_KEY, "--simulate")
+    found: Credential | None = None
     try:
-        api_key = find_api_key(config)
+        found = find_credential(config)
     except ConfigError as exc:
-        (problems if config.api.key_file is not None else others).extend(exc.problems)
+        own = config.api.key_file is not None or config.vertex.credentials_file is not None
+        (problems if own else others).extend(exc.problems)
     else:
-        if api_key is None:
+        if found is None:
             others.append(
                 "no API key: set api.key_file, $GEMINI_API_KEY or $GOOGLE_API_KEY, or pass one with "
                 "systemd LoadCredential=gemini_api_key:...; or use --simulate"
             )
     raise_problems(config, problems, *others)
-    assert api_key is not None
-    return api_key
+    assert found is not None
+    return found
 
 
 def _fast_polls(config: Config) -> Config:

@@ -73,13 +73,13 @@ class Daemon:
         clock: WallClock,
         *,
         once: bool = False,
-        engine: Engine | None = None,
+        engine: Engine | Callable[[Config], Engine] | None = None,
         **overrides: Any,
     ) -> None:
         self.root = root
         self.sim = sim
         self.clock = clock
-        self._engine = engine  # another engine than the Gemini one against `sim`
+        self._engine = engine  # another engine (or a factory of one) than Gemini's against `sim`
         self.folder = Spool(root, sim)
         self.folder.config_path.write_text(
             json.dumps(test_config(sim.base_url, STEPPED, **overrides))
@@ -93,13 +93,16 @@ class Daemon:
         self.started = False
 
     def _service(self) -> Service:
-        engine = self._engine or GeminiEngine(
-            TEST_API_KEY,
-            base_url=self.config.api.base_url,
-            api_version=self.config.api.api_version,
-            timeout_seconds=self.config.api.timeout_seconds,
-            retries=self.config.api.retries,
-        )
+        if callable(self._engine):
+            engine: Engine = self._engine(self.config)
+        else:
+            engine = self._engine or GeminiEngine(
+                TEST_API_KEY,
+                base_url=self.config.api.base_url,
+                api_version=self.config.api.api_version,
+                timeout_seconds=self.config.api.timeout_seconds,
+                retries=self.config.api.retries,
+            )
         return SteppedService(
             self.config,
             engine,

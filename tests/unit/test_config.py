@@ -41,6 +41,14 @@ CONTRACT_DEFAULTS = {
     "prices": None,
     "inbox_settle_seconds": 2,
     "inbox_rescan_seconds": 30,
+    "backend": "gemini",
+}
+CONTRACT_VERTEX = {
+    "project": None,
+    "location": "us-central1",
+    "staging_uri": None,
+    "credentials_file": None,
+    "keep_staged": False,
 }
 CONTRACT_API = {
     "key_file": None,
@@ -146,6 +154,8 @@ def test_every_default_is_in_the_tests_tables() -> None:
         | {f"api.{k}" for k in CONTRACT_API}
         | {f"poll.{k}" for k in CONTRACT_POLL}
         | {f"limits.{k}" for k in CONTRACT_LIMITS}
+        | {"vertex"}
+        | {f"vertex.{k}" for k in CONTRACT_VERTEX}
     )
     assert tables == _keys(Config)
 
@@ -159,6 +169,7 @@ def test_every_contract_key_is_accepted(tmp_path: Path) -> None:
             "api": CONTRACT_API,
             "poll": CONTRACT_POLL,
             "limits": CONTRACT_LIMITS,
+            "vertex": CONTRACT_VERTEX,
         }
     )
     config = load_config(write(tmp_path, text))
@@ -617,3 +628,44 @@ def test_raise_problems_under_defaults_says_so(tmp_path: Path) -> None:
         raise_problems(config, ["'inbox': bad"])
     with pytest.raises(ConfigError, match=r"^no API key$"):
         raise_problems(config, [], "no API key")
+
+
+# ---- backend: vertex --------------------------------------------------------------------------
+
+
+def test_vertex_needs_a_project_and_a_staging_folder_naming_each_key(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "backend: vertex\n")
+    assert "'vertex.project': required with backend: vertex" in message
+    assert "'vertex.staging_uri': required with backend: vertex" in message
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/x", "gs://", "gs:///x", "gs://B/x", "gs://bucket//x", "/local/path"]
+)
+def test_a_staging_uri_must_be_a_cloud_storage_folder(tmp_path: Path, uri: str) -> None:
+    text = f"backend: vertex\nvertex:\n  project: p\n  staging_uri: '{uri}'\n"
+    assert "'vertex.staging_uri': must be gs://BUCKET or gs://BUCKET/PREFIX" in error_of(
+        tmp_path, text
+    )
+
+
+def test_vertex_settings_are_read(tmp_path: Path) -> None:
+    text = (
+        "backend: vertex\nvertex:\n  project: my-project\n  location: europe-west4\n"
+        "  staging_uri: gs://my-bucket/batch/in/\n  credentials_file: sa.json\n"
+        "  keep_staged: true\n"
+    )
+    config = load_config(write(tmp_path, text))
+    vertex = config.vertex
+    assert (vertex.project, vertex.location, vertex.keep_staged) == (
+        "my-project",
+        "europe-west4",
+        True,
+    )
+    assert (vertex.bucket, vertex.prefix) == ("my-bucket", "batch/in")
+    assert vertex.credentials_file == tmp_path.resolve() / "sa.json"
+
+
+def test_unknown_vertex_keys_are_named(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "vertex:\n  projekt: p\n  location: Europe\n")
+    assert "unknown key 'vertex.projekt'" in message and "'vertex.location'" in message

@@ -13,6 +13,10 @@ from typing import Any
 import httpx2
 import pydantic
 import pytest
+import requests
+from google.api_core import exceptions as api_core
+from google.auth import exceptions as auth_exceptions
+from google.cloud.storage.exceptions import DataCorruption
 from google.genai import errors
 
 from daemon import logs
@@ -363,3 +367,45 @@ def test_a_job_failed_for_the_token_quota_is_quota(code: int | None, message: st
 def test_other_failed_jobs_fail() -> None:
     assert job_outcome(job("BATCH_STATE_FAILED", 13, "internal")) is Outcome.FAILED
     assert job_outcome(job("BATCH_STATE_EXPIRED", 8, "Enqueued token")) is Outcome.EXPIRED
+
+
+# ---- Cloud Storage and Google credentials (backend: vertex) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (api_core.Forbidden("sa does not have storage.objects.create access"), Kind.AUTH),
+        (api_core.Unauthorized("no credentials"), Kind.AUTH),
+        (api_core.NotFound("The specified bucket does not exist."), Kind.AUTH),
+        (api_core.NotFound("No such object: b/o"), Kind.NOT_FOUND),
+        (api_core.TooManyRequests("slow down"), Kind.TRANSIENT),
+        (api_core.ServiceUnavailable("try again"), Kind.TRANSIENT),
+        (api_core.InternalServerError("oops"), Kind.TRANSIENT),
+        (api_core.BadRequest("bad"), Kind.REFUSED),
+        (auth_exceptions.RefreshError("invalid_grant: Invalid JWT Signature."), Kind.AUTH),
+        (auth_exceptions.TransportError("connection refused"), Kind.TRANSIENT),
+        (requests.ConnectionError("connection reset"), Kind.TRANSIENT),
+        (requests.Timeout("read timed out"), Kind.TRANSIENT),
+        (DataCorruption(None, "Checksum mismatch"), Kind.TRANSIENT),
+    ],
+)
+def test_storage_and_credential_errors_are_classified(exc: BaseException, kind: Kind) -> None:
+    failure = classify(exc, "stage")
+    assert failure.kind is kind, failure
+    assert failure.cause  # said once a minute, however many files meet it
+
+
+def test_a_missing_bucket_pauses_rather_than_fails() -> None:
+    failure = classify(api_core.NotFound("The specified bucket does not exist."), "upload")
+    assert POLICY.decide(failure, Call.UPLOAD, 1).action is Action.PAUSE
+
+
+def test_vertex_s_permission_denied_or_it_may_not_exist_is_a_permission_to_grant() -> None:
+    """Not the Gemini API's unknown file, whose 403 also says "may not exist"."""
+    message = (
+        "Permission 'aiplatform.batchPredictionJobs.create' denied on resource "
+        "'//aiplatform.googleapis.com/projects/p/locations/l' (or it may not exist)."
+    )
+    body = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
+    assert classify(errors.ClientError(403, body), "create").kind is Kind.AUTH
