@@ -25,6 +25,13 @@ POINTS = (
     "after_write",  # outbox file published; input not yet archived
     "while_archiving",  # input archived and work files removed; the sidecar still in processing/
 )
+VERTEX_POINTS = (
+    "vertex_uploaded",  # a request file staged in Cloud Storage, no job made yet
+    "vertex_listed",  # the job's prediction files listed, none read yet
+    "vertex_reading",  # half-way through reading the predictions
+    "vertex_deleting",  # one staged object deleted, the others not yet
+)
+"""Points met only with backend: vertex (tests/process/test_vertex.py)."""
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 

@@ -165,7 +165,8 @@ class Service:
             new = self._reload_config()
             new.system_instruction()
             engine = self.engine
-            if new.api != old.api and self._make_engine is not None:
+            moved = (new.api, new.backend, new.vertex) != (old.api, old.backend, old.vertex)
+            if moved and self._make_engine is not None:
                 engine = self._make_engine(new)
             Spool(new.inbox, new.outbox).heal()
         except (ConfigError, OSError, ValueError) as exc:

@@ -24,6 +24,7 @@ from google import genai
 from .. import logs
 from ..config import VertexSettings
 from ..errors import BadReply, ConfigError
+from ..faults import crash_point
 from ..jsonl import count, dumps, int_or_none, json_type, mapping, parse_json, str_or_none
 from . import http, sdk, staging
 from .engine import EngineLimits, Progress, RemoteJob, RemoteState
@@ -370,7 +371,9 @@ class VertexEngine:
                     target.write(vertex_line(raw))
             name = f"{staged_name(self.settings.prefix, display_name)}/input.jsonl"
             size = converted.stat().st_size
-            return self._deadline(lambda: self.staging.upload(converted, name), size)
+            uri = self._deadline(lambda: self.staging.upload(converted, name), size)
+            crash_point("vertex_uploaded")
+            return uri
         finally:
             converted.unlink(missing_ok=True)
 
@@ -383,10 +386,12 @@ class VertexEngine:
         answers lines."""
 
         def call() -> None:
+            names = [n for n in self.staging.objects(results) if n.endswith(".jsonl")]
+            crash_point("vertex_listed")
             with destination.open("wb") as handle:
-                for name in self.staging.objects(results):
-                    if not name.endswith(".jsonl"):
-                        continue
+                for number, name in enumerate(names):
+                    if number == len(names) // 2:
+                        crash_point("vertex_reading")
                     for raw in self.staging.lines(name):
                         line = answer_line(raw)
                         if line is not None:
@@ -398,6 +403,7 @@ class VertexEngine:
         """Delete a staged input or a job's predictions; nothing with `vertex.keep_staged`."""
         if not self.settings.keep_staged:
             self._deadline(lambda: self.staging.delete(name))
+            crash_point("vertex_deleting")
 
     def close(self) -> None:
         self.client.close()

@@ -437,7 +437,8 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     if match:
         return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
     try:
-        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+        # (Python 3.10's fromisoformat takes no Z: spelled as the offset it means)
+        moment = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text.strip()))
     except ValueError:
         raise CommandError(
             f"--all-failed-since: {text!r} is neither an ISO time (2026-12-01T10:00Z) "

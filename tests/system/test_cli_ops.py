@@ -43,6 +43,7 @@ def test_parse_since() -> None:
     assert files.parse_since("2026-12-01T09:15:00Z", NOW) == datetime(
         2026, 12, 1, 9, 15, tzinfo=timezone.utc
     )
+    assert files.parse_since("2026-12-01T09:15:00z", NOW).tzinfo is not None
     local = files.parse_since("2026-12-01T09:15", NOW)
     assert local == datetime(2026, 12, 1, 9, 15).astimezone().astimezone(timezone.utc)
     with pytest.raises(cli.CommandError, match="neither an ISO time"):

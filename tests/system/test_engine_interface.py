@@ -96,3 +96,29 @@ def test_a_cancelled_file_gets_its_report(
     daemon.run_all()
     assert daemon.report("x.jsonl")["job_state"] == "JOB_STATE_CANCELLED"
     assert sim.create_calls == 0  # nothing went to the Gemini simulator
+
+
+def test_a_reload_that_changes_the_backend_makes_a_new_engine(
+    make_daemon: Any, engine: MemoryEngine, clock: WallClock
+) -> None:
+    daemon = run(make_daemon, engine)
+    daemon.start()
+    made: list[MemoryEngine] = []
+
+    def make_engine(config: Any) -> MemoryEngine:
+        made.append(MemoryEngine(clock))
+        return made[-1]
+
+    settings = {"project": "p", "staging_uri": "gs://bucket/x"}
+    changed = daemon.config.model_copy(
+        update={"vertex": daemon.config.vertex.model_copy(update=settings)}
+    )
+    daemon.service._reload_config = lambda: changed
+    daemon.service._make_engine = make_engine
+    daemon.service.request_reload()
+    daemon.tick()
+    assert daemon.service.engine is made[0]
+    daemon.service._reload_config = lambda: changed  # the same again: nothing to remake
+    daemon.service.request_reload()
+    daemon.tick()
+    assert len(made) == 1
