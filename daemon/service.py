@@ -173,7 +173,7 @@ class Service:
             log.error("reload refused", reason=str(exc), config="the old configuration stays")
             self.systemd.ready(self.status_text())
             return
-        changed = sorted(key for key in new.model_fields if getattr(new, key) != getattr(old, key))
+        changed = sorted(k for k in type(new).model_fields if getattr(new, k) != getattr(old, k))
         self.engine = engine
         self._apply_config(new)
         self.ctx = self._context()

@@ -162,21 +162,24 @@ def check_credential(config: Config, credential: Credential) -> None:
         update={"timeout_seconds": min(config.api.timeout_seconds, KEY_CHECK_SECONDS), "retries": 1}
     )
     engine = connect(config.model_copy(update={"api": api}), credential.value)
-    what = "key" if config.backend == "gemini" else "credential"
+    gemini = config.backend == "gemini"
+    what = "API key" if gemini else "credential"
     try:
         check = getattr(engine, "check_access", engine.probe)
         check()
     except Exception as exc:
-        failure = classify(exc, f"{what} check")
+        failure = classify(exc, "key check" if gemini else "credential check")
         if failure.kind is Kind.AUTH:
             fix = (
                 "fix or replace that key"
-                if config.backend == "gemini"
+                if gemini
                 else "grant the service account what it lacks (see docs/vertex.md), or fix "
                 "vertex.project, vertex.location and vertex.staging_uri"
             )
+            rejected = "key" if gemini else "credential"
             raise CommandError(
-                f"the API rejected the {what} from {credential.source} ({failure.message}); {fix}"
+                f"the API rejected the {rejected} from {credential.source} ({failure.message}); "
+                f"{fix}"
             ) from None
         logs.get().warning(
             f"cannot check the {what} now; starting anyway",
@@ -184,9 +187,7 @@ def check_credential(config: Config, credential: Credential) -> None:
             error=failure.message,
         )
     else:
-        logs.get().info(
-            f"{'API key' if what == 'key' else 'credential'} accepted", source=credential.source
-        )
+        logs.get().info(f"{what} accepted", source=credential.source)
     finally:
         engine.close()
 
