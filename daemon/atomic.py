@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -198,3 +199,91 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class GroupCommit:
+    """Files that must be durable before something that must not happen twice (a sidecar
+    before a create), made durable together: each writer writes its temp file, and one of the
+    writers waiting at that moment -- the leader -- fsyncs every waiting file, renames each into
+    place and fsyncs each folder once, as databases batch their log flushes. A writer returns
+    only once its own file's round has finished (or raises what that round met for it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._pending: list[_Commit] = []
+        self._leading = False
+
+    def write(self, target: Path, data: bytes) -> None:
+        """Replace `target` with `data` atomically and durably (as `write_bytes`)."""
+        tmp = temp_name(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        commit = _Commit(target, tmp, fd)
+        try:
+            _write_all(fd, data)
+        except BaseException:
+            commit.discard()
+            raise
+        with self._lock:
+            self._pending.append(commit)
+            while not commit.done:
+                if self._leading:
+                    self._lock.wait()
+                    continue
+                self._leading = True
+                round_, self._pending = self._pending, []
+                self._lock.release()
+                try:
+                    _commit_round(round_)
+                finally:
+                    self._lock.acquire()
+                    self._leading = False
+                    self._lock.notify_all()
+        if commit.error is not None:
+            raise commit.error
+
+
+class _Commit:
+    __slots__ = ("done", "error", "fd", "target", "tmp")
+
+    def __init__(self, target: Path, tmp: Path, fd: int) -> None:
+        self.target, self.tmp, self.fd = target, tmp, fd
+        self.done = False
+        self.error: BaseException | None = None
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _commit_round(round_: list[_Commit]) -> None:
+    """fsync each file, rename each into place, fsync each folder once."""
+    folders: dict[Path, list[_Commit]] = {}
+    for commit in round_:
+        try:
+            os.fsync(commit.fd)
+            os.close(commit.fd)
+            os.replace(commit.tmp, commit.target)
+            folders.setdefault(commit.target.parent, []).append(commit)
+        except OSError as exc:
+            commit.error = exc
+            commit.discard()
+    for folder, commits in folders.items():
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            for commit in commits:
+                commit.error = exc
+    for commit in round_:
+        commit.done = True
+
+
+GROUP = GroupCommit()
+"""The daemon's one group of durable writes (sidecars before creates and uploads)."""

@@ -341,9 +341,13 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(record: JobRecord, path: Path, *, durable: bool = True) -> None:
-    """Atomically rewrite the sidecar at `path`; `durable`: also through a power failure."""
+    """Atomically rewrite the sidecar at `path`; `durable`: also through a power failure (made
+    durable with whatever other sidecars are being saved durably at the same moment)."""
     record.updated_at = isotime()
-    atomic.write_bytes(path, record.to_json(), durable=durable)
+    if durable:
+        atomic.GROUP.write(path, record.to_json())
+    else:
+        atomic.write_bytes(path, record.to_json(), durable=False)
 
 
 def load(path: Path) -> JobRecord:

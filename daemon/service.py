@@ -9,6 +9,7 @@ the wake-up pipe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,6 +26,7 @@ from .config import Config
 from .context import Context, Next, Pool, Tracked
 from .errors import CallFailed, ConfigError, LeftAlone
 from .failures import Call, RetryPolicy
+from .faults import crash_point
 from .health import Health
 from .inputs import Defaults
 from .jobrecord import FileState, JobRecord, JobState, seconds_since, utcnow
@@ -388,10 +390,12 @@ class Service:
     # ---- claiming and taking over --------------------------------------------------
 
     def _claim_ready(self, limit: int | None) -> None:
-        """Hand files that are ready to the file workers, oldest first: they claim and validate
-        them (claiming takes a dozen system calls a file: not a job for the main loop)."""
+        """Hand files that are ready to a file worker in batches, oldest first: it claims and
+        validates them (claiming takes a dozen system calls a file: not a job for the main
+        loop), each batch in one thread, so no work passes between threads on the way."""
         if self._stop:
             return
+        batch: list[tuple[Path, int]] = []
         for path, arrival in self.watcher.ready(limit):
             name = path.name
             if self.once and name not in self._once_names:
@@ -403,13 +407,29 @@ class Service:
                 self.watcher.put_back(name)
                 continue
             self._claiming.add(name)
-            self._run_in(Pool.LOCAL, functools.partial(self._claim, path, arrival), urgent=True)
+            batch.append((path, arrival))
+            if len(batch) == CLAIM_BATCH:
+                self._run_in(Pool.LOCAL, functools.partial(self._claim_batch, batch), urgent=True)
+                batch = []
+        if batch:
+            self._run_in(Pool.LOCAL, functools.partial(self._claim_batch, batch), urgent=True)
 
-    def _claim(self, path: Path, arrival: int) -> None:
-        """Claim one file (in a file worker), then run its first steps at once."""
+    def _claim_batch(self, batch: list[tuple[Path, int]]) -> None:
+        """Claim files (in a file worker; processing/ made durable once for them all), then
+        run the first steps of each."""
+        taken = [t for path, arrival in batch if (t := self._claim(path, arrival)) is not None]
+        if taken:
+            with contextlib.suppress(OSError):  # (a claim lost to a power failure comes back)
+                atomic.fsync_dir(self.spool.processing)
+        for t in taken:
+            crash_point("after_claim")
+            self._run_steps(t.name, Pool.LOCAL)
+
+    def _claim(self, path: Path, arrival: int) -> Tracked | None:
+        """Claim one file and track it (busy: its first steps run next, in this thread)."""
         taken = None
         try:
-            taken = claims.claim(self.spool, path, arrival)
+            taken = claims.claim(self.spool, path, arrival, durable=False)
         except FileNotFoundError:
             if not self.spool.processing.is_dir():
                 self._heal()
@@ -426,14 +446,14 @@ class Service:
                 self.watcher.put_back(path.name)
             else:
                 self.watcher.forget(path.name)
-            return
+            return None
         self.watcher.forget(path.name)
         log.info("claimed", file=taken.record.input)
         with self._lock:  # tracked before it stops counting as being claimed (`once_finished`)
             t = self._track(taken, schedule=False)
             t.busy = True
             self._claiming.discard(path.name)
-        self._run_steps(t.name, Pool.LOCAL)
+        return t
 
     def _recover(self) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from daemon import claims, publish
+from daemon import claims
 from tests.support.guarantees import left_in_processing
 
 MakeDaemon = Any
@@ -29,14 +29,13 @@ def test_each_name_lock_is_released_once(
         released[fd] += 1
         real_release(fd)
 
-    def claim(*args: Any) -> claims.Claimed | None:
-        claimed = real_claim(*args)
+    def claim(*args: Any, **kwargs: Any) -> claims.Claimed | None:
+        claimed = real_claim(*args, **kwargs)
         if claimed is not None:
             taken.append(claimed.lock_fd)
         return claimed
 
     monkeypatch.setattr(claims, "release", counting)
-    monkeypatch.setattr(publish, "release", counting, raising=False)
     monkeypatch.setattr(claims, "claim", claim)
     daemon = make_daemon()
     daemon.drop("a.jsonl", ["one"])

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,3 +320,43 @@ def test_a_crashed_writer_leaves_a_temp_that_the_next_start_removes(tmp_path: Pa
 
 def test_fsync_dir(tmp_path: Path) -> None:
     atomic.fsync_dir(tmp_path)
+
+
+# ---- group commit -------------------------------------------------------------------------------
+
+
+def test_a_group_commit_makes_concurrent_writes_durable_in_few_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder_syncs: list[Path] = []
+    real_fsync_dir = atomic.fsync_dir
+
+    def counting(folder: Path) -> None:
+        folder_syncs.append(folder)
+        time.sleep(0.005)  # a disk: meanwhile the other writers queue up behind the leader
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(atomic, "fsync_dir", counting)
+    group = atomic.GroupCommit()
+    names = [tmp_path / f"f{i}.json" for i in range(40)]
+    threads = [
+        threading.Thread(target=group.write, args=(path, path.name.encode())) for path in names
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [p.read_bytes() for p in names] == [p.name.encode() for p in names]
+    assert len(folder_syncs) < len(names)  # one folder sync a round, not one a file
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_group_commit_fails_only_the_writer_whose_file_failed(tmp_path: Path) -> None:
+    group = atomic.GroupCommit()
+    group.write(tmp_path / "ok.json", b"1")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        group.write(tmp_path / "taken", b"2")  # a folder is in the way of the rename
+    group.write(tmp_path / "ok.json", b"3")
+    assert (tmp_path / "ok.json").read_bytes() == b"3"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
