@@ -19,10 +19,9 @@ import json
 import os
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import pydantic
-import requests
-from google.api_core import exceptions as api_core
 from google.auth import exceptions as auth_exceptions
 from google.genai import errors
 
@@ -71,25 +70,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = [
         ConnectionError,
         TimeoutError,
-        requests.RequestException,
         auth_exceptions.TransportError,
     ]
     for module in ("httpx2", "httpx"):
         with contextlib.suppress(ImportError):
             found.append(importlib.import_module(module).TransportError)
     return tuple(found)
-
-
-def _data_corruption() -> tuple[type[BaseException], ...]:
-    """An upload or download whose checksum did not match (Cloud Storage's client)."""
-    found: list[type[BaseException]] = []
-    for module in ("google.cloud.storage.exceptions", "google.resumable_media.common"):
-        with contextlib.suppress(ImportError, AttributeError):
-            found.append(importlib.import_module(module).DataCorruption)
-    return tuple(found)
-
-
-DATA_CORRUPTION = _data_corruption()
 
 
 TRANSPORT_ERRORS = _transport_errors()
@@ -135,18 +121,22 @@ def classify(exc: BaseException, action: str) -> Failure:
     bad reply): the log says each cause at most once a minute, however many files meet it."""
     if isinstance(exc, errors.APIError):
         return _api_failure(exc, action)
-    if isinstance(exc, api_core.GoogleAPICallError):
-        return _storage_failure(exc, action)
+    module = type(exc).__module__
+    if module.startswith("google.api_core"):  # Cloud Storage (imported only when met)
+        from google.api_core import exceptions as api_core
+
+        if isinstance(exc, api_core.GoogleAPICallError):
+            return _storage_failure(exc, action)
     if isinstance(exc, auth_exceptions.RefreshError | auth_exceptions.DefaultCredentialsError):
         text = _line(f"{action}: the credential was refused: {exc}")
         return Failure(Kind.AUTH, text, cause="the credential was refused")
-    if isinstance(exc, DATA_CORRUPTION):
+    if type(exc).__name__ == "DataCorruption" and module.startswith("google."):
         text = _line(f"{action}: the checksums do not agree: {exc}")
         return Failure(Kind.TRANSIENT, text, cause="a checksum mismatch")
     if isinstance(exc, BadReply | json.JSONDecodeError | pydantic.ValidationError):
         text = _line(f"{action}: unusable reply: {exc}")
         return Failure(Kind.TRANSIENT, text, cause="an unusable reply")
-    if isinstance(exc, TRANSPORT_ERRORS):
+    if isinstance(exc, TRANSPORT_ERRORS) or module.startswith("requests."):
         text = _line(f"{action}: {type(exc).__name__}: {exc}")
         return Failure(Kind.TRANSIENT, text, cause=f"a transport error: {type(exc).__name__}")
     if isinstance(exc, OSError):
@@ -159,7 +149,7 @@ def classify(exc: BaseException, action: str) -> Failure:
     return Failure(Kind.BUG, text, cause=f"a bug: {type(exc).__name__}")
 
 
-def _storage_failure(exc: api_core.GoogleAPICallError, action: str) -> Failure:
+def _storage_failure(exc: Any, action: str) -> Failure:
     """Cloud Storage (and other google-api-core) errors: a missing bucket or a denied
     permission is the operator's to fix (a pause); a missing object is not found."""
     code = exc.code if isinstance(exc.code, int) else None

@@ -22,6 +22,7 @@ each download gets `timeout_seconds` of its own: a large download needs a longer
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import ssl
@@ -274,8 +275,13 @@ class DeadlineClient(httpx2.Client):
 
 def ssl_context() -> ssl.SSLContext:
     """The SSL context the SDK would build: $SSL_CERT_FILE / $SSL_CERT_DIR when set, else the
-    system trust store (httpx2's default)."""
-    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    system trust store (httpx2's default). One per set of variables: loading the trust store
+    costs tens of milliseconds of CPU, and every client of the daemon's shares it."""
+    return _ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _ssl_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     if cafile or capath:
         return ssl.create_default_context(cafile=cafile, capath=capath)
     return httpx2.create_ssl_context()
@@ -305,16 +311,20 @@ def http_options(
     `timeout_seconds` is also the SDK's per-operation timeout (so a stalled attempt is retried
     while time is left) and its `X-Server-Timeout` header. The SDK does not close a client it is
     given: the caller owns `options.httpx_client`. Sync calls only (not `client.aio`)."""
+    context = ssl_context()
     client = DeadlineClient(
         default_seconds=timeout_seconds,
-        verify=ssl_context(),
+        verify=context,
         timeout=None,  # the SDK passes its timeout with every request
         follow_redirects=True,  # as the SDK's own client
     )
+    shared = {"verify": context}  # the SDK's own (async) clients reuse it: none is built
     return types.HttpOptions(
         base_url=base_url,
         api_version=api_version,
         timeout=max(1, round(timeout_seconds * 1000)),
         retry_options=retry_options,
         httpx_client=client,
+        client_args=shared,
+        async_client_args={**shared, "ssl": context},  # "ssl": its websocket context
     )

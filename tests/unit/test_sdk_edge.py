@@ -5,13 +5,17 @@ that renames one fails here, in CI, and not in production (daemon/api/sdk.py, da
 from __future__ import annotations
 
 import inspect
+import ssl
+from typing import Any
 
 import httpcore2
 import httpx2
+import pytest
 from google import genai
 from google.genai import types
 
 from daemon.api import http, sdk
+from daemon.api.gemini import GeminiEngine
 from daemon.simulator import Simulator
 
 
@@ -43,3 +47,25 @@ def test_httpx2_builds_transports_and_pools_where_http_py_wraps_them() -> None:
     client = http.DeadlineClient(default_seconds=5)
     assert isinstance(client._transport, http._DeadlineTransport)
     client.close()
+
+
+def test_the_sdk_s_clients_reuse_the_daemon_s_one_ssl_context(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the trust store costs tens of milliseconds of CPU: the SDK would load it for
+    its async and websocket clients too, at every client; it is given ours instead."""
+    made: list[object] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    monkeypatch.setattr(httpx2, "create_ssl_context", counting)
+    http._ssl_context.cache_clear()
+    for _ in range(3):
+        engine = GeminiEngine("k", base_url=sim.base_url)
+        engine.probe()
+        engine.close()
+    assert len(made) <= 1
