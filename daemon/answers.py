@@ -174,7 +174,7 @@ def read_entries_of(lines: Iterable[bytes]) -> Iterator[Entry]:
                 yield entry_from_obj(value)
 
 
-def check_responses_file(path: Path, answered: int = 0) -> None:
+def check_responses_file(path: Path, answered: int = 0) -> int:
     """Raise `BadReply` unless a downloaded responses file starts and ends with a whole
     JSON object: an HTML page sent with 200, or a body cut short, is a failed download (to be
     retried), not the job's answers. A body is only ever cut at its end, so the first and last
@@ -182,16 +182,19 @@ def check_responses_file(path: Path, answered: int = 0) -> None:
     too (a body cut at a line boundary, empty, or predictions not all written yet).
 
     A line that starts like a JSON object but no parser takes (cut, or nested too deep) is
-    `UnreadableResults`: if the same file keeps coming back so, its readable part is used."""
+    `UnreadableResults`: if the same file keeps coming back so, its readable part is used.
+
+    Returns how many answers are final (`is_final`), counted on the way."""
     first: bytes | None = None
     last: bytes | None = None
-    lines = 0
+    lines = final = 0
     with path.open("rb") as handle:
         for line in handle:
             if line.strip():
                 first = line if first is None else first
                 last = line
                 lines += 1
+                final += is_final(line)
     if lines < answered:  # cut short, even at a line boundary
         raise BadReply(f"the responses file has {lines} lines; the job reported {answered} answers")
     for which, raw in (("first", first), ("last", last)):
@@ -207,6 +210,15 @@ def check_responses_file(path: Path, answered: int = 0) -> None:
                 f"the responses file is not JSON lines: its {which} line is not a JSON object"
                 f" ({path.stat().st_size} bytes received)"
             )
+    return final
+
+
+def is_final(raw: bytes) -> bool:
+    """Whether an answers line is one another try would not change: an answer (told without
+    parsing the line, the usual case), or an error that is not worth a follow-up job."""
+    if b'"response"' in raw and b'"error"' not in raw and b'"status"' not in raw:
+        return True
+    return any(e.key is not None and not records.is_retryable(e) for e in read_entries_of([raw]))
 
 
 def request_keys(request_file: Path) -> Iterator[str]:

@@ -149,6 +149,7 @@ class JobEntry:
     ended_at: str | None = None
     collect_failing_seconds: float = 0.0  # how long fetching its answers has failed
     unreadable_results: int = 0  # downloads in a row whose results could not be read whole
+    final_answers: int | None = None  # answers another try would not change (counted once)
     error: str | None = None  # why the job ended without answers (FAILED, EXPIRED, refused...)
     stage: str | None = None  # the error report's stage for `error`: submission, job, results
     not_before: str | None = None  # not started again before (quota, round backoff): shown
@@ -179,6 +180,7 @@ class JobEntry:
         self.create_calls = self.polls = self.lookups = 0
         self.lookup_seconds = self.not_found_seconds = self.collect_failing_seconds = 0.0
         self.next_poll_at = self.not_found_since = self.progress = None
+        self.final_answers = None
 
 
 @dataclass

@@ -345,7 +345,8 @@ def download_answers(ctx: Context, job: JobEntry, destination: Path) -> None:
     assert job.results_file
     ctx.engine.download(job.results_file, destination, expected_bytes=4 * job.bytes)
     # Every request the API counts as succeeded has a line; a failed one may have none.
-    answers.check_responses_file(destination, (job.progress or {}).get("succeeded", 0))
+    succeeded = (job.progress or {}).get("succeeded", 0)
+    job.final_answers = answers.check_responses_file(destination, succeeded)
 
 
 def keep_what_reads(

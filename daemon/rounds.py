@@ -15,22 +15,18 @@ from .jobrecord import JobEntry
 from .keymap import KeyMap
 
 
-def all_final(saved: Path, requests: int) -> bool:
-    """Whether every request has an answer another try would not change (the usual case),
-    found without remembering keys: answers with a response are final; errors are parsed."""
-    final = 0
-    try:
-        with saved.open("rb") as handle:
-            for raw in handle:
-                if b'"response"' in raw and b'"error"' not in raw and b'"status"' not in raw:
-                    final += 1
-                    continue
-                for entry in answers.read_entries_of([raw]):
-                    if entry.key is not None and not records.is_retryable(entry):
-                        final += 1
-    except FileNotFoundError:
-        return False
-    return final >= requests
+def all_final(job: JobEntry, saved: Path) -> bool:
+    """Whether every request of `job` has an answer another try would not change (the usual
+    case), found without remembering keys: counted when its answers were downloaded, else
+    counted here (`answers.is_final`)."""
+    final = job.final_answers
+    if final is None:
+        try:
+            with saved.open("rb") as handle:
+                final = sum(answers.is_final(raw) for raw in handle)
+        except FileNotFoundError:
+            return False
+    return final >= job.requests
 
 
 def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
@@ -39,7 +35,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
     jobs = [
         j
         for j in record.jobs
-        if j.round == current and j.succeeded and not all_final(t.job_file(j, "out"), j.requests)
+        if j.round == current and j.succeeded and not all_final(j, t.job_file(j, "out"))
     ]
     if not jobs:
         return []
