@@ -42,6 +42,7 @@ class Case:
     mode: str  # the mode every job must have: the run measured what it says
     settings: dict[str, Any]
     json_answers: bool = False
+    vertex: bool = False  # backend: vertex, against the Vertex simulator and storage emulator
 
 
 PATHS = [
@@ -52,15 +53,17 @@ PATHS = [
         {"limits": {"inline_max_bytes": 10**12, "inline_max_requests": 10**12}},
     ),
     Case("File API, filter_json, JSON answers", "file", {"filter_json": True}, json_answers=True),
+    Case("Vertex AI (backend: vertex), Cloud Storage", "file", {"backend": "vertex"}, vertex=True),
 ]
 
 
 def _daemon_cpu(folder: Path, path: Case, requests: int) -> tuple[common.ChildRun, Path]:
     """One daemon run on a fresh spool and simulator; its rusage and the archived input."""
     root = folder / f"{requests}"
-    with common.simulator() as sim:
+    with common.simulator(vertex=path.vertex) as sim:
+        settings = {**path.settings, **({"vertex": sim.vertex} if sim.vertex else {})}
         config = common.spool(
-            root, sim.base_url, inbox_settle_seconds=0, poll=common.FAST_POLLS, **path.settings
+            root, sim.base_url, inbox_settle_seconds=0, poll=common.FAST_POLLS, **settings
         )
         common.write_input(
             root / "inbox" / NAME, requests=requests, width=WIDTH, json_answers=path.json_answers

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -92,6 +93,7 @@ def available_memory() -> int:
 class SimProcess:
     proc: subprocess.Popen[str]
     base_url: str
+    vertex: dict[str, Any] | None = None  # with vertex=True: the daemon's `vertex` settings
 
     def get(self, path: str) -> Any:
         request = urllib.request.Request(self.base_url + path)
@@ -119,24 +121,51 @@ class SimProcess:
 
 
 @contextmanager
-def simulator(pending: float = 0.0, running: float = 0.0) -> Iterator[SimProcess]:
-    """`python -m daemon simulator` in its own process, so its CPU and memory are not the daemon's."""
+def simulator(
+    pending: float = 0.0, running: float = 0.0, *, vertex: bool = False
+) -> Iterator[SimProcess]:
+    """`python -m daemon simulator` in its own process, so its CPU and memory are not the daemon's.
+
+    `vertex`: the Vertex AI simulator and its Cloud Storage emulator (with a staging bucket),
+    reached by daemons started meanwhile through `STORAGE_EMULATOR_HOST` and a service-account
+    key whose token endpoint is the simulator's."""
     command = [PYTHON, "-m", "daemon", "simulator", "--port", "0"]
     command += ["--pending-seconds", str(pending), "--running-seconds", str(running)]
+    command += ["--vertex", "--bucket", BUCKET] if vertex else []
     proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    sim: SimProcess | None = None
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().strip()
         if not base_url.startswith("http"):
             raise RuntimeError(f"the simulator did not start: {base_url!r}")
-        yield SimProcess(proc, base_url)
+        sim = SimProcess(proc, base_url)
+        if vertex:
+            os.environ["STORAGE_EMULATOR_HOST"] = proc.stdout.readline().strip().split("=", 1)[1]
+            sim.vertex = _vertex_settings(base_url)
+        yield sim
     finally:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        if sim is not None and sim.vertex is not None:
+            shutil.rmtree(Path(sim.vertex["credentials_file"]).parent)
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+BUCKET = "bench-staging"
+
+
+def _vertex_settings(base_url: str) -> dict[str, Any]:
+    """The `vertex` settings of a daemon using the Vertex simulator at `base_url`."""
+    from tests.support.vertex import PROJECT, service_account_info
+
+    key = Path(tempfile.mkdtemp(prefix="bench-key-")) / "service-account.json"
+    key.write_text(json.dumps(service_account_info(base_url + "/token")))
+    return {"project": PROJECT, "staging_uri": f"gs://{BUCKET}/bench", "credentials_file": str(key)}
 
 
 # ---- the daemon ---------------------------------------------------------------------------

@@ -10,9 +10,9 @@ deadline (`http.deadline`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from google import genai
@@ -23,13 +23,8 @@ from ..jsonl import parse_json
 from . import http, sdk, wire
 from .engine import EngineLimits, RemoteJob
 
-LIST_PAGE_SIZE = 100
-"""Jobs fetched per `batches.list` page when looking a job up by display name."""
-
 BATCH_MIME_TYPE = "application/jsonl"
 """Mime type of an uploaded batch input file; the SDK cannot guess it for `.jsonl`."""
-
-T = TypeVar("T")
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -41,7 +36,7 @@ MAX_JOB_BYTES = 2_000_000_000
 """The File API takes input files of up to 2 GB."""
 
 
-class GeminiEngine:
+class GeminiEngine(http.RestCalls):
     """The `Engine` of the Gemini Developer API: one long-lived `genai.Client` (a collected
     client closes its connections)."""
 
@@ -73,13 +68,6 @@ class GeminiEngine:
         self.client = client
         self.endpoint = sdk.endpoint(client)
 
-    def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
-        return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
-
-    def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
-        with http.deadline(self.timeout + size / http.MIN_TRANSFER_RATE):
-            return call()
-
     @staticmethod
     def is_job_name(name: str) -> bool:
         return wire.JOB_NAME.fullmatch(name) is not None
@@ -102,28 +90,8 @@ class GeminiEngine:
         return wire.parse_operation(self._json("get", _batch_path(name), {}))
 
     def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
-        """The job with this display name (`prefix`: the newest whose name starts so); None
-        only when a complete listing has none. Any failed or unreadable page raises: an
-        incomplete listing proves nothing."""
-        found: list[RemoteJob] = []
-        for job in self._all_jobs():
-            name = job.display_name or ""
-            if name == display_name:
-                return job
-            if prefix and name.startswith(display_name):
-                found.append(job)
-        return max(found, key=lambda j: j.create_time or "", default=None)
-
-    def _all_jobs(self) -> Iterator[RemoteJob]:
-        token: str | None = None
-        seen: set[str] = set()
-        while True:
-            query = {"pageSize": LIST_PAGE_SIZE, **({"pageToken": token} if token else {})}
-            jobs, token = wire.parse_job_list(self._json("get", f"batches?{urlencode(query)}", {}))
-            yield from jobs
-            if not token or token in seen:
-                return
-            seen.add(token)
+        """Found by paging through every job of the project (`RestCalls._find`)."""
+        return self._find(display_name, prefix, "batches", {}, wire.parse_job_list)
 
     def cancel_job(self, name: str) -> None:
         self._json("post", f"{_batch_path(name)}:cancel", {})
@@ -157,7 +125,7 @@ class GeminiEngine:
             return [
                 f.name
                 for f in self.client.files.list(
-                    config=types.ListFilesConfig(page_size=LIST_PAGE_SIZE)
+                    config=types.ListFilesConfig(page_size=http.LIST_PAGE_SIZE)
                 )
                 if f.display_name == display_name and f.name and wire.FILE_NAME.fullmatch(f.name)
             ]

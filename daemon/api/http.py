@@ -27,17 +27,21 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpcore2
 import httpx2
+from google import genai
 from google.genai import types
 
 from ..errors import BatchdError
+from . import sdk
+from .engine import RemoteJob
 
 TRANSIENT_HTTP_CODES = (408, 429, 500, 502, 503, 504)
 """Statuses the SDK retries by itself within one call (never for a create)."""
@@ -328,3 +332,54 @@ def http_options(
         client_args=shared,
         async_client_args={**shared, "ssl": context},  # "ssl": its websocket context
     )
+
+
+LIST_PAGE_SIZE = 100
+"""Jobs (or files) fetched per page of a list."""
+
+T = TypeVar("T")
+Parse = Callable[[Any], tuple[list[RemoteJob], str | None]]
+"""How an engine reads one page of its job list: the jobs and the next page's token."""
+
+
+class RestCalls:
+    """What both engines do with their `genai.Client`: REST JSON calls under one total
+    deadline, and job lists read page by page."""
+
+    client: genai.Client
+    timeout: float
+
+    def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
+        return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
+
+    def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
+        """`call()` within the API timeout, plus time for `size` bytes at the slowest rate."""
+        with deadline(self.timeout + size / MIN_TRANSFER_RATE):
+            return call()
+
+    def _find(
+        self, display_name: str, prefix: bool, path: str, query: dict[str, str], parse: Parse
+    ) -> RemoteJob | None:
+        """The listed job with this display name (`prefix`: the newest whose name starts so);
+        None only when a complete listing has none. Any failed or unreadable page raises: an
+        incomplete listing proves nothing."""
+        found: list[RemoteJob] = []
+        for job in self._pages(path, query, parse):
+            name = job.display_name or ""
+            if name == display_name:
+                return job
+            if prefix and name.startswith(display_name):
+                found.append(job)
+        return max(found, key=lambda j: j.create_time or "", default=None)
+
+    def _pages(self, path: str, query: dict[str, str], parse: Parse) -> Iterator[RemoteJob]:
+        """Every job of a list, page after page; a page token seen before ends it (a loop)."""
+        token: str | None = None
+        seen: set[str] = set()
+        while True:
+            page = {**query, "pageSize": LIST_PAGE_SIZE, **({"pageToken": token} if token else {})}
+            jobs, token = parse(self._json("get", f"{path}?{urlencode(page)}", {}))
+            yield from jobs
+            if not token or token in seen:
+                return
+            seen.add(token)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from google import genai
@@ -55,11 +55,8 @@ JOB_NAME = re.compile(
 )
 """A job's name, as Vertex documents it (the project as a number or an id): never a path."""
 
-LIST_PAGE_SIZE = 100
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _LABEL_UNSAFE = re.compile(r"[^a-z0-9_-]+")
-T = TypeVar("T")
 
 
 def request_problem(body: Mapping[str, Any]) -> str | None:
@@ -234,7 +231,7 @@ def staged_name(prefix: str, display_name: str) -> str:
     return f"{prefix}/{path}" if prefix else path
 
 
-class VertexEngine:
+class VertexEngine(http.RestCalls):
     """The `Engine` of Vertex AI batch prediction."""
 
     kind: ClassVar[str] = "vertex"
@@ -285,13 +282,6 @@ class VertexEngine:
             timeout_seconds=timeout_seconds,
         )
 
-    def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
-        return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
-
-    def _deadline(self, call: Callable[[], T], size: int = 0) -> T:
-        with http.deadline(self.timeout + size / http.MIN_TRANSFER_RATE):
-            return call()
-
     @staticmethod
     def is_job_name(name: str) -> bool:
         return JOB_NAME.fullmatch(name) is not None
@@ -321,33 +311,12 @@ class VertexEngine:
 
     def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
         """Listed by the claim's label (a filter Vertex applies), then matched by display
-        name here: exactly, or (`prefix`) the newest whose name starts so."""
+        name (`RestCalls._find`)."""
         labels = labels_of(display_name)
-        wanted = f'labels.batchd-claim="{labels["batchd-claim"]}"' if len(labels) > 1 else None
-        found: list[RemoteJob] = []
-        for job in self._all_jobs(wanted):
-            name = job.display_name or ""
-            if name == display_name:
-                return job
-            if prefix and name.startswith(display_name):
-                found.append(job)
-        return max(found, key=lambda j: j.create_time or "", default=None)
-
-    def _all_jobs(self, wanted: str | None) -> Iterator[RemoteJob]:
-        token: str | None = None
-        seen: set[str] = set()
-        while True:
-            query: dict[str, Any] = {"pageSize": LIST_PAGE_SIZE}
-            if wanted:
-                query["filter"] = wanted
-            if token:
-                query["pageToken"] = token
-            page = self._json("get", f"batchPredictionJobs?{urlencode(query)}", {})
-            jobs, token = parse_job_list(page)
-            yield from jobs
-            if not token or token in seen:
-                return
-            seen.add(token)
+        query = (
+            {"filter": f'labels.batchd-claim="{labels["batchd-claim"]}"'} if len(labels) > 1 else {}
+        )
+        return self._find(display_name, prefix, "batchPredictionJobs", query, parse_job_list)
 
     def cancel_job(self, name: str) -> None:
         self._json("post", f"{_job_path(name)}:cancel", {})

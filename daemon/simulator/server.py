@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .answers import (
@@ -295,7 +295,7 @@ class Simulator:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> Simulator:
+    def start(self) -> Self:
         """Serve in a daemon thread; after a stop() it comes back on the same port and state."""
         if self._server is not None:
             return self
@@ -320,7 +320,7 @@ class Simulator:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> Simulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

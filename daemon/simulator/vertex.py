@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from http import HTTPStatus
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qs
 
 from .answers import pick, request_error
@@ -388,7 +387,7 @@ class VertexSimulator(Simulator):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> VertexSimulator:
+    def start(self) -> Self:
         """Serve; the storage emulator is started too if it is not running (and then owned)."""
         if not self.storage.running:
             self.storage.start()
@@ -426,17 +425,6 @@ class VertexSimulator(Simulator):
         if self._owns_storage:
             self._owns_storage = False
             self.storage.stop()
-
-    def __enter__(self) -> VertexSimulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def token_uri(self) -> str:

@@ -37,8 +37,9 @@ def _private_key_pem() -> str:
     ).decode()
 
 
-def service_account_info(sim: VertexSimulator, project: str = PROJECT) -> dict[str, str]:
-    """The fields of a service-account key file whose token endpoint is the simulator's."""
+def service_account_info(token_uri: str, project: str = PROJECT) -> dict[str, str]:
+    """The fields of a service-account key file whose token endpoint is `token_uri` (a
+    simulator's)."""
     return {
         "type": "service_account",
         "project_id": project,
@@ -46,7 +47,7 @@ def service_account_info(sim: VertexSimulator, project: str = PROJECT) -> dict[s
         "private_key": _private_key_pem(),
         "client_email": CLIENT_EMAIL,
         "client_id": "100000000000000000001",
-        "token_uri": sim.token_uri,
+        "token_uri": token_uri,
     }
 
 
@@ -55,7 +56,7 @@ def write_service_account_key(
 ) -> Path:
     """Write a fake service-account key file into `directory` (e.g. pytest's `tmp_path`)."""
     path = directory / "service-account.json"
-    path.write_text(json.dumps(service_account_info(sim, project), indent=2))
+    path.write_text(json.dumps(service_account_info(sim.token_uri, project), indent=2))
     return path
 
 

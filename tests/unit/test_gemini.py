@@ -15,7 +15,8 @@ from google.genai import errors, types
 
 from daemon import answers, failures
 from daemon.api import RemoteJob, http
-from daemon.api.gemini import BATCH_MIME_TYPE, LIST_PAGE_SIZE, GeminiEngine, key_fingerprint
+from daemon.api.gemini import BATCH_MIME_TYPE, GeminiEngine, key_fingerprint
+from daemon.api.http import LIST_PAGE_SIZE
 from daemon.errors import BadReply
 from daemon.inputs import Defaults, Request, prompt_request
 from daemon.plan import request_line

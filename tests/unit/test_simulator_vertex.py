@@ -645,7 +645,7 @@ def test_token_endpoint(sim: VertexSimulator, tmp_path: Path, clock: FakeClock) 
     )
     assert token(grant + b"&assertion=a.b")[1]["error"] == "invalid_grant"
     assert token(b"grant_type=password&assertion=a.b.c")[1]["error"] == "unsupported_grant_type"
-    assert service_account_info(sim)["token_uri"] == f"{sim.base_url}/token"
+    assert service_account_info(sim.token_uri)["token_uri"] == f"{sim.base_url}/token"
 
 
 # ---- faults, listing, cancelling, forced states -----------------------------------------------
