@@ -97,11 +97,18 @@ class Staging:
         return sorted(blob.name for blob in found)
 
     def lines(self, name: str) -> Iterator[bytes]:
-        """The lines of one object, streamed."""
+        """The lines of one object, streamed a chunk (one ranged request) at a time and split
+        here: the reader's own line iteration reads byte by byte."""
         blob = self.bucket.blob(name)
         handle: IO[bytes]
         with blob.open("rb", chunk_size=UPLOAD_CHUNK, timeout=self.timeout) as handle:
-            yield from handle
+            rest = b""
+            while chunk := handle.read(UPLOAD_CHUNK):
+                *whole, rest = (rest + chunk).split(b"\n")
+                for line in whole:
+                    yield line + b"\n"
+            if rest:
+                yield rest
 
     def delete(self, uri: str) -> None:
         """Delete one object, or every object under a folder (`gs://.../folder/`)."""
