@@ -165,7 +165,11 @@ def run(quick: bool) -> str:
         "inline, with `inline_max_bytes` and `inline_max_requests` huge (by default only inputs "
         "of at most 1,000 requests go inline); and the default configuration with "
         "`filter_json: true` where every line asks for `responseMimeType: application/json`, "
-        "so that the daemon parses each answer as JSON. Target met when both ratios are "
+        "so that the daemon parses each answer as JSON; and `backend: vertex` against the "
+        "Vertex AI simulator and its Cloud Storage emulator (in their own process), where the "
+        "daemon also turns each line into Vertex's format, uploads it to Cloud Storage and "
+        "reads each prediction (the request echoed beside its answer) back. Target met when "
+        "both ratios are "
         f"<= {TARGET:g}x."
     )
 
