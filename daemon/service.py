@@ -52,8 +52,9 @@ READY_CLAIM_SECONDS = 60.0
 CLAIM_BATCH = 16
 """Files claimed per turn of the main loop before dispatching work."""
 
-HEAL_EVERY = 1.0
-"""Seconds between checks that the spool folders exist and the inbox is the one watched."""
+HEAL_EVERY = 5.0
+"""Seconds between checks that the spool folders exist and the inbox is the one watched (each
+wake-up of an idle daemon costs CPU: this is also the idle main loop's longest sleep)."""
 
 log = logs.get()
 

@@ -1113,17 +1113,21 @@ def _check_model(model: Any, project: str, location: str) -> tuple[str, str]:
     return model, model_id
 
 
-def _check_input(config: Any) -> tuple[JSON, list[str]]:
-    where = "batch_prediction_job.input_config"
+def _check_format(config: Any, where: str, field: str, snake: str) -> None:
+    """An input or output config is there and says `jsonl` in `field` (the only format here)."""
     if not isinstance(config, dict) or not config:
         raise _field_error(where, "Required field is not set.")
-    fmt = pick(config, "instancesFormat")
+    fmt = pick(config, field)
     if not fmt:
-        raise _field_error(f"{where}.instances_format", "Required field is not set.")
+        raise _field_error(f"{where}.{snake}", "Required field is not set.")
     if fmt != "jsonl":
-        raise _field_error(
-            f"{where}.instances_format", f"Unsupported instances format {fmt!r}: use jsonl."
-        )
+        what = snake.split("_")[0]
+        raise _field_error(f"{where}.{snake}", f"Unsupported {what} format {fmt!r}: use jsonl.")
+
+
+def _check_input(config: Any) -> tuple[JSON, list[str]]:
+    where = "batch_prediction_job.input_config"
+    _check_format(config, where, "instancesFormat", "instances_format")
     uris = pick(pick(config, "gcsSource"), "uris")
     if uris is None:
         raise _field_error(f"{where}.gcs_source", "Required field is not set.")
@@ -1137,15 +1141,7 @@ def _check_input(config: Any) -> tuple[JSON, list[str]]:
 
 def _check_output(config: Any) -> tuple[JSON, str]:
     where = "batch_prediction_job.output_config"
-    if not isinstance(config, dict) or not config:
-        raise _field_error(where, "Required field is not set.")
-    fmt = pick(config, "predictionsFormat")
-    if not fmt:
-        raise _field_error(f"{where}.predictions_format", "Required field is not set.")
-    if fmt != "jsonl":
-        raise _field_error(
-            f"{where}.predictions_format", f"Unsupported predictions format {fmt!r}: use jsonl."
-        )
+    _check_format(config, where, "predictionsFormat", "predictions_format")
     prefix = pick(pick(config, "gcsDestination"), "outputUriPrefix")
     if prefix is None:
         raise _field_error(f"{where}.gcs_destination", "Required field is not set.")
