@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .answers import (
@@ -45,6 +45,9 @@ from .wire import (
     key_error,
     with_unknown_fields,
 )
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations only
 
 __all__ = [
     "ApiError",

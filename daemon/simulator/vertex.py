@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from .answers import pick, request_error
@@ -35,6 +35,8 @@ from .server import KeyRejection, Simulator, _Call, _iso, _page_body, _paginate,
 from .wire import ApiError, Reply, json_reply, status_name, with_unknown_fields
 
 if TYPE_CHECKING:  # the storage clients load in ~0.2 s: only when a simulator needs them
+    from typing import Self
+
     from google.cloud import storage as gcs
 
     from .storage import StorageEmulator
