@@ -246,13 +246,19 @@ class _Commit:
     __slots__ = ("done", "error", "fd", "target", "tmp")
 
     def __init__(self, target: Path, tmp: Path, fd: int) -> None:
-        self.target, self.tmp, self.fd = target, tmp, fd
+        self.target, self.tmp = target, tmp
+        self.fd: int | None = fd  # None once closed: a closed number may be another file's now
         self.done = False
         self.error: BaseException | None = None
 
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
     def discard(self) -> None:
         with contextlib.suppress(OSError):
-            os.close(self.fd)
+            self.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 
@@ -264,25 +270,35 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _commit_round(round_: list[_Commit]) -> None:
-    """fsync each file, rename each into place, fsync each folder once."""
+    """fsync each file, rename each into place, fsync each folder once. Every commit of the
+    round ends done, with the error it met if any (what escapes counts for all: its waiters
+    must not wait for ever, nor take a file not known durable for one)."""
     folders: dict[Path, list[_Commit]] = {}
-    for commit in round_:
-        try:
-            os.fsync(commit.fd)
-            os.close(commit.fd)
-            os.replace(commit.tmp, commit.target)
-            folders.setdefault(commit.target.parent, []).append(commit)
-        except OSError as exc:
-            commit.error = exc
-            commit.discard()
-    for folder, commits in folders.items():
-        try:
-            fsync_dir(folder)
-        except OSError as exc:
-            for commit in commits:
+    try:
+        for commit in round_:
+            try:
+                assert commit.fd is not None
+                os.fsync(commit.fd)
+                commit.close()
+                os.replace(commit.tmp, commit.target)
+                folders.setdefault(commit.target.parent, []).append(commit)
+            except OSError as exc:
                 commit.error = exc
-    for commit in round_:
-        commit.done = True
+                commit.discard()
+        for folder, commits in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for commit in commits:
+                    commit.error = exc
+    except BaseException as exc:
+        for commit in round_:
+            commit.error = commit.error or exc
+            commit.discard()  # (a file renamed already has no temp name left to remove)
+        raise
+    finally:
+        for commit in round_:
+            commit.done = True
 
 
 GROUP = GroupCommit()

@@ -360,3 +360,39 @@ def test_a_group_commit_fails_only_the_writer_whose_file_failed(tmp_path: Path) 
     group.write(tmp_path / "ok.json", b"3")
     assert (tmp_path / "ok.json").read_bytes() == b"3"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_round_that_raises_ends_for_every_writer_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something other than an OSError escaping a round fails each writer in it (none waits for
+    ever, none is told its file is durable), leaves no temp file, and the next round works."""
+    real_fsync_dir = atomic.fsync_dir
+    entered = threading.Event()
+
+    def broken(folder: Path) -> None:
+        entered.set()
+        time.sleep(0.05)  # the other writers queue up behind this round or the next
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(atomic, "fsync_dir", broken)
+    group = atomic.GroupCommit()
+    errors: list[BaseException] = []
+
+    def write(path: Path) -> None:
+        try:
+            group.write(path, b"x")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(tmp_path / f"f{i}",)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 5 and all(isinstance(e, RuntimeError) for e in errors)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(atomic, "fsync_dir", real_fsync_dir)
+    group.write(tmp_path / "after", b"ok")
+    assert (tmp_path / "after").read_bytes() == b"ok"
