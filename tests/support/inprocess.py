@@ -199,20 +199,13 @@ class Daemon:
         return {name: t.record.state.value for name, t in self.service.files.items()}
 
     def results(self, name: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (self.outbox / name).read_text().splitlines()]
+        return self.folder.results(name)
 
     def report(self, name: str) -> dict[str, Any]:
-        stem = name.removesuffix(".jsonl")
-        result: dict[str, Any] = json.loads((self.outbox / f"{stem}.error.json").read_text())
-        return result
+        return self.folder.report(name.removesuffix(".jsonl"))
 
     def sidecar(self, name: str) -> dict[str, Any]:
-        for folder in ("processing", "done", "failed"):
-            path = self.inbox / folder / (name + ".job.json")
-            if path.exists():
-                result: dict[str, Any] = json.loads(path.read_text())
-                return result
-        raise FileNotFoundError(name)
+        return self.folder.sidecar(name)
 
     def outcome(self, name: str) -> FileState | None:
         """DONE or FAILED once NAME has been archived (by where its sidecar is), else None."""
