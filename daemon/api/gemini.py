@@ -13,7 +13,6 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlencode
 
 from google import genai
 from google.genai import types
@@ -41,6 +40,7 @@ class GeminiEngine(http.RestCalls):
     client closes its connections)."""
 
     kind: ClassVar[str] = "gemini"
+    jobs_path: ClassVar[str] = "batches"
     limits: ClassVar[EngineLimits] = EngineLimits(inline=True, max_job_bytes=MAX_JOB_BYTES)
 
     def __init__(
@@ -91,14 +91,10 @@ class GeminiEngine(http.RestCalls):
 
     def find_job(self, display_name: str, *, prefix: bool = False) -> RemoteJob | None:
         """Found by paging through every job of the project (`RestCalls._find`)."""
-        return self._find(display_name, prefix, "batches", {}, wire.parse_job_list)
+        return self._find(display_name, prefix, {}, wire.parse_job_list)
 
     def cancel_job(self, name: str) -> None:
         self._json("post", f"{_batch_path(name)}:cancel", {})
-
-    def probe(self) -> None:
-        """One cheap authenticated call: does the API accept our key?"""
-        self._json("get", f"batches?{urlencode({'pageSize': 1})}", {})
 
     def upload(self, path: Path, display_name: str) -> str:
         """Upload a batch input file (resumable); returns its name, `files/...`."""

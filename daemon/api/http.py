@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
 import httpcore2
@@ -348,6 +348,11 @@ class RestCalls:
 
     client: genai.Client
     timeout: float
+    jobs_path: ClassVar[str]  # the job list, relative to the client's base URL and version
+
+    def probe(self) -> None:
+        """One cheap authenticated call (a job list of one): is our credential accepted here?"""
+        self._json("get", f"{self.jobs_path}?{urlencode({'pageSize': 1})}", {})
 
     def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
         return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
@@ -358,13 +363,13 @@ class RestCalls:
             return call()
 
     def _find(
-        self, display_name: str, prefix: bool, path: str, query: dict[str, str], parse: Parse
+        self, display_name: str, prefix: bool, query: dict[str, str], parse: Parse
     ) -> RemoteJob | None:
         """The listed job with this display name (`prefix`: the newest whose name starts so);
         None only when a complete listing has none. Any failed or unreadable page raises: an
         incomplete listing proves nothing."""
         found: list[RemoteJob] = []
-        for job in self._pages(path, query, parse):
+        for job in self._pages(self.jobs_path, query, parse):
             name = job.display_name or ""
             if name == display_name:
                 return job

@@ -17,7 +17,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlencode
 
 from google import genai
 
@@ -235,6 +234,7 @@ class VertexEngine(http.RestCalls):
     """The `Engine` of Vertex AI batch prediction."""
 
     kind: ClassVar[str] = "vertex"
+    jobs_path: ClassVar[str] = "batchPredictionJobs"
     limits: ClassVar[EngineLimits] = EngineLimits(
         inline=False,
         max_job_bytes=MAX_JOB_BYTES,
@@ -316,14 +316,10 @@ class VertexEngine(http.RestCalls):
         query = (
             {"filter": f'labels.batchd-claim="{labels["batchd-claim"]}"'} if len(labels) > 1 else {}
         )
-        return self._find(display_name, prefix, "batchPredictionJobs", query, parse_job_list)
+        return self._find(display_name, prefix, query, parse_job_list)
 
     def cancel_job(self, name: str) -> None:
         self._json("post", f"{_job_path(name)}:cancel", {})
-
-    def probe(self) -> None:
-        """One cheap authenticated call: may our credential list jobs here?"""
-        self._json("get", f"batchPredictionJobs?{urlencode({'pageSize': 1})}", {})
 
     def check_access(self) -> None:
         """The start-up check: list jobs in the project and location, and write and delete an
