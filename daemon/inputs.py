@@ -21,6 +21,7 @@ from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
 from .config import Config
+from .jsonl import STREAM_BUFFER
 from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
@@ -201,7 +202,7 @@ def read_requests(
     digest = hashlib.sha256()
     keys = KeySet()
     overhead = payload_overhead(defaults)
-    with path.open("rb") as handle, contextlib.closing(keys):
+    with path.open("rb", buffering=STREAM_BUFFER) as handle, contextlib.closing(keys):
         for number, raw in enumerate(handle, start=1):
             digest.update(raw)
             scan.size += len(raw)

@@ -17,6 +17,11 @@ import orjson
 
 from .errors import BadReply
 
+STREAM_BUFFER = 256 << 10
+"""Buffer of a streamed file (an input, a request file, answers, an index): read and written
+256 KiB per system call. The default, the file system's 4 KiB block, costs one call per few
+lines, and system calls are much of the CPU of a large file on a virtual machine."""
+
 # ---- JSON ----------------------------------------------------------------------------------------
 
 # orjson turns integers beyond 64 bits into floats (-9300000000000000000 has 19 digits): a body

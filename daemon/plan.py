@@ -12,17 +12,17 @@ One streaming read of the input checks every line and writes, in processing/:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, NamedTuple, Protocol
 
 import orjson
 
 from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
 from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
+from .jsonl import STREAM_BUFFER, dumps
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,6 @@ class Plan:
         return sum(j.tokens for j in self.jobs)
 
 
-def dumps(value: Any) -> bytes:
-    """Compact JSON, UTF-8; orjson where it can (it refuses integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def request_line(request: Request) -> bytes:
     """One line of a File API batch input: `{"key", "request"}`."""
     return dumps({"key": request.key, "request": request.body}) + b"\n"
@@ -126,7 +118,7 @@ def write_plan(
     current: PlannedJob | None = None
     handle: IO[bytes] | None = None
     try:
-        with index_path.open("wb") as index:
+        with index_path.open("wb", buffering=STREAM_BUFFER) as index:
             for item in read_requests(source, defaults, scan, check=limits.check):
                 if type(item) is not Request:
                     assert isinstance(item, LineError)
@@ -152,7 +144,7 @@ def write_plan(
                         handle.close()
                     current = PlannedJob(len(plan.jobs) + 1, job_path(len(plan.jobs) + 1))
                     plan.jobs.append(current)
-                    handle = current.path.open("wb")
+                    handle = current.path.open("wb", buffering=STREAM_BUFFER)
                 assert handle is not None and current is not None
                 handle.write(line)
                 current.requests += 1
@@ -190,7 +182,7 @@ class IndexEntry(NamedTuple):
 
 def read_index(path: Path) -> Iterator[IndexEntry]:
     """The index's entries, in input order."""
-    with path.open("rb") as handle:
+    with path.open("rb", buffering=STREAM_BUFFER) as handle:
         for raw in handle:
             item = orjson.loads(raw)
             if len(item) == 4:

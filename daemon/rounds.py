@@ -12,6 +12,7 @@ from . import answers, plan, records
 from .context import Context, Tracked
 from .inputs import estimate_tokens, prompt_chars
 from .jobrecord import JobEntry
+from .jsonl import STREAM_BUFFER
 from .keymap import KeyMap
 
 
@@ -22,7 +23,7 @@ def all_final(job: JobEntry, saved: Path) -> bool:
     final = job.final_answers
     if final is None:
         try:
-            with saved.open("rb") as handle:
+            with saved.open("rb", buffering=STREAM_BUFFER) as handle:
                 final = sum(answers.is_final(raw) for raw in handle)
         except FileNotFoundError:
             return False
@@ -54,7 +55,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
         limits = plan.JobLimits.of(ctx.config.limits, ctx.engine.limits)
         try:
             for job in jobs:
-                with t.job_file(job, "req").open("rb") as source:
+                with t.job_file(job, "req").open("rb", buffering=STREAM_BUFFER) as source:
                     for raw in source:
                         key = answers.line_key(raw)
                         if key is None or final.get(key) is not None:
@@ -75,7 +76,7 @@ def plan_retry_round(ctx: Context, t: Tracked, current: int) -> list[JobEntry]:
                             )
                             next_index += 1
                             added.append(current_job)
-                            out = t.job_file(current_job, "req").open("wb")
+                            out = t.job_file(current_job, "req").open("wb", buffering=STREAM_BUFFER)
                         assert out is not None
                         out.write(raw)
                         current_job.requests += 1

@@ -18,7 +18,7 @@ from google import genai
 from google.genai import types
 
 from ..errors import BadReply
-from ..jsonl import parse_json
+from ..jsonl import STREAM_BUFFER, parse_json
 from . import http, sdk, wire
 from .engine import EngineLimits, RemoteJob
 
@@ -132,8 +132,8 @@ class GeminiEngine(http.RestCalls):
         """Stream a job's responses file (already in the answers format) to disk."""
 
         def call() -> None:
-            with destination.open("wb") as handle:
-                self.client.files.download(file=results, destination=handle)
+            with destination.open("wb", buffering=STREAM_BUFFER) as handle:
+                sdk.download(self.client, results, handle)
 
         self._deadline(call, expected_bytes)
 
@@ -148,7 +148,7 @@ class GeminiEngine(http.RestCalls):
 
 def _inlined(source: Path) -> Iterator[dict[str, Any]]:
     """The inlined requests of a request file: `{"request", "metadata": {"key"}}` each."""
-    with source.open("rb") as handle:
+    with source.open("rb", buffering=STREAM_BUFFER) as handle:
         for raw in handle:
             line = parse_json(raw)  # integers past 64 bits stay exact
             yield {"request": line["request"], "metadata": {"key": line["key"]}}

@@ -24,7 +24,16 @@ from .. import logs
 from ..config import VertexSettings
 from ..errors import BadReply, ConfigError
 from ..faults import crash_point
-from ..jsonl import count, dumps, int_or_none, json_type, mapping, parse_json, str_or_none
+from ..jsonl import (
+    STREAM_BUFFER,
+    count,
+    dumps,
+    int_or_none,
+    json_type,
+    mapping,
+    parse_json,
+    str_or_none,
+)
 from . import http, sdk, staging
 from .engine import EngineLimits, Progress, RemoteJob, RemoteState
 
@@ -331,7 +340,10 @@ class VertexEngine(http.RestCalls):
         """Stage a request file in Vertex's input format; its `gs://` URI."""
         converted = path.with_name(path.name + ".vertex")
         try:
-            with path.open("rb") as source, converted.open("wb") as target:
+            with (
+                path.open("rb", buffering=STREAM_BUFFER) as source,
+                converted.open("wb", buffering=STREAM_BUFFER) as target,
+            ):
                 for raw in source:
                     target.write(vertex_line(raw))
             name = f"{staged_name(self.settings.prefix, display_name)}/input.jsonl"
@@ -353,7 +365,7 @@ class VertexEngine(http.RestCalls):
         def call() -> None:
             names = [n for n in self.staging.objects(results) if n.endswith(".jsonl")]
             crash_point("vertex_listed")
-            with destination.open("wb") as handle:
+            with destination.open("wb", buffering=STREAM_BUFFER) as handle:
                 for number, name in enumerate(names):
                     if number == len(names) // 2:
                         crash_point("vertex_reading")

@@ -69,3 +69,20 @@ def test_the_sdk_s_clients_reuse_the_daemon_s_one_ssl_context(
         engine.probe()
         engine.close()
     assert len(made) <= 1
+
+
+def test_the_sdk_streams_a_download_as_the_network_delivers_it(
+    sim: Simulator, tmp_path: Any
+) -> None:
+    """sdk.download passes `chunk_size=None` to the client's download_file (no re-cutting)."""
+    params = inspect.signature(genai.Client(api_key="k")._api_client.download_file).parameters
+    assert {"path", "destination", "chunk_size"} <= set(params)
+    options = types.HttpOptions(base_url=sim.base_url, api_version="v1beta")
+    client = genai.Client(api_key="k", http_options=options)
+    source = tmp_path / "source.jsonl"
+    source.write_bytes(b"".join(b'{"key": "k%d"}\n' % n for n in range(50_000)))
+    uploaded = client.files.upload(file=source, config=types.UploadFileConfig(mime_type="jsonl"))
+    assert uploaded.name is not None
+    with (tmp_path / "copy").open("wb") as handle:
+        sdk.download(client, uploaded.name, handle)
+    assert (tmp_path / "copy").read_bytes() == source.read_bytes()
