@@ -21,7 +21,7 @@ import orjson
 
 from . import atomic, logs, records
 from .errors import BadReply, OutOfOrder, UnreadableResults
-from .jsonl import dumps, int_or_none, mapping, parse_json, str_or_none
+from .jsonl import STREAM_BUFFER, dumps, int_or_none, mapping, parse_json, str_or_none
 from .keymap import KeyMap
 from .plan import IndexEntry, read_index
 from .records import Tally
@@ -161,7 +161,7 @@ def inline_lines(items: list[dict[str, Any]], keys: Iterable[str]) -> tuple[list
 
 def read_entries(path: Path) -> Iterator[Entry]:
     """The answers of an answers file, one at a time."""
-    with path.open("rb") as handle:
+    with path.open("rb", buffering=STREAM_BUFFER) as handle:
         yield from read_entries_of(handle)
 
 
@@ -188,7 +188,7 @@ def check_responses_file(path: Path, answered: int = 0) -> int:
     first: bytes | None = None
     last: bytes | None = None
     lines = final = 0
-    with path.open("rb") as handle:
+    with path.open("rb", buffering=STREAM_BUFFER) as handle:
         for line in handle:
             if line.strip():
                 first = line if first is None else first
@@ -223,7 +223,7 @@ def is_final(raw: bytes) -> bool:
 
 def request_keys(request_file: Path) -> Iterator[str]:
     """The keys of a job's request file, in order."""
-    with request_file.open("rb") as handle:
+    with request_file.open("rb", buffering=STREAM_BUFFER) as handle:
         for raw in handle:
             key = line_key(raw)
             if key is not None:
@@ -282,7 +282,7 @@ class AnswerStream:
     if an answer was left behind, which proves the order assumption wrong."""
 
     def __init__(self, files: list[Path]) -> None:
-        self._handles = [path.open("rb") for path in files]
+        self._handles = [path.open("rb", buffering=STREAM_BUFFER) for path in files]
         self._lines = itertools.chain.from_iterable(self._handles)
         self._raw = b""
         self._key: str | None = None
@@ -296,16 +296,18 @@ class AnswerStream:
                 return
         self._raw, self._key = b"", None
 
-    def get(self, key: str) -> Entry | None:
+    def take(self, key: str) -> bytes | None:
+        """The answers line of `key`, if it is the next one; else None (missing, or out of
+        order: `finish` tells)."""
         if key != self._key:
-            return None  # missing, or out of order: `finish` tells
+            return None
         raw = self._raw
         self._advance()
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        return entry_from_obj(value, key) if isinstance(value, dict) else None
+        return raw
+
+    def get(self, key: str) -> Entry | None:
+        raw = self.take(key)
+        return None if raw is None else _entry_of_line(raw, key)
 
     def finish(self) -> None:
         if self._key is not None:
@@ -314,6 +316,14 @@ class AnswerStream:
     def close(self) -> None:
         for handle in self._handles:
             handle.close()
+
+
+def _entry_of_line(raw: bytes, key: str) -> Entry | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return entry_from_obj(value, key) if isinstance(value, dict) else None
 
 
 @dataclass
@@ -358,9 +368,19 @@ def _record(
         return records.invalid_record(item.line, item.key, item.invalid)
     assert item.key is not None
     attempts = merge.attempts.get(item.key, 1)
-    entry = first.get(item.key)
-    if later is not None:
-        entry = later.get(item.key) or entry
+    if later is None and isinstance(first, AnswerStream):  # the usual case: one round, in order
+        raw = first.take(item.key)
+        if raw is not None and not merge.include_response:
+            fast = records.plain_record(
+                raw, item.key, item.line, filter_json=item.filter_json, attempts=attempts
+            )
+            if fast is not None:
+                return fast
+        entry = None if raw is None else _entry_of_line(raw, item.key)
+    else:
+        entry = first.get(item.key)
+        if later is not None:
+            entry = later.get(item.key) or entry
     if entry is None and item.part in merge.part_errors:
         return records.job_failed_record(
             item.key, item.line, merge.part_errors[item.part], attempts
@@ -386,10 +406,19 @@ def write_results(target: Path, merge: Merge, *, progress: Any = None) -> Tally:
 
         def lines(in_order: bool = in_order, tally: Tally = tally) -> Iterator[bytes]:
             records_ = iter_records(merge, tally, in_order=in_order)
+            chunk: list[bytes] = []
+            size = 0
             for number, record in enumerate(records_, start=1):
-                yield dumps(record) + b"\n"
+                line = dumps(record)
+                chunk.append(line)
+                size += len(line)
+                if size >= STREAM_BUFFER:
+                    yield b"\n".join(chunk) + b"\n"
+                    chunk, size = [], 0
                 if progress is not None:
                     progress(number)
+            if chunk:
+                yield b"\n".join(chunk) + b"\n"
 
         try:
             atomic.write_file(target, lines(), replace=False)

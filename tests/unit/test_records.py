@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+import orjson
 import pytest
 
 from daemon import answers, jsonl, records
@@ -615,3 +616,94 @@ def test_tally() -> None:
         "errors_by_stage": tally.errors,
         "tokens": tally.tokens,
     }
+
+
+# ---- plain_record: the usual answer decoded straight into its record ----------------------------
+
+
+def _variants() -> list[dict[str, Any]]:
+    """Responses in the usual shape and in every way a line may step out of it."""
+    base = response(
+        {"text": "A "},
+        {"text": "thought", "thought": True},
+        {"text": "B", "thoughtSignature": "x"},
+        usage_metadata={"promptTokenCount": 3, "candidatesTokenCount": 4, "totalTokenCount": 7},
+    )
+    json_text = response({"text": '```json\n{"a": [1, 2,]}\n```'})
+    variants: list[dict[str, Any]] = [
+        base,
+        recorded.add_future_fields(base),
+        json_text,
+        response({"text": "no json here"}),
+        response({"text": "[1, NaN]"}),
+        response({"text": ""}, finish="SAFETY"),
+        response({"text": "kept"}, finish="SAFETY"),
+        response({"text": " "}, finish="MAX_TOKENS"),
+        response(finish="STOP"),
+        response({"text": "x"}, finish=""),
+        response({"text": "x"}, finish=None, model_version=None),
+        response({"text": "x"}, model_version=""),
+        response({"text": "x"}, model_version=7),
+        response({"text": 5}, {"text": "y"}),
+        response({"inlineData": {"data": "AA=="}}, {"text": "y"}),
+        response("not a part"),
+        response({"text": "x", "thought": "yes"}),
+        response({"text": "x", "thought": 0}),
+        response({"text": None}, {"text": "y"}),
+        response({"text": "x"}, usage_metadata={"promptTokenCount": -4, "totalTokenCount": "9"}),
+        response({"text": "x"}, usage_metadata={"promptTokenCount": 2**70}),
+        response(
+            {"text": "x"}, usage_metadata={"promptTokenCount": 2.0, "thoughtsTokenCount": True}
+        ),
+        response({"text": "x"}, usage_metadata={"promptTokenCount": None}),
+        {"candidates": [], "promptFeedback": {"blockReason": "SAFETY"}},
+        {"candidates": [{"content": None, "finishReason": "STOP"}]},
+        {"candidates": [{"content": {"parts": None}}]},
+        {"candidates": [{"content": "text"}]},
+        {"candidates": ["x"]},
+        {"candidates": [{"content": {"parts": [{"text": "a"}]}}, "second is not an object"]},
+        {"candidates": None, "usageMetadata": None},
+        {"candidates": {"0": {}}},
+        {"usageMetadata": []},
+    ]
+    return variants
+
+
+LINES = [
+    *(json.dumps({"key": "k1", "response": body}).encode() for body in _variants()),
+    *(recorded.file_line("k1", recorded.raw(name)) for name in recorded.RESPONSES),
+    b'{"key": "k1", "response": null, "error": {"code": 429}}',
+    b'{"key": "k1", "response": "text"}',
+    b'{"key": "k1", "error": {"code": 500, "message": "boom"}}',
+    b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "\\ud800"}]}}]}}',
+    b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "\\u00e9\\ud83d\\ude00"}]}}]}}',
+    b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "a"}]}}], "candidates": []}}',
+    b'{"key": "k1", "response": {"candidates": [{"content"',
+    b"[1, 2]",
+]
+
+
+@pytest.mark.parametrize("filter_json", [False, True], ids=["text", "filter_json"])
+@pytest.mark.parametrize("raw", LINES, ids=range(len(LINES)))
+def test_plain_record_is_the_record_of_the_whole_line_or_none(
+    raw: bytes, filter_json: bool
+) -> None:
+    fast = records.plain_record(raw, "k1", 3, filter_json=filter_json, attempts=2)
+    try:
+        value = orjson.loads(raw)  # as answers read a line
+    except orjson.JSONDecodeError:
+        value = None
+    entry = answers.entry_from_obj(value, "k1") if isinstance(value, dict) else None
+    whole = record_for("k1", 3, entry, filter_json=filter_json, include_response=False, attempts=2)
+    if fast is not None:
+        assert fast == whole
+        assert list(fast) == list(whole)  # the same field order too
+        assert jsonl.dumps(fast) == jsonl.dumps(whole)
+
+
+def test_plain_record_takes_the_usual_answers() -> None:
+    usual = [LINES[0], LINES[1], LINES[2]] + [
+        recorded.file_line("k1", recorded.raw(n)) for n in recorded.RESPONSES if "block" not in n
+    ]
+    for raw in usual:
+        assert records.plain_record(raw, "k1", 3, filter_json=False) is not None, raw[:80]
