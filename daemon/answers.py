@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import msgspec
 import orjson
 
 from . import atomic, logs, records
 from .errors import BadReply, OutOfOrder, UnreadableResults
-from .jsonl import STREAM_BUFFER, dumps, int_or_none, mapping, parse_json, str_or_none
+from .jsonl import STREAM_BUFFER, dumps, dumps_line, int_or_none, mapping, parse_json, str_or_none
 from .keymap import KeyMap
 from .plan import IndexEntry, read_index
 from .records import Tally
@@ -190,7 +191,7 @@ def check_responses_file(path: Path, answered: int = 0) -> int:
     lines = final = 0
     with path.open("rb", buffering=STREAM_BUFFER) as handle:
         for line in handle:
-            if line.strip():
+            if not line.isspace():  # (not `strip`, which copies the line)
                 first = line if first is None else first
                 last = line
                 lines += 1
@@ -213,10 +214,30 @@ def check_responses_file(path: Path, answered: int = 0) -> int:
     return final
 
 
+class _Outcome(msgspec.Struct):
+    """What tells an answers line final: its response is only skipped over, not built."""
+
+    response: msgspec.Raw = msgspec.Raw(b"")
+    error: Any = None
+    status: Any = None
+
+
+_OUTCOME = msgspec.json.Decoder(_Outcome)
+
+
 def is_final(raw: bytes) -> bool:
-    """Whether an answers line is one another try would not change: an answer (told without
-    parsing the line, the usual case), or an error that is not worth a follow-up job."""
-    if b'"response"' in raw and b'"error"' not in raw and b'"status"' not in raw:
+    """Whether an answers line is one another try would not change: an answer (the usual
+    case, told by one quick pass over the line), or an error not worth a follow-up job."""
+    try:
+        outcome = _OUTCOME.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        outcome = None
+    if (
+        outcome is not None
+        and outcome.error is None
+        and outcome.status is None
+        and memoryview(outcome.response)[:1].tobytes() == b"{"  # an object, not null or absent
+    ):
         return True
     return any(e.key is not None and not records.is_retryable(e) for e in read_entries_of([raw]))
 
@@ -409,16 +430,15 @@ def write_results(target: Path, merge: Merge, *, progress: Any = None) -> Tally:
             chunk: list[bytes] = []
             size = 0
             for number, record in enumerate(records_, start=1):
-                line = dumps(record)
+                line = dumps_line(record)
                 chunk.append(line)
                 size += len(line)
                 if size >= STREAM_BUFFER:
-                    yield b"\n".join(chunk) + b"\n"
+                    yield b"".join(chunk)
                     chunk, size = [], 0
                 if progress is not None:
                     progress(number)
-            if chunk:
-                yield b"\n".join(chunk) + b"\n"
+            yield b"".join(chunk)
 
         try:
             atomic.write_file(target, lines(), replace=False)

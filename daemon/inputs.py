@@ -348,14 +348,19 @@ def _repeated_field(raw: bytes, value: dict[str, Any]) -> str | None:
 
 def _count_fields(value: Any) -> int:
     """Fields of every object in a parsed JSON value."""
-    if type(value) is dict:
-        return len(value) + sum(_count_fields(v) for v in value.values() if type(v) in _NESTED)
-    if type(value) is list:
-        return sum(_count_fields(v) for v in value if type(v) in _NESTED)
-    return 0
-
-
-_NESTED = (dict, list)
+    total = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is dict:
+            total += len(item)
+            item = item.values()
+        elif type(item) is not list:
+            continue
+        for inner in item:
+            if type(inner) is dict or type(inner) is list:
+                pending.append(inner)
+    return total
 
 
 def _parse_slowly(raw: bytes, number: int) -> Any:
@@ -411,7 +416,8 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
-    if isinstance(value, str | list):
+    """The request of a parsed line (exact types are checked: a parser makes no subclasses)."""
+    if type(value) is str or type(value) is list:
         return _prompt_request(
             str(number),
             number,
@@ -421,39 +427,42 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
             defaults.filter_json,
             defaults,
         )
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise _BadLine(f"expected a string, an array of strings or an object, got {_kind(value)}")
     key = _key(value.get("key"), number)
     filter_json = value.get("filter_json", defaults.filter_json)
-    if not isinstance(filter_json, bool):
+    if type(filter_json) is not bool:
         raise _BadLine(f"'filter_json' must be true or false, got {_kind(filter_json)}")
     if "request" in value:
         _no_unknown(value, _NATIVE_FIELDS, "a native request line")
         body = value["request"]
-        if not isinstance(body, dict):
+        if type(body) is not dict:
             raise _BadLine(f"'request' must be an object, got {_kind(body)}")
-        if any("_" in k for k in body):  # snake_case names, as the SDK's own types have them
-            body = {camel(k): v for k, v in body.items()}
+        for name in body:
+            if "_" in name:  # snake_case names, as the SDK's own types have them
+                body = {camel(k): v for k, v in body.items()}
+                break
         contents = body.get("contents")
-        if not isinstance(contents, list) or not contents:
+        if type(contents) is not list or not contents:
             raise _BadLine("'request.contents' must be a non-empty array")
         if not _plain_text_contents(contents):
             _check(_CONTENTS.validate_python, contents, "'request.contents'")
-        _check_bounds(body.get("generationConfig"), "'request.generationConfig'")
-        config = dict(body.get("generationConfig") or {})
-        config.update({v: body[k] for k, v in LIFTED_FIELDS.items() if k in body})
-        if config:
-            _check(types.GenerateContentConfig.model_validate, config, "'request'")
+        if len(body) > 1:  # more than contents: settings to check
+            _check_bounds(body.get("generationConfig"), "'request.generationConfig'")
+            config = dict(body.get("generationConfig") or {})
+            config.update({LIFTED_FIELDS[k]: v for k, v in body.items() if k in LIFTED_FIELDS})
+            if config:
+                _check(types.GenerateContentConfig.model_validate, config, "'request'")
         return Request(key, number, body, filter_json, prompt_chars(body))
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
     _no_unknown(value, _PROMPT_FIELDS, "a prompt line")
     system = value.get("system_prompt")
-    if system is not None and not isinstance(system, str):
+    if system is not None and type(system) is not str:
         raise _BadLine(f"'system_prompt' must be a string, got {_kind(system)}")
     overrides = value.get("config")
     overrides = {} if overrides is None else overrides
-    if not isinstance(overrides, dict):
+    if type(overrides) is not dict:
         raise _BadLine(f"'config' must be an object, got {_kind(overrides)}")
     return _prompt_request(
         key,
@@ -487,10 +496,47 @@ def _prompt_request(
     if not overrides:  # the common case: settings shared by every such line of the file
         generation = _default_generation(defaults.temperature, defaults.thinking_budget)
     else:
-        generation = {
-            "temperature": defaults.temperature,
-            "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
-        }
+        generation = _generation(overrides, defaults)
+    body: dict[str, Any] = {
+        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
+        "generationConfig": generation,
+    }
+    system = system if system is not None else defaults.system_prompt
+    if system:
+        body["systemInstruction"] = _system_instruction(system)
+    return Request(key, number, body, filter_json, len(prompt) + len(system or ""))
+
+
+def _generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    """The generationConfig of a line with `config` overrides, checked; remembered per
+    distinct overrides (files repeat a few), and like `_default_generation`'s, only read."""
+    try:
+        memo = (defaults.temperature, defaults.thinking_budget, orjson.dumps(overrides))
+    except TypeError:  # an integer beyond 64 bits
+        return _resolve_generation(overrides, defaults)
+    found = _GENERATIONS.get(memo)
+    if found is None:
+        try:
+            found = _resolve_generation(overrides, defaults)
+        except _BadLine as exc:
+            found = str(exc)
+        if len(_GENERATIONS) >= _VERDICTS_KEPT:
+            _GENERATIONS.clear()
+        if len(memo[2]) <= _VERDICT_MAX_CHARS:
+            _GENERATIONS[memo] = found
+    if isinstance(found, str):
+        raise _BadLine(found)
+    return found
+
+
+_GENERATIONS: dict[tuple[float, int, bytes], dict[str, Any] | str] = {}
+
+
+def _resolve_generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    generation: dict[str, Any] = {
+        "temperature": defaults.temperature,
+        "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
+    }
     for name, setting in overrides.items():
         field_name = camel(name)
         if field_name not in _GENERATION_FIELDS:
@@ -501,17 +547,9 @@ def _prompt_request(
             levelled = own.get("thinkingLevel") is not None
             setting = own if levelled else {**generation["thinkingConfig"], **own}
         generation[field_name] = setting
-    if overrides:
-        _check_bounds(generation, "'config'")
-        _check(types.GenerateContentConfig.model_validate, generation, "'config'")
-    body: dict[str, Any] = {
-        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
-        "generationConfig": generation,
-    }
-    system = system if system is not None else defaults.system_prompt
-    if system:
-        body["systemInstruction"] = _system_instruction(system)
-    return Request(key, number, body, filter_json, len(prompt) + len(system or ""))
+    _check_bounds(generation, "'config'")
+    _check(types.GenerateContentConfig.model_validate, generation, "'config'")
+    return generation
 
 
 @functools.lru_cache(maxsize=16)
@@ -529,7 +567,7 @@ def _system_instruction(text: str) -> dict[str, Any]:
 
 def _prompt_text(value: Any, what: str) -> str:
     """A prompt string, or a sequence of strings joined with newlines into one turn."""
-    if isinstance(value, list):
+    if type(value) is list:
         if not value:
             raise _BadLine(f"{what} is an empty array; it needs at least one string")
         bad = [v for v in value if not isinstance(v, str)][:1]  # a null element is bad too
@@ -538,7 +576,7 @@ def _prompt_text(value: Any, what: str) -> str:
         value = "\n".join(value)
     if not isinstance(value, str):
         raise _BadLine(f"{what} must be a string or an array of strings, got {_kind(value)}")
-    if not value.strip():
+    if not value or value.isspace():
         raise _BadLine(f"{what} is empty")
     return value
 
@@ -546,6 +584,8 @@ def _prompt_text(value: Any, what: str) -> str:
 def _key(value: Any, number: int) -> str:
     if value is None:
         return str(number)
+    if type(value) is str and value:
+        return value
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _BadLine(f"'key' must be a string, got {_kind(value)}")
     key = str(value)

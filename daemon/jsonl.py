@@ -133,3 +133,11 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def dumps_line(value: Any) -> bytes:
+    """`dumps` and a newline: one line of a JSON lines file."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -22,7 +22,7 @@ import orjson
 from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
 from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
-from .jsonl import STREAM_BUFFER, dumps
+from .jsonl import STREAM_BUFFER, dumps_line
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Plan:
 
 def request_line(request: Request) -> bytes:
     """One line of a File API batch input: `{"key", "request"}`."""
-    return dumps({"key": request.key, "request": request.body}) + b"\n"
+    return dumps_line({"key": request.key, "request": request.body})
 
 
 def write_plan(
@@ -123,7 +123,7 @@ def write_plan(
                 if type(item) is not Request:
                     assert isinstance(item, LineError)
                     if keep_invalid:
-                        index.write(dumps([item.line, item.key, None, 0, item.message]) + b"\n")
+                        index.write(dumps_line([item.line, item.key, None, 0, item.message]))
                     continue
                 line = request_line(item)
                 tokens = estimate_tokens(item.chars)
@@ -150,8 +150,7 @@ def write_plan(
                 current.requests += 1
                 current.bytes += len(line)
                 current.tokens += tokens
-                index.write(dumps([item.line, item.key, int(item.filter_json), current.part]))
-                index.write(b"\n")
+                index.write(dumps_line([item.line, item.key, int(item.filter_json), current.part]))
     finally:
         if handle is not None:
             handle.close()

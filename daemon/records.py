@@ -274,7 +274,7 @@ def plain_record(
     `record_for` then reads whole. The same record either way (a test holds them equal)."""
     try:
         response = _ANSWER_LINE.decode(raw).response
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # (nested too deep to decode)
         return None
     if response is None or not response.candidates:
         return None

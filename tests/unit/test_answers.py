@@ -159,3 +159,28 @@ def test_match_inline_reads_error_items_and_unknown_fields() -> None:
     assert match.by_position
     assert match.entries["b"].error is not None
     assert match.entries["b"].error["code"] == 404
+
+
+@pytest.mark.parametrize(
+    ("line", "final"),
+    [
+        (b'{"key": "a", "response": {"candidates": []}}', True),
+        (b'{"key": "a", "response": {}, "futureField": [1, {"error": 2}]}', True),
+        (b'{"key": "a", "response": {}, "error": null, "status": null}', True),
+        (b'{"key": "a", "error": {"code": 400, "message": "bad"}}', True),  # no retry fixes it
+        (b'{"key": "a", "error": {"code": 429}}', False),
+        (b'{"key": "a", "status": {"code": 13, "status": "INTERNAL"}}', False),
+        (b'{"key": "a", "error": {"code": 503}, "response": {}}', True),  # answered
+        (b'{"key": "a", "response": null, "error": {"code": 500}}', False),
+        (b'{"key": "a", "response": "text", "error": {"code": 500}}', False),
+        (b'{"key": "a"}', True),  # neither: a record says so; another try would not help
+        (b'{"key": "a", "response": {"candidates": [', False),  # cut short
+        (b"<html>", False),
+        (b"[1, 2]", False),
+        (b'{"key": "a", "response": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001, False),
+    ],
+)
+def test_is_final_tells_answers_and_lasting_errors_from_retryable_ones(
+    line: bytes, final: bool
+) -> None:
+    assert answers.is_final(line) is final

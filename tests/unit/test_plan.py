@@ -13,7 +13,8 @@ import pytest
 from daemon.api import EngineLimits
 from daemon.config import Limits
 from daemon.inputs import Defaults, prompt_request
-from daemon.plan import IndexEntry, JobLimits, Plan, dumps, read_index, request_line, write_plan
+from daemon.jsonl import dumps
+from daemon.plan import IndexEntry, JobLimits, Plan, read_index, request_line, write_plan
 from tests.support.harness import write_jsonl
 
 DEFAULTS = Defaults()

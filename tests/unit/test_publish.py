@@ -19,7 +19,8 @@ from daemon import answers, keymap, publish
 from daemon.answers import Answers, Entry, Merge, write_results
 from daemon.inputs import Defaults
 from daemon.jobrecord import JobRecord
-from daemon.plan import JobLimits, dumps, write_plan
+from daemon.jsonl import dumps
+from daemon.plan import JobLimits, write_plan
 from daemon.publish import write_report
 from daemon.records import Tally, answer_text
 from tests.support.guarantees import CONTRACT_REPORT_FIELDS

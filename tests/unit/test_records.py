@@ -679,6 +679,7 @@ LINES = [
     b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "\\u00e9\\ud83d\\ude00"}]}}]}}',
     b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "a"}]}}], "candidates": []}}',
     b'{"key": "k1", "response": {"candidates": [{"content"',
+    b'{"key": "k1", "response": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001,
     b"[1, 2]",
 ]
 

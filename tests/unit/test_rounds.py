@@ -21,9 +21,10 @@ from daemon.failures import RetryPolicy
 from daemon.health import Health
 from daemon.inputs import Defaults, estimate_tokens, prompt_chars, prompt_request
 from daemon.jobrecord import FileState, JobEntry, JobRecord, JobState
+from daemon.jsonl import dumps
 from daemon.logs import Throttle
 from daemon.metrics import Counters
-from daemon.plan import dumps, request_line
+from daemon.plan import request_line
 from daemon.schedule import Backoff
 from daemon.spool import Spool
 from tests.support.harness import FakeClock
