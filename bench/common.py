@@ -3,6 +3,7 @@ child, inputs, the orjson yardstick and tables."""
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import platform
@@ -169,6 +170,13 @@ def _vertex_settings(base_url: str) -> dict[str, Any]:
 
 
 # ---- the daemon ---------------------------------------------------------------------------
+
+
+def compile_daemon() -> None:
+    """Byte-compile the daemon's modules, as pip does when it installs a package: with
+    PYTHONDONTWRITEBYTECODE set (as on some machines) a checkout's daemon would otherwise
+    compile every module again at every start, about 0.15 s of CPU per run."""
+    compileall.compile_dir(ROOT / "daemon", quiet=1)
 
 
 def env() -> dict[str, str]:

@@ -41,6 +41,7 @@ def main() -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     sections = []
+    common.compile_daemon()
     print(f"machine: {common.machine()}\n", flush=True)
     for name in names:
         t0 = time.monotonic()

@@ -305,30 +305,33 @@ class AnswerStream:
     def __init__(self, files: list[Path]) -> None:
         self._handles = [path.open("rb", buffering=STREAM_BUFFER) for path in files]
         self._lines = itertools.chain.from_iterable(self._handles)
-        self._raw = b""
+        self._next: tuple[bytes, records.AnswerLine | None] = (b"", None)
         self._key: str | None = None
         self._advance()
 
     def _advance(self) -> None:
         for raw in self._lines:
-            key = line_key(raw)
+            answer = records.decode_answer(raw)
+            key = answer.key if answer is not None else None
+            if type(key) is not str:
+                key = str(key) if type(key) is int else line_key(raw)
             if key is not None:
-                self._raw, self._key = raw, key
+                self._next, self._key = (raw, answer), key
                 return
-        self._raw, self._key = b"", None
+        self._next, self._key = (b"", None), None
 
-    def take(self, key: str) -> bytes | None:
-        """The answers line of `key`, if it is the next one; else None (missing, or out of
-        order: `finish` tells)."""
+    def take(self, key: str) -> tuple[bytes, records.AnswerLine | None] | None:
+        """The answers line of `key` (and its decoding, if it decodes), if it is the next
+        one; else None (missing, or out of order: `finish` tells)."""
         if key != self._key:
             return None
-        raw = self._raw
+        found = self._next
         self._advance()
-        return raw
+        return found
 
     def get(self, key: str) -> Entry | None:
-        raw = self.take(key)
-        return None if raw is None else _entry_of_line(raw, key)
+        found = self.take(key)
+        return None if found is None else _entry_of_line(found[0], key)
 
     def finish(self) -> None:
         if self._key is not None:
@@ -390,14 +393,18 @@ def _record(
     assert item.key is not None
     attempts = merge.attempts.get(item.key, 1)
     if later is None and isinstance(first, AnswerStream):  # the usual case: one round, in order
-        raw = first.take(item.key)
-        if raw is not None and not merge.include_response:
-            fast = records.plain_record(
-                raw, item.key, item.line, filter_json=item.filter_json, attempts=attempts
-            )
-            if fast is not None:
-                return fast
-        entry = None if raw is None else _entry_of_line(raw, item.key)
+        found = first.take(item.key)
+        if found is None:
+            entry = None
+        else:
+            raw, answer = found
+            if answer is not None and not merge.include_response:
+                fast = records.plain_record(
+                    answer, item.key, item.line, filter_json=item.filter_json, attempts=attempts
+                )
+                if fast is not None:
+                    return fast
+            entry = _entry_of_line(raw, item.key)
     else:
         entry = first.get(item.key)
         if later is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 from google.genai import types
 from pydantic import TypeAdapter, ValidationError
@@ -274,7 +275,74 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 """orjson reads integers beyond 64 bits as floats: lines with such numbers take the slow path."""
 
 
+class _PromptLine(msgspec.Struct, forbid_unknown_fields=True):
+    """A prompt line as the usual line is: decoded and type-checked in one pass."""
+
+    prompt: str | list[str]
+    key: str | int | msgspec.UnsetType = msgspec.UNSET
+    system_prompt: str | None = None
+    config: dict[str, Any] | None = None
+    filter_json: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+_PROMPT_LINE = msgspec.json.Decoder(_PromptLine)
+
+
 def _parse_raw(
+    raw: bytes, number: int, defaults: Defaults, keys: KeySet
+) -> Request | LineError | None:
+    usual = _usual_prompt_line(raw, number, defaults, keys)
+    if usual is not None:
+        return usual
+    return _parse_any(raw, number, defaults, keys)
+
+
+def _usual_prompt_line(
+    raw: bytes, number: int, defaults: Defaults, keys: KeySet
+) -> Request | LineError | None:
+    """A well-formed prompt line (an object with `prompt`), read without building its object;
+    None for anything else, which `_parse_any` then reads and explains. Both read a line
+    alike (a test holds them equal)."""
+    try:
+        line = _PROMPT_LINE.decode(raw)  # integers stay exact; bad UTF-8, BOMs are refused
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    key, config, fields = line.key, line.config, 1
+    fields += (key is not msgspec.UNSET) + (line.system_prompt is not None)
+    fields += (config is not None) + (line.filter_json is not msgspec.UNSET)
+    if config:
+        fields += _count_fields(config)
+    if raw.count(b":") > fields:  # perhaps a field named twice (see _repeated_field)
+        return None
+    if key is msgspec.UNSET:
+        key, auto = str(number), True
+    elif type(key) is str:
+        auto = False
+    else:
+        key, auto = str(key), False
+    prompt = "\n".join(line.prompt) if isinstance(line.prompt, list) else line.prompt
+    filter_json = line.filter_json
+    if not key or not prompt or prompt.isspace():
+        return None
+    try:
+        request = _prompt_request(
+            key,
+            number,
+            prompt,
+            line.system_prompt,
+            config or {},
+            defaults.filter_json if filter_json is msgspec.UNSET else filter_json,
+            defaults,
+        )
+    except _BadLine:
+        return None
+    first = keys.add(key, number, auto=auto)
+    if first is not None:
+        return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
+    return request
+
+
+def _parse_any(
     raw: bytes, number: int, defaults: Defaults, keys: KeySet
 ) -> Request | LineError | None:
     if number == 1 and raw.startswith(_BOM):

@@ -258,24 +258,32 @@ class _Response(msgspec.Struct):
     modelVersion: str | None = None
 
 
-class _AnswerLine(msgspec.Struct):
+class AnswerLine(msgspec.Struct):
+    """An answers line decoded for its record: its key and the fields a record needs (every
+    other field of the line is skipped, not built)."""
+
+    key: str | int | None = None
     response: _Response | None = None
 
 
-_ANSWER_LINE = msgspec.json.Decoder(_AnswerLine)
+_ANSWER_LINE = msgspec.json.Decoder(AnswerLine)
+
+
+def decode_answer(raw: bytes) -> AnswerLine | None:
+    """The line as an `AnswerLine`; None for a line not of those types (read whole instead)."""
+    try:
+        return _ANSWER_LINE.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # (nested too deep to decode)
+        return None
 
 
 def plain_record(
-    raw: bytes, key: str, line: int, *, filter_json: bool, attempts: int = 1
+    answer: AnswerLine, key: str, line: int, *, filter_json: bool, attempts: int = 1
 ) -> dict[str, Any] | None:
-    """`record_for` of an answers line in the usual shape -- a response with a candidate,
-    well-typed fields, not withheld -- decoded straight into the few fields a record needs
-    (every other field of the line is skipped, not built); None for any other line, which
-    `record_for` then reads whole. The same record either way (a test holds them equal)."""
-    try:
-        response = _ANSWER_LINE.decode(raw).response
-    except (msgspec.DecodeError, RecursionError):  # (nested too deep to decode)
-        return None
+    """`record_for` of a decoded answers line in the usual shape -- a response with a
+    candidate, not withheld; None for any other, which `record_for` then reads whole. The
+    same record either way (a test holds them equal)."""
+    response = answer.response
     if response is None or not response.candidates:
         return None
     candidate = response.candidates[0]

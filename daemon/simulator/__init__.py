@@ -9,16 +9,27 @@ them through their attributes and `Fault`s; `run --simulate` starts one.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from .answers import estimate_tokens, simulate_response
-from .server import ACTIVE_STATES, Simulator
-from .vertex import VertexSimulator
-from .wire import ApiError, Fault
-
 if TYPE_CHECKING:
+    from .answers import estimate_tokens, simulate_response
+    from .server import ACTIVE_STATES, Simulator
     from .storage import StorageEmulator, StorageFault
+    from .vertex import VertexSimulator
+    from .wire import ApiError, Fault
 
+_HOMES = {
+    "ACTIVE_STATES": "server",
+    "ApiError": "wire",
+    "Fault": "wire",
+    "Simulator": "server",
+    "StorageEmulator": "storage",
+    "StorageFault": "storage",
+    "VertexSimulator": "vertex",
+    "estimate_tokens": "answers",
+    "simulate_response": "answers",
+}
 __all__ = [
     "ACTIVE_STATES",
     "ApiError",
@@ -33,10 +44,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The storage emulator loads on first use: it brings gcp-storage-emulator and the Cloud
-    Storage client, which no other command needs."""
-    if name in ("StorageEmulator", "StorageFault"):
-        from . import storage
-
-        return getattr(storage, name)
+    """Each part loads on first use: the daemon's own commands import this package (for the
+    `simulator` command's flags) and need none of it; the storage emulator also brings
+    gcp-storage-emulator and the Cloud Storage client."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

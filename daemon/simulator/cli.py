@@ -9,10 +9,11 @@ import argparse
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .server import Simulator
-from .vertex import DEFAULT_PROJECT_NUMBER, VertexSimulator
+if TYPE_CHECKING:
+    from .server import Simulator
+    from .vertex import VertexSimulator
 
 
 def add_parser(sub: Any) -> None:
@@ -154,8 +155,7 @@ def _add_vertex_arguments(command: Any) -> None:
     vertex.add_argument(
         "--project-number",
         metavar="N",
-        default=DEFAULT_PROJECT_NUMBER,
-        help="the project number in job names (default: %(default)s)",
+        help="the project number in job names (default: a fixed example number)",
     )
     vertex.add_argument(
         "--storage-port",
@@ -315,6 +315,8 @@ def from_args(args: argparse.Namespace) -> Simulator:
     With ``--vertex`` a `VertexSimulator` whose (not yet started) `StorageEmulator` holds the
     ``--bucket`` buckets. A flag that does not apply to the mode chosen is a ValueError.
     """
+    from .server import Simulator
+
     if args.vertex:
         return vertex_from_args(args)
     if args.outcome == "PARTIALLY_SUCCEEDED":
@@ -349,6 +351,7 @@ def from_args(args: argparse.Namespace) -> Simulator:
 def vertex_from_args(args: argparse.Namespace) -> VertexSimulator:
     """The Vertex AI simulator (and its storage emulator) that the flags describe."""
     from .storage import StorageEmulator
+    from .vertex import DEFAULT_PROJECT_NUMBER, VertexSimulator
 
     for dest, (flag, default) in _GEMINI_ONLY.items():
         if getattr(args, dest) != default:
@@ -359,7 +362,7 @@ def vertex_from_args(args: argparse.Namespace) -> VertexSimulator:
         host=args.host,
         port=args.port,
         seed=args.seed,
-        project_number=args.project_number,
+        project_number=args.project_number or DEFAULT_PROJECT_NUMBER,
         project=args.project,
         location=args.location,
         queued_seconds=args.queued_seconds,
@@ -396,6 +399,8 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gemini-batchd: simulator: {exc}", file=sys.stderr)
         return 2
+    from .vertex import VertexSimulator
+
     storage = sim.storage if isinstance(sim, VertexSimulator) else None
     try:
         if storage is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from daemon import inputs
 from daemon.config import load_config
 from daemon.inputs import (
     CHARS_PER_TOKEN,
@@ -25,6 +26,7 @@ from daemon.inputs import (
     read_requests,
     scan_file,
 )
+from daemon.keymap import KeySet
 from tests.support.harness import write_jsonl
 
 DEFAULTS = Defaults(system_prompt="Be brief.", temperature=0.2, thinking_budget=24576)
@@ -729,3 +731,122 @@ def test_colons_and_the_same_field_in_different_objects_are_fine(tmp_path: Path,
     path.write_text(line + "\n")
     [request] = list(read_requests(path, Defaults()))
     assert not isinstance(request, LineError), request
+
+
+def test_lines_with_the_same_config_get_the_same_settings_and_the_same_errors(
+    tmp_path: Path,
+) -> None:
+    """Overrides are resolved once per distinct config: the verdict must not leak between
+    configs that differ only in order, or between defaults."""
+    good = {"max_output_tokens": 5, "maxOutputTokens": 6}
+    reordered = {"maxOutputTokens": 6, "max_output_tokens": 5}
+    bad = {"temperature": 5}
+    lines = [
+        {"key": f"k{n}", "prompt": "p", "config": c}
+        for n, c in enumerate([good, reordered, bad, good, bad])
+    ]
+    items = parse(tmp_path, lines)
+    assert [type(i).__name__ for i in items] == [
+        "Request",
+        "Request",
+        "LineError",
+        "Request",
+        "LineError",
+    ]
+    first, second, _, again, _ = items
+    assert isinstance(first, Request) and isinstance(second, Request) and isinstance(again, Request)
+    assert first.body["generationConfig"]["maxOutputTokens"] == 6  # the later name wins
+    assert second.body["generationConfig"]["maxOutputTokens"] == 5
+    assert again.body["generationConfig"] == first.body["generationConfig"]
+    assert items[2].message == items[4].message  # type: ignore[union-attr]
+    assert "'config' field 'temperature'" in items[2].message  # type: ignore[union-attr]
+    cooler = parse(tmp_path, [lines[0]], Defaults(temperature=0.7))[0]
+    assert isinstance(cooler, Request)
+    assert cooler.body["generationConfig"]["temperature"] == 0.7
+
+
+def _corpus() -> bytes:
+    """Prompt lines in the usual shape and in every way one may step out of it."""
+    objects: list[Any] = [
+        {"key": "a", "prompt": "p"},
+        {"prompt": "no key"},
+        {"key": 7, "prompt": "int key"},
+        {"key": 2**70, "prompt": "long int key"},
+        {"key": True, "prompt": "bool key"},
+        {"key": None, "prompt": "null key"},
+        {"key": "", "prompt": "empty key"},
+        {"key": "3", "prompt": "the key of a line without one"},
+        {"key": "a", "prompt": "a duplicate key"},
+        {"key": "l1", "prompt": ["one", "two"]},
+        {"key": "l2", "prompt": []},
+        {"key": "l3", "prompt": ["one", 2]},
+        {"key": "l4", "prompt": ["", " "]},
+        {"key": "w", "prompt": " \t"},
+        {"key": "e", "prompt": ""},
+        {"key": "n", "prompt": None},
+        {"key": "s1", "prompt": "p", "system_prompt": "be brief"},
+        {"key": "s2", "prompt": "p", "system_prompt": None},
+        {"key": "s3", "prompt": "p", "system_prompt": 5},
+        {"key": "s4", "prompt": "p", "system_prompt": ""},
+        {"key": "c1", "prompt": "p", "config": {"temperature": 0.5}},
+        {"key": "c2", "prompt": "p", "config": {"temperature": 5}},
+        {"key": "c3", "prompt": "p", "config": {"colour": 1}},
+        {"key": "c4", "prompt": "p", "config": {"thinking_config": {"thinking_level": "LOW"}}},
+        {"key": "c5", "prompt": "p", "config": None},
+        {"key": "c6", "prompt": "p", "config": []},
+        {"key": "c7", "prompt": "p", "config": {}},
+        {"key": "c8", "prompt": "p", "config": {"seed": 2**70}},
+        {"key": "c9", "prompt": "p", "config": {"max_output_tokens": 5, "maxOutputTokens": 6}},
+        {"key": "f1", "prompt": "p", "filter_json": True},
+        {"key": "f2", "prompt": "p", "filter_json": None},
+        {"key": "f3", "prompt": "p", "filter_json": "yes"},
+        {"key": "u", "prompt": "p", "colour": "blue"},
+        {"key": "r", "prompt": "p", "request": {"contents": []}},
+        {"key": "colons", "prompt": "a: b: c: d"},
+        {"key": "native", "request": {"contents": [{"parts": [{"text": "x"}]}]}},
+        "a string line",
+        ["an", "array", "line"],
+        5,
+        {"key": "unicode", "prompt": "é 😀 \u2028"},
+    ]
+    lines = [json.dumps(o).encode() for o in objects]
+    lines += [
+        b'{"key": "d1", "key": "d2", "prompt": "a key named twice"}',
+        b'{"key": "d3", "prompt": "p", "prompt": "prompt twice"}',
+        b'{"key": "d4", "prompt": "p", "config": {"temperature": 0.1, "temperature": 0.2}}',
+        b'{"key": "sp" , "prompt" : "spaces around colons"}',
+        b'{"key": "nan", "prompt": "p", "config": {"temperature": NaN}}',
+        b'{"key": "bad-utf8", "prompt": "\xff"}',
+        b'{"key": "surrogate", "prompt": "\\ud800"}',
+        b'{"key": "cut", "prompt": "p"',
+        b"   ",
+        b"",
+        b'{"key": "deep", "prompt": "p", "config": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001,
+        b'{"key": "digits", "prompt": "1234567890123456789012345"}',
+        b'{"key": "exp", "prompt": "p", "config": {"temperature": 1e400}}',
+    ]
+    return b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize("filter_json", [False, True])
+def test_the_usual_prompt_line_reads_as_any_line_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filter_json: bool
+) -> None:
+    defaults = Defaults(system_prompt="sys", filter_json=filter_json)
+    path = write(tmp_path, _corpus())
+    fast_scan = Scan(path)
+    fast = list(read_requests(path, defaults, fast_scan))
+    taken = [
+        n for n in range(1, 60) if inputs._usual_prompt_line(_line(path, n), n, defaults, KeySet())
+    ]
+    assert len(taken) > 15  # the fast way reads the usual lines
+    monkeypatch.setattr(inputs, "_usual_prompt_line", lambda *args: None)
+    slow_scan = Scan(path)
+    slow = list(read_requests(path, defaults, slow_scan))
+    assert fast == slow
+    assert fast_scan == slow_scan
+
+
+def _line(path: Path, number: int) -> bytes:
+    lines = path.read_bytes().split(b"\n")
+    return lines[number - 1] + b"\n" if number <= len(lines) else b""
