@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import orjson
 
 from .errors import BadReply
@@ -24,26 +25,18 @@ lines, and system calls are much of the CPU of a large file on a virtual machine
 
 # ---- JSON ----------------------------------------------------------------------------------------
 
-# orjson turns integers beyond 64 bits into floats (-9300000000000000000 has 19 digits): a body
-# holding a run of 19 digits may carry one, so it goes to the stdlib parser, which keeps every
-# integer exact. The run is found
-# by mapping every byte to "0" (digit) or " " and searching: a regex is ten times slower.
-_DIGIT_MASK = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_LONG_NUMBER = b"0" * 19
 _HTML_TITLE = re.compile(r"<title[^>]*>([^<]{1,80})", re.IGNORECASE)
+_DECODER = msgspec.json.Decoder()
 
 
-def _loads(body: str | bytes) -> Any:
+def loads(body: str | bytes) -> Any:
+    """`json.loads`, exactly, through msgspec where it can: integers of any size stay exact
+    (orjson would turn those beyond 64 bits into floats); what it refuses (NaN, Infinity,
+    lone surrogates, malformed JSON) goes to the stdlib parser, which decides."""
     try:
-        data = body.encode() if isinstance(body, str) else body
-    except UnicodeEncodeError:  # lone surrogates: only the stdlib parser takes them
-        data = None
-    if data is not None and _LONG_NUMBER not in data.translate(_DIGIT_MASK):
-        try:
-            return orjson.loads(data)
-        except ValueError:
-            pass  # the stdlib parser decides (it accepts NaN, orjson does not)
-    return json.loads(body)
+        return _DECODER.decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+        return json.loads(body)
 
 
 def parse_json(body: str | bytes | None) -> Any:
@@ -51,7 +44,7 @@ def parse_json(body: str | bytes | None) -> Any:
     if body is None:
         raise BadReply("the reply is empty")
     try:
-        return _loads(body)
+        return loads(body)
     except (ValueError, RecursionError) as exc:
         raise BadReply(_describe_bad_body(body, exc)) from None
 

@@ -7,7 +7,6 @@ a follow-up job (`is_retryable`). Pure functions of their arguments: no I/O.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import json_repair
 import msgspec
 
-from .jsonl import count
+from .jsonl import count, loads
 
 if TYPE_CHECKING:
     from .answers import Entry
@@ -373,7 +372,7 @@ def parse_json_text(text: str) -> Any:
 def _parse_json_text(text: str) -> Any:
     stripped = text.strip()
     try:
-        return json.loads(stripped)
+        return loads(stripped)
     except ValueError:
         pass
     if "{" not in stripped and "[" not in stripped:
