@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 from google import genai
 
 from .. import logs
@@ -77,7 +78,7 @@ def request_problem(body: Mapping[str, Any]) -> str | None:
             if depth > MAX_NESTING:
                 return f"objects nested {depth} deep: Vertex AI takes at most {MAX_NESTING} levels"
             for name, item in value.items():
-                if FIELD_NAME.fullmatch(name) is None:
+                if name not in _GOOD_NAMES and not _good_name(name):
                     return (
                         f"the field name {name!r}: Vertex AI takes only letters, digits and "
                         "underscores (not starting with a digit) in field names"
@@ -90,6 +91,18 @@ def request_problem(body: Mapping[str, Any]) -> str | None:
                     return f"{what}: Vertex AI takes neither"
                 stack.append((item, depth))
     return None
+
+
+_GOOD_NAMES: set[str] = set()
+"""Field names found good: a file repeats the same few names on every line."""
+
+
+def _good_name(name: str) -> bool:
+    if FIELD_NAME.fullmatch(name) is None:
+        return False
+    if len(_GOOD_NAMES) < 10_000:
+        _GOOD_NAMES.add(name)
+    return True
 
 
 def _pruned(value: Any) -> Any:
@@ -105,13 +118,35 @@ def _pruned(value: Any) -> Any:
 def vertex_line(raw: bytes) -> bytes:
     """A request-file line `{"key", "request"}` as a line of Vertex's input format."""
     line = parse_json(raw)
-    request = _pruned(line["request"])
+    request = line["request"]
+    if b"{}" in raw:  # request files are compact JSON: an empty object is always `{}`
+        request = _pruned(request)
     return dumps({"request": request, KEY_FIELD: KEY_PREFIX + str(line["key"])}) + b"\n"
+
+
+class _Prediction(msgspec.Struct):
+    """A prediction line as the usual one is: its key, an empty status, a response (whose
+    bytes are kept as they came, not parsed) and the echoed request (skipped)."""
+
+    key: str | None = msgspec.field(default=None, name=KEY_FIELD)
+    status: str | None = None
+    response: msgspec.Raw | None = None
+
+
+_PREDICTION = msgspec.json.Decoder(_Prediction)
 
 
 def answer_line(raw: bytes) -> bytes | None:
     """A prediction line as an answers line (`{"key", "response" | "error"}`); None for a line
     without a key of ours (or no JSON object at all)."""
+    try:
+        usual = _PREDICTION.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        usual = None
+    if usual is not None and usual.key is not None and not usual.status and usual.response:
+        kept = bytes(usual.response)
+        if kept[:1] == b"{" and kept[1:].lstrip()[:1] != b"}":  # an object, not empty
+            return b'{"key":%s,"response":%s}' % (dumps(_key(usual.key)), kept)
     try:
         obj = parse_json(raw)
     except BadReply:

@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from daemon import jsonl
 from daemon.api import RemoteState, vertex
 from daemon.config import VertexSettings
 from daemon.errors import BadReply, ConfigError
@@ -140,6 +142,48 @@ def test_lines_without_a_key_of_ours_are_skipped(raw: bytes) -> None:
 def test_odd_statuses_are_read_as_errors(status: Any, error: dict[str, Any]) -> None:
     line = json.dumps({"gemini_batchd_key": "k:a", "status": status, "response": {}})
     assert json.loads(vertex.answer_line(line.encode()) or b"")["error"] == error
+
+
+PREDICTIONS = [
+    *(
+        with_key(line, f"k:r{n}")
+        for n, line in enumerate(
+            (PAYLOADS / "predictions-ok-gemini-2.5-flash-lite-litellm-docs.jsonl")
+            .read_bytes()
+            .splitlines()
+            + (PAYLOADS / "predictions-DOC-SAMPLES.DERIVED-compact.jsonl").read_bytes().splitlines()
+        )
+    ),
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": {"candidates": []}}',
+    b'{"gemini_batchd_key": "k:a", "response": {"a": 1}, "request": {"contents": []}}',
+    b'{"gemini_batchd_key": "k:a", "status": null, "response": { "a" : [1, 2.50, 1e2] }}',
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": {}}',
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": { }}',
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": []}',
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": null}',
+    b'{"gemini_batchd_key": "k:a", "status": "", "response": 123456789012345678901234}',
+    b'{"gemini_batchd_key": "k:a", "status": "Bad Request: {}", "response": {"a": 1}}',
+    b'{"gemini_batchd_key": "k:a", "status": {"code": 8}, "response": {"a": 1}}',
+    b'{"gemini_batchd_key": 7, "response": {"a": 1}}',
+    b'{"gemini_batchd_key": "plain", "response": {"n": 123456789012345678901234}}',
+    b'{"gemini_batchd_key": "k:\\u00e9", "response": {"t": "\\ud83d\\ude00"}}',
+    b'{"gemini_batchd_key": "k:a", "response": {"a": 1}, "gemini_batchd_key": "k:b"}',
+]
+
+
+@pytest.mark.parametrize("raw", PREDICTIONS, ids=range(len(PREDICTIONS)))
+def test_a_prediction_kept_as_it_came_reads_as_one_read_whole(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual prediction's response bytes are copied, not parsed and written again: the
+    answers line must read the same as one made from the whole line."""
+    fast = vertex.answer_line(raw)
+    monkeypatch.setattr(vertex, "_PREDICTION", msgspec.json.Decoder(int))  # never decodes
+    whole = vertex.answer_line(raw)
+    assert (fast is None) == (whole is None)
+    if fast is not None and whole is not None:
+        assert jsonl.parse_json(fast) == jsonl.parse_json(whole)
+        assert b"\n" not in fast
 
 
 # ---- jobs -------------------------------------------------------------------------------------
