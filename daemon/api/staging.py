@@ -15,9 +15,9 @@ import contextlib
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import google_crc32c
 from google.api_core import exceptions
@@ -47,6 +47,25 @@ def crc32c_of(path: Path) -> str:
             checksum.update(chunk)  # type: ignore[no-untyped-call]
     digest: bytes = checksum.digest()  # type: ignore[no-untyped-call]
     return base64.b64encode(digest).decode()
+
+
+class _LineSplitter:
+    """A writable stream that hands on whole lines."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self.take = take
+        self.rest = b""
+
+    def write(self, data: bytes) -> int:
+        *whole, self.rest = (self.rest + data).split(b"\n")
+        for line in whole:
+            self.take(line + b"\n")
+        return len(data)
+
+    def close(self) -> None:
+        if self.rest:
+            self.take(self.rest)
+        self.rest = b""
 
 
 class Staging:
@@ -96,19 +115,13 @@ class Staging:
         found = self.client.list_blobs(bucket, prefix=prefix, timeout=self.timeout)
         return sorted(blob.name for blob in found)
 
-    def lines(self, name: str) -> Iterator[bytes]:
-        """The lines of one object, streamed a chunk (one ranged request) at a time and split
-        here: the reader's own line iteration reads byte by byte."""
-        blob = self.bucket.blob(name)
-        handle: IO[bytes]
-        with blob.open("rb", chunk_size=UPLOAD_CHUNK, timeout=self.timeout) as handle:
-            rest = b""
-            while chunk := handle.read(UPLOAD_CHUNK):
-                *whole, rest = (rest + chunk).split(b"\n")
-                for line in whole:
-                    yield line + b"\n"
-            if rest:
-                yield rest
+    def read_lines(self, name: str, take: Callable[[bytes], None]) -> None:
+        """Hand each line of one object (with its newline) to `take` as it arrives: one
+        streamed download, its CRC32C checked at the end. (Ranged reads of the object, as its
+        reader makes, cost a fresh buffer of every chunk several times over.)"""
+        lines = _LineSplitter(take)
+        self.bucket.blob(name).download_to_file(lines, checksum="crc32c", timeout=self.timeout)
+        lines.close()
 
     def delete(self, uri: str) -> None:
         """Delete one object, or every object under a folder (`gs://.../folder/`)."""

@@ -401,13 +401,16 @@ class VertexEngine(http.RestCalls):
             names = [n for n in self.staging.objects(results) if n.endswith(".jsonl")]
             crash_point("vertex_listed")
             with destination.open("wb", buffering=STREAM_BUFFER) as handle:
+
+                def take(raw: bytes) -> None:
+                    line = answer_line(raw)
+                    if line is not None:
+                        handle.write(line + b"\n")
+
                 for number, name in enumerate(names):
                     if number == len(names) // 2:
                         crash_point("vertex_reading")
-                    for raw in self.staging.lines(name):
-                        line = answer_line(raw)
-                        if line is not None:
-                            handle.write(line + b"\n")
+                    self.staging.read_lines(name, take)
 
         self._deadline(call, expected_bytes)
 

@@ -1,5 +1,5 @@
 """api/staging.py against the Cloud Storage emulator, through the real google-cloud-storage
-client: objects read back line by line, whatever the chunk boundaries."""
+client: objects read back line by line, whatever the network delivers at a time."""
 
 from __future__ import annotations
 
@@ -30,16 +30,18 @@ def store(emulator: StorageEmulator) -> Iterator[staging.Staging]:
     stage.close()
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 1 << 20])
-def test_lines_come_back_whole_across_chunk_boundaries(
-    store: staging.Staging, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
-) -> None:
+def read(store: staging.Staging, name: str) -> list[bytes]:
+    lines: list[bytes] = []
+    store.read_lines(name, lines.append)
+    return lines
+
+
+def test_lines_come_back_whole_with_their_newlines(store: staging.Staging, tmp_path: Path) -> None:
     body = b'{"a": 1}\n\n{"b": "two words"}\n{"c": "last, with no newline"}'
     source = tmp_path / "object.jsonl"
     source.write_bytes(body)
-    store.upload(source, f"lines/{chunk}.jsonl")
-    monkeypatch.setattr(staging, "UPLOAD_CHUNK", chunk)
-    lines = list(store.lines(f"lines/{chunk}.jsonl"))
+    store.upload(source, "lines/object.jsonl")
+    lines = read(store, "lines/object.jsonl")
     assert lines == [
         b'{"a": 1}\n',
         b"\n",
@@ -49,7 +51,23 @@ def test_lines_come_back_whole_across_chunk_boundaries(
     assert b"".join(lines) == body
 
 
+@pytest.mark.parametrize("cuts", [[1], [4, 5, 6], [7, 20], [3, 9, 10, 11, 30]])
+def test_lines_are_whole_whatever_the_network_delivers_at_a_time(cuts: list[int]) -> None:
+    body = b'{"a": 1}\n\n{"b": "two words"}\n{"c": "last, with no newline"}'
+    lines: list[bytes] = []
+    splitter = staging._LineSplitter(lines.append)
+    for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True):
+        assert splitter.write(body[start:end]) == end - start
+    splitter.close()
+    assert lines == [
+        b'{"a": 1}\n',
+        b"\n",
+        b'{"b": "two words"}\n',
+        b'{"c": "last, with no newline"}',
+    ]
+
+
 def test_an_empty_object_has_no_lines(store: staging.Staging, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_bytes(b"")
     store.upload(tmp_path / "empty.jsonl", "lines/empty.jsonl")
-    assert list(store.lines("lines/empty.jsonl")) == []
+    assert read(store, "lines/empty.jsonl") == []
