@@ -354,12 +354,19 @@ def is_retryable(entry: Entry) -> bool:
 # ---- filter_json -------------------------------------------------------------------------------
 
 
+_STRICT_JSON = msgspec.json.Decoder()
+
+
 def parse_json_text(text: str) -> Any:
     """The JSON value in a model's answer, repairing code fences, prose around it, trailing commas.
 
     Raises ValueError (never RecursionError) when the text holds no usable JSON; NaN and
     Infinity count as unusable, since the outbox must stay strict JSON.
     """
+    try:
+        return _STRICT_JSON.decode(text.strip())  # the usual answer: strict JSON, all finite
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+        pass
     try:
         value = _parse_json_text(text)
     except RecursionError:
