@@ -400,7 +400,11 @@ def _record(
             raw, answer = found
             if answer is not None and not merge.include_response:
                 fast = records.plain_record(
-                    answer, item.key, item.line, filter_json=item.filter_json, attempts=attempts
+                    answer,
+                    item.key,
+                    item.line,
+                    filter_json=bool(item.filter_json),
+                    attempts=attempts,
                 )
                 if fast is not None:
                     return fast
@@ -417,7 +421,7 @@ def _record(
         item.key,
         item.line,
         entry,
-        filter_json=item.filter_json,
+        filter_json=bool(item.filter_json),
         include_response=merge.include_response,
         attempts=attempts,
     )

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, NamedTuple, Protocol
+from typing import IO, Protocol
 
-import orjson
+import msgspec
 
 from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
@@ -169,22 +169,24 @@ def fits_in(job: Filling, size: int, tokens: int, limits: JobLimits) -> bool:
     return limits.max_job_tokens is None or job.tokens + tokens <= limits.max_job_tokens
 
 
-class IndexEntry(NamedTuple):
-    """One input line as the index recorded it: a request (part >= 1) or an invalid line."""
+class IndexEntry(msgspec.Struct, array_like=True, frozen=True):
+    """One input line as the index recorded it: a request (part >= 1) or an invalid line.
+
+    (Decoded straight from its line, a JSON array: `[line, key, filter_json, part]`, or
+    `[line, key, null, 0, reason]` for a line skipped under skip_line.)"""
 
     line: int
     key: str | None
-    filter_json: bool
+    filter_json: int | None  # 1 or 0; None for an invalid line
     part: int
     invalid: str | None = None  # the reason, for a line skipped under skip_line
+
+
+_INDEX_ENTRY = msgspec.json.Decoder(IndexEntry)
 
 
 def read_index(path: Path) -> Iterator[IndexEntry]:
     """The index's entries, in input order."""
     with path.open("rb", buffering=STREAM_BUFFER) as handle:
         for raw in handle:
-            item = orjson.loads(raw)
-            if len(item) == 4:
-                yield IndexEntry(item[0], item[1], bool(item[2]), item[3])
-            else:
-                yield IndexEntry(item[0], item[1], False, 0, item[4])
+            yield _INDEX_ENTRY.decode(raw)

@@ -146,7 +146,7 @@ def test_index_entries_round_trip(tmp_path: Path, line: int) -> None:
     path.write_bytes(dumps([line, "k", 1, 3]) + b"\n" + dumps([line + 1, None, None, 0, "bad"]))
     assert list(read_index(path)) == [
         IndexEntry(line, "k", True, 3),
-        IndexEntry(line + 1, None, False, 0, "bad"),
+        IndexEntry(line + 1, None, None, 0, "bad"),
     ]
 
 
