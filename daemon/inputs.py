@@ -281,7 +281,7 @@ class _PromptLine(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str | list[str]
     key: str | int | msgspec.UnsetType = msgspec.UNSET
     system_prompt: str | None = None
-    config: dict[str, Any] | None = None
+    config: msgspec.Raw = msgspec.Raw(b"")  # as it came: settled once per distinct config
     filter_json: bool | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -307,11 +307,16 @@ def _usual_prompt_line(
         line = _PROMPT_LINE.decode(raw)  # integers stay exact; bad UTF-8, BOMs are refused
     except (msgspec.DecodeError, RecursionError):
         return None
-    key, config, fields = line.key, line.config, 1
+    key, config, fields = line.key, bytes(line.config), 1
     fields += (key is not msgspec.UNSET) + (line.system_prompt is not None)
-    fields += (config is not None) + (line.filter_json is not msgspec.UNSET)
-    if config:
-        fields += _count_fields(config)
+    fields += bool(config) + (line.filter_json is not msgspec.UNSET)
+    generation = _default_generation(defaults.temperature, defaults.thinking_budget)
+    if config and config != b"null":
+        settings = _settings(config, defaults)
+        if settings is None:
+            return None
+        generation, config_fields = settings
+        fields += config_fields
     if raw.count(b":") > fields:  # perhaps a field named twice (see _repeated_field)
         return None
     if key is msgspec.UNSET:
@@ -324,22 +329,52 @@ def _usual_prompt_line(
     filter_json = line.filter_json
     if not key or not prompt or prompt.isspace():
         return None
-    try:
-        request = _prompt_request(
-            key,
-            number,
-            prompt,
-            line.system_prompt,
-            config or {},
-            defaults.filter_json if filter_json is msgspec.UNSET else filter_json,
-            defaults,
-        )
-    except _BadLine:
-        return None
+    request = _prompt_body(
+        key,
+        number,
+        prompt,
+        line.system_prompt,
+        generation,
+        defaults.filter_json if filter_json is msgspec.UNSET else filter_json,
+        defaults,
+    )
     first = keys.add(key, number, auto=auto)
     if first is not None:
         return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
     return request
+
+
+def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] | None:
+    """The generationConfig of a line's `config` (its bytes as they came) and how many fields
+    the config has; None where it is not an object of valid settings. Remembered per distinct
+    config: a file repeats a few."""
+    memo = (defaults.temperature, defaults.thinking_budget, config)
+    if memo in _SETTINGS:
+        return _SETTINGS[memo]
+    found: tuple[dict[str, Any], int] | None = None
+    try:
+        overrides = _ANY_JSON.decode(config)
+    except (msgspec.DecodeError, RecursionError):
+        overrides = None
+    if type(overrides) is dict:
+        try:
+            generation = (
+                _generation(overrides, defaults)
+                if overrides
+                else _default_generation(defaults.temperature, defaults.thinking_budget)
+            )
+            found = (generation, _count_fields(overrides))
+        except _BadLine:
+            pass
+    if len(_SETTINGS) >= _VERDICTS_KEPT:
+        _SETTINGS.clear()
+    if len(config) <= _VERDICT_MAX_CHARS:
+        _SETTINGS[memo] = found
+    return found
+
+
+_SETTINGS: dict[tuple[float, int, bytes], tuple[dict[str, Any], int] | None] = {}
+_ANY_JSON = msgspec.json.Decoder()
 
 
 def _parse_any(
@@ -565,6 +600,18 @@ def _prompt_request(
         generation = _default_generation(defaults.temperature, defaults.thinking_budget)
     else:
         generation = _generation(overrides, defaults)
+    return _prompt_body(key, number, prompt, system, generation, filter_json, defaults)
+
+
+def _prompt_body(
+    key: str,
+    number: int,
+    prompt: str,
+    system: str | None,
+    generation: dict[str, Any],
+    filter_json: bool,
+    defaults: Defaults,
+) -> Request:
     body: dict[str, Any] = {
         "contents": [{"role": "user", "parts": [{"text": prompt}]}],
         "generationConfig": generation,
