@@ -22,7 +22,16 @@ import orjson
 
 from . import atomic, logs, records
 from .errors import BadReply, OutOfOrder, UnreadableResults
-from .jsonl import STREAM_BUFFER, dumps, dumps_line, int_or_none, mapping, parse_json, str_or_none
+from .jsonl import (
+    STREAM_BUFFER,
+    dumps,
+    dumps_line,
+    int_or_none,
+    mapping,
+    parse_json,
+    str_or_none,
+    valid_utf8,
+)
 from .keymap import KeyMap
 from .plan import IndexEntry, read_index
 from .records import Tally
@@ -229,8 +238,8 @@ def is_final(raw: bytes) -> bool:
     """Whether an answers line is one another try would not change: an answer (the usual
     case, told by one quick pass over the line), or an error not worth a follow-up job."""
     try:
-        outcome = _OUTCOME.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+        outcome = _OUTCOME.decode(raw) if valid_utf8(raw) else None
+    except (ValueError, RecursionError):
         outcome = None
     if (
         outcome is not None
@@ -431,7 +440,8 @@ def write_results(target: Path, merge: Merge, *, progress: Any = None) -> Tally:
     """Write the results file so it appears complete or not at all (FileExistsError if taken).
 
     Answers are first read in request order; if they were not, the file is written again
-    through an index. `progress(n)` is called after the n-th record has been handed over.
+    through an index. `progress(n)` is called once the n-th record is made (the file is
+    written in chunks of records, so it may not be written yet).
     """
     for in_order in (True, False):
         tally = Tally()

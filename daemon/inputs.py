@@ -305,7 +305,7 @@ def _usual_prompt_line(
     alike (a test holds them equal)."""
     try:
         line = _PROMPT_LINE.decode(raw)  # integers stay exact; bad UTF-8, BOMs are refused
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
     key, config, fields = line.key, bytes(line.config), 1
     fields += (key is not msgspec.UNSET) + (line.system_prompt is not None)
@@ -349,12 +349,14 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
     the config has; None where it is not an object of valid settings. Remembered per distinct
     config: a file repeats a few."""
     memo = (defaults.temperature, defaults.thinking_budget, config)
-    if memo in _SETTINGS:
+    try:
         return _SETTINGS[memo]
+    except KeyError:
+        pass
     found: tuple[dict[str, Any], int] | None = None
     try:
         overrides = _ANY_JSON.decode(config)
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):
         overrides = None
     if type(overrides) is dict:
         try:
@@ -374,6 +376,9 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
 
 
 _SETTINGS: dict[tuple[float, int, bytes], tuple[dict[str, Any], int] | None] = {}
+_UNKNOWN = object()
+"""Memos are read in one step (never `in`, then `[]`): a file planned on another thread may
+clear one in between."""
 _ANY_JSON = msgspec.json.Decoder()
 
 
@@ -748,9 +753,8 @@ def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:
         memo = what + orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     except TypeError:  # an integer beyond 64 bits
         memo = what + json.dumps(value, sort_keys=True, default=repr)
-    if memo in _VERDICTS:
-        message = _VERDICTS[memo]
-    else:
+    message = _VERDICTS.get(memo, _UNKNOWN)
+    if message is _UNKNOWN:
         message = None
         try:
             validate(value)

@@ -35,8 +35,20 @@ def loads(body: str | bytes) -> Any:
     lone surrogates, malformed JSON) goes to the stdlib parser, which decides."""
     try:
         return _DECODER.decode(body)
-    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+    except (ValueError, RecursionError):
         return json.loads(body)
+
+
+def valid_utf8(raw: bytes) -> bool:
+    """Whether `raw` is UTF-8, as a parser that reads every byte requires (a typed decoder
+    checks only the strings it keeps)."""
+    if raw.isascii():
+        return True
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def parse_json(body: str | bytes | None) -> Any:

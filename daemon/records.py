@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import json_repair
 import msgspec
 
-from .jsonl import count, loads
+from .jsonl import count, loads, valid_utf8
 
 if TYPE_CHECKING:
     from .answers import Entry
@@ -270,9 +270,11 @@ _ANSWER_LINE = msgspec.json.Decoder(AnswerLine)
 
 def decode_answer(raw: bytes) -> AnswerLine | None:
     """The line as an `AnswerLine`; None for a line not of those types (read whole instead)."""
+    if not valid_utf8(raw):  # (the fields skipped over are not checked)
+        return None
     try:
         return _ANSWER_LINE.decode(raw)
-    except (msgspec.DecodeError, RecursionError):  # (nested too deep to decode)
+    except (ValueError, RecursionError):  # not of those types, or nested too deep
         return None
 
 
@@ -365,7 +367,7 @@ def parse_json_text(text: str) -> Any:
     """
     try:
         return _STRICT_JSON.decode(text.strip())  # the usual answer: strict JSON, all finite
-    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+    except (ValueError, RecursionError):
         pass
     try:
         value = _parse_json_text(text)

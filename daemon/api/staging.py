@@ -54,18 +54,23 @@ class _LineSplitter:
 
     def __init__(self, take: Callable[[bytes], None]) -> None:
         self.take = take
-        self.rest = b""
+        self.rest: list[bytes] = []  # the start of a line (pieces joined once it ends)
 
     def write(self, data: bytes) -> int:
-        *whole, self.rest = (self.rest + data).split(b"\n")
+        if b"\n" not in data:  # (a long line arrives in many pieces: no copy per piece)
+            self.rest.append(data)
+            return len(data)
+        first, *whole, last = data.split(b"\n")
+        self.take(b"".join([*self.rest, first, b"\n"]))
         for line in whole:
             self.take(line + b"\n")
+        self.rest = [last] if last else []
         return len(data)
 
     def close(self) -> None:
         if self.rest:
-            self.take(self.rest)
-        self.rest = b""
+            self.take(b"".join(self.rest))
+        self.rest = []
 
 
 class Staging:

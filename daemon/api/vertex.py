@@ -34,6 +34,7 @@ from ..jsonl import (
     mapping,
     parse_json,
     str_or_none,
+    valid_utf8,
 )
 from . import http, sdk, staging
 from .engine import EngineLimits, Progress, RemoteJob, RemoteState
@@ -140,8 +141,8 @@ def answer_line(raw: bytes) -> bytes | None:
     """A prediction line as an answers line (`{"key", "response" | "error"}`); None for a line
     without a key of ours (or no JSON object at all)."""
     try:
-        usual = _PREDICTION.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+        usual = _PREDICTION.decode(raw) if valid_utf8(raw) else None
+    except (ValueError, RecursionError):
         usual = None
     if usual is not None and usual.key is not None and not usual.status and usual.response:
         kept = bytes(usual.response)

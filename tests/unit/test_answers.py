@@ -177,6 +177,8 @@ def test_match_inline_reads_error_items_and_unknown_fields() -> None:
         (b'{"key": "a", "response": {"candidates": [', False),  # cut short
         (b"<html>", False),
         (b"[1, 2]", False),
+        (b'{"key": "a", "response": {"x": "\xff"}}', False),  # not UTF-8: no parser reads it
+        (b'{"key": "a", "response": {"x": "caf\xc3\xa9"}}', True),
         (b'{"key": "a", "response": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001, False),
     ],
 )

@@ -820,6 +820,8 @@ def _corpus() -> bytes:
         b'{"key": "c12", "prompt": "p", "config": null, "config": {"temperature": 9}}',
         b'{"key": "nan", "prompt": "p", "config": {"temperature": NaN}}',
         b'{"key": "bad-utf8", "prompt": "\xff"}',
+        b'{"key": "bad-utf8-config", "prompt": "p", "config": {"x": "\xff"}}',
+        b'{"key": "bad-utf8-key-\xff", "prompt": "p"}',
         b'{"key": "surrogate", "prompt": "\\ud800"}',
         b'{"key": "cut", "prompt": "p"',
         b"   ",

@@ -681,6 +681,10 @@ LINES = [
     b'{"key": "k1", "response": {"candidates": [{"content"',
     b'{"key": "k1", "response": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001,
     b"[1, 2]",
+    # not UTF-8 in a field the typed reading skips: no parser reads the line
+    b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "hi"}]},'
+    b' "safetyRatings": [{"category": "\xff"}]}]}}',
+    b'{"key": "k1", "response": {"candidates": [{"content": {"parts": [{"text": "caf\xe9"}]}}]}}',
 ]
 
 

@@ -51,7 +51,9 @@ def test_lines_come_back_whole_with_their_newlines(store: staging.Staging, tmp_p
     assert b"".join(lines) == body
 
 
-@pytest.mark.parametrize("cuts", [[1], [4, 5, 6], [7, 20], [3, 9, 10, 11, 30]])
+@pytest.mark.parametrize(
+    "cuts", [[1], [4, 5, 6], [7, 20], [3, 9, 10, 11, 30], list(range(1, 59)), [8, 9, 10, 29]]
+)
 def test_lines_are_whole_whatever_the_network_delivers_at_a_time(cuts: list[int]) -> None:
     body = b'{"a": 1}\n\n{"b": "two words"}\n{"c": "last, with no newline"}'
     lines: list[bytes] = []

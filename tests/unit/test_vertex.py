@@ -168,6 +168,8 @@ PREDICTIONS = [
     b'{"gemini_batchd_key": "plain", "response": {"n": 123456789012345678901234}}',
     b'{"gemini_batchd_key": "k:\\u00e9", "response": {"t": "\\ud83d\\ude00"}}',
     b'{"gemini_batchd_key": "k:a", "response": {"a": 1}, "gemini_batchd_key": "k:b"}',
+    b'{"gemini_batchd_key": "k:a", "response": {"a": "\xff"}}',
+    b'{"gemini_batchd_key": "k:a", "response": {"a": "caf\xc3\xa9"}}',
 ]
 
 
