@@ -9,7 +9,6 @@ into the outbox records, in input order. One way of matching, for the daemon and
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -178,10 +177,19 @@ def read_entries(path: Path) -> Iterator[Entry]:
 def read_entries_of(lines: Iterable[bytes]) -> Iterator[Entry]:
     """The answers among answer lines (lines that are not JSON objects are skipped)."""
     for raw in lines:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            value = orjson.loads(raw)
-            if isinstance(value, dict):
-                yield entry_from_obj(value)
+        entry = entry_of_line(raw)
+        if entry is not None:
+            yield entry
+
+
+def entry_of_line(raw: bytes, key: str | None = None) -> Entry | None:
+    """The answer of one answers line; None for a line that is not a JSON object. `key`:
+    the line's key, when the caller has read it already (`line_key`)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return entry_from_obj(value, key) if isinstance(value, dict) else None
 
 
 def check_responses_file(path: Path, answered: int = 0) -> int:
@@ -290,14 +298,8 @@ class Answers:
             return None
         handle = self._handles[packed >> OFFSET_BITS]
         handle.seek(packed & ((1 << OFFSET_BITS) - 1))
-        try:
-            value = orjson.loads(handle.readline())
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(value, dict):
-            return None
-        entry = entry_from_obj(value)
-        return entry if entry.key == key else None
+        entry = entry_of_line(handle.readline())
+        return entry if entry is not None and entry.key == key else None
 
     def close(self) -> None:
         for handle in self._handles:
@@ -340,7 +342,7 @@ class AnswerStream:
 
     def get(self, key: str) -> Entry | None:
         found = self.take(key)
-        return None if found is None else _entry_of_line(found[0], key)
+        return None if found is None else entry_of_line(found[0], key)
 
     def finish(self) -> None:
         if self._key is not None:
@@ -349,14 +351,6 @@ class AnswerStream:
     def close(self) -> None:
         for handle in self._handles:
             handle.close()
-
-
-def _entry_of_line(raw: bytes, key: str) -> Entry | None:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return entry_from_obj(value, key) if isinstance(value, dict) else None
 
 
 @dataclass
@@ -417,7 +411,7 @@ def _record(
                 )
                 if fast is not None:
                     return fast
-            entry = _entry_of_line(raw, item.key)
+            entry = entry_of_line(raw, item.key)
     else:
         entry = first.get(item.key)
         if later is not None:
