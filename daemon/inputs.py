@@ -317,18 +317,18 @@ def _usual_prompt_line(
             return None
         generation, config_fields = settings
         fields += config_fields
-    if raw.count(b":") > fields:  # perhaps a field named twice (see _repeated_field)
+    if not _names_no_field_twice(raw, fields):
         return None
+    # The rules of `_key` and `_prompt_text` for the decoded types, inlined: calling them
+    # costs about a tenth of reading a line.
     if key is msgspec.UNSET:
         key, auto = str(number), True
-    elif type(key) is str:
-        auto = False
     else:
-        key, auto = str(key), False
+        key, auto = key if type(key) is str else str(key), False
     prompt = "\n".join(line.prompt) if isinstance(line.prompt, list) else line.prompt
-    filter_json = line.filter_json
     if not key or not prompt or prompt.isspace():
         return None
+    filter_json = line.filter_json
     request = _prompt_body(
         key,
         number,
@@ -347,10 +347,10 @@ def _usual_prompt_line(
 def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] | None:
     """The generationConfig of a line's `config` (its bytes as they came) and how many fields
     the config has; None where it is not an object of valid settings. Remembered per distinct
-    config: a file repeats a few."""
+    config (a file repeats a few): the lines that share one share its dict, only ever read."""
     memo = (defaults.temperature, defaults.thinking_budget, config)
     try:
-        return _SETTINGS[memo]
+        return _SETTINGS[memo]  # one step: a file on another thread may clear the memo
     except KeyError:
         pass
     found: tuple[dict[str, Any], int] | None = None
@@ -376,9 +376,6 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
 
 
 _SETTINGS: dict[tuple[float, int, bytes], tuple[dict[str, Any], int] | None] = {}
-_UNKNOWN = object()
-"""Memos are read in one step (never `in`, then `[]`): a file planned on another thread may
-clear one in between."""
 _ANY_JSON = msgspec.json.Decoder()
 
 
@@ -431,11 +428,7 @@ def _repeated_field(raw: bytes, value: dict[str, Any]) -> str | None:
     Every field of every object ends in `":`, so a line with no more colons -- then no more
     such ends -- than its parsed objects have fields repeats none: the usual line is cleared
     by two counts, and only the rest is parsed again, by a parser that sees every field."""
-    colons = raw.count(b":")
-    if colons <= len(value):
-        return None
-    fields = _count_fields(value)
-    if colons <= fields or len(_FIELD_END.findall(raw)) <= fields:
+    if raw.count(b":") <= len(value) or _names_no_field_twice(raw, _count_fields(value)):
         return None
     repeated: list[str] = []
 
@@ -452,6 +445,12 @@ def _repeated_field(raw: bytes, value: dict[str, Any]) -> str | None:
     except (ValueError, RecursionError):  # what orjson took and json refuses: nothing to say
         return None
     return repeated[0] if repeated else None
+
+
+def _names_no_field_twice(raw: bytes, fields: int) -> bool:
+    """Whether a line whose objects have `fields` fields in all surely names none twice: it
+    has no more colons, or no more `"` + colon runs, than that (every field ends in one)."""
+    return raw.count(b":") <= fields or len(_FIELD_END.findall(raw)) <= fields
 
 
 def _count_fields(value: Any) -> int:
@@ -628,31 +627,7 @@ def _prompt_body(
 
 
 def _generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
-    """The generationConfig of a line with `config` overrides, checked; remembered per
-    distinct overrides (files repeat a few), and like `_default_generation`'s, only read."""
-    try:
-        memo = (defaults.temperature, defaults.thinking_budget, orjson.dumps(overrides))
-    except TypeError:  # an integer beyond 64 bits
-        return _resolve_generation(overrides, defaults)
-    found = _GENERATIONS.get(memo)
-    if found is None:
-        try:
-            found = _resolve_generation(overrides, defaults)
-        except _BadLine as exc:
-            found = str(exc)
-        if len(_GENERATIONS) >= _VERDICTS_KEPT:
-            _GENERATIONS.clear()
-        if len(memo[2]) <= _VERDICT_MAX_CHARS:
-            _GENERATIONS[memo] = found
-    if isinstance(found, str):
-        raise _BadLine(found)
-    return found
-
-
-_GENERATIONS: dict[tuple[float, int, bytes], dict[str, Any] | str] = {}
-
-
-def _resolve_generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    """The generationConfig of a line with `config` overrides, checked."""
     generation: dict[str, Any] = {
         "temperature": defaults.temperature,
         "thinkingConfig": {"thinkingBudget": defaults.thinking_budget},
@@ -753,8 +728,9 @@ def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:
         memo = what + orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     except TypeError:  # an integer beyond 64 bits
         memo = what + json.dumps(value, sort_keys=True, default=repr)
-    message = _VERDICTS.get(memo, _UNKNOWN)
-    if message is _UNKNOWN:
+    try:
+        message = _VERDICTS[memo]  # one step: a file on another thread may clear the memo
+    except KeyError:
         message = None
         try:
             validate(value)
