@@ -43,6 +43,7 @@ from .wire import (
     error_reply,
     json_reply,
     key_error,
+    take_fault,
     with_unknown_fields,
 )
 
@@ -453,7 +454,7 @@ class Simulator:
         with self._lock:
             if route == self._create:
                 self._create_calls += 1
-            fault = self._take_fault(method, raw_path)
+            fault = take_fault(self._faults, method, raw_path)
             extra = self.extra_fields
         reply: Reply | None
         if fault is None:
@@ -503,15 +504,6 @@ class Simulator:
             raise key_error(rejection.status, rejection.message)
         if self.api_key is not None and key != self.api_key:
             raise key_error(400)
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        for fault in self._faults:
-            if fault.times > 0 and fault.matches(method, path):
-                fault.times -= 1
-                if fault.times <= 0:
-                    self._faults.remove(fault)
-                return fault
-        return None
 
     # -- batches ---------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -32,6 +31,8 @@ import gcp_storage_emulator.server as gse_server
 from gcp_storage_emulator.handlers import buckets as gse_buckets
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+
+from .wire import phrase, take_fault
 
 JSON = dict[str, Any]
 
@@ -320,10 +321,6 @@ class StorageEmulator:
             self._faults.append(fault)
         return fault
 
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
     @property
     def requests_log(self) -> list[tuple[str, str, int]]:
         """(method, path with query, status) of every request; status 0: connection dropped."""
@@ -340,7 +337,7 @@ class StorageEmulator:
         method = handler.headers.get("x-http-method-override") or method
         target = self._target(handler, method)
         with self._lock:
-            fault = self._take_fault(method, target.fault_path)
+            fault = take_fault(self._faults, method, target.fault_path)
         if fault is not None:
             if fault.status == 0:
                 self._record(handler, 0)
@@ -355,15 +352,6 @@ class StorageEmulator:
             self._reply(handler, 412, PRECONDITION_MESSAGE)
             return
         original(router, method)
-
-    def _take_fault(self, method: str, path: str) -> StorageFault | None:
-        for fault in self._faults:
-            if fault.times > 0 and fault.matches(method, path):
-                fault.times -= 1
-                if fault.times <= 0:
-                    self._faults.remove(fault)
-                return fault
-        return None
 
     def _target(self, handler: Any, method: str) -> _Target:
         url = urlsplit(handler.path)
@@ -442,7 +430,7 @@ class StorageEmulator:
             if target.bucket is None or target.bucket not in store.buckets or not target.name:
                 return BUCKET_MISSING_MESSAGE
             return f"No such object: {target.bucket}/{target.name}"
-        return _MESSAGES.get(status) or _phrase(status)
+        return _MESSAGES.get(status) or phrase(status)
 
     def _reply(self, handler: Any, status: int, message: str) -> None:
         body = json.dumps(_error_body(status, message)).encode()
@@ -501,13 +489,6 @@ def _permission(target: _Target) -> tuple[str, str]:
         return "storage.objects.list", "bucket"
     verb = {"POST": "create", "DELETE": "delete", "PATCH": "update"}.get(target.method, "get")
     return f"storage.buckets.{verb}", "bucket"
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 def _quiet_emulator_logs() -> None:

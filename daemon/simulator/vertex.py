@@ -26,13 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from .answers import pick, request_error
 from .server import KeyRejection, Simulator, _Call, _iso, _page_body, _paginate, _Request
-from .wire import ApiError, Reply, json_reply, status_name, with_unknown_fields
+from .wire import ApiError, Reply, json_reply, phrase, status_name, with_unknown_fields
 
 if TYPE_CHECKING:  # the storage clients load in ~0.2 s: only when a simulator needs them
     from typing import Self
@@ -279,7 +278,7 @@ class VertexSimulator(Simulator):
     - ``coerce_numeric_strings`` (default on): echoed sibling strings like ``"007"`` come
       back as numbers.
     - ``fail_keys``, ``fail_keys_times``, ``missing_keys``, ``missing_keys_times``: as in the
-      Gemini simulator, matched on the ``key_field`` sibling with its ``k:`` prefix stripped;
+      Gemini simulator, matched on the ``KEY_FIELD`` sibling with its ``k:`` prefix stripped;
       a missing request has no prediction line (and counts as successful).
     - ``list_lag_seconds``: a new job shows in listings only this long after its creation.
     - ``strict_tokens``: only tokens issued by ``/token`` are accepted (else any bearer).
@@ -317,7 +316,6 @@ class VertexSimulator(Simulator):
         prediction_files: int = 1,
         predictions_lag_seconds: float = 0.0,
         coerce_numeric_strings: bool = True,
-        key_field: str = KEY_FIELD,
         fail_keys: dict[str, int] | None = None,
         missing_keys: set[str] | None = None,
         fail_keys_times: dict[str, tuple[int, int]] | None = None,
@@ -364,7 +362,6 @@ class VertexSimulator(Simulator):
         self.prediction_files = prediction_files
         self.predictions_lag_seconds = predictions_lag_seconds
         self.coerce_numeric_strings = coerce_numeric_strings
-        self.key_field = key_field
         self.strict_tokens = strict_tokens
         self.billing_disabled = billing_disabled
         self.error_details = error_details
@@ -544,6 +541,7 @@ class VertexSimulator(Simulator):
     def _check_auth(self, call: _Call, verb: str) -> None:
         """Bearer token, rejection windows, the project and location, billing, in that order."""
         header = call.headers.get("Authorization")
+        scheme, _, token = (header or "").partition(" ")
         project, location = call.args[0], call.args[1]
         method = f"google.cloud.aiplatform.{call.version}.JobService.{_METHODS[verb]}"
         with self._lock:
@@ -552,8 +550,7 @@ class VertexSimulator(Simulator):
             rejection = next(
                 (r for r in self._rejections if r.status != 400 and r.covers(now)), None
             )
-            issued = set(self._issued)
-        scheme, _, token = (header or "").partition(" ")
+            issued = self.strict_tokens and token.strip() in self._issued
         meta = {"service": AIPLATFORM, "method": method}
         if scheme.lower() != "bearer" or not token.strip():
             details = [_error_info("CREDENTIALS_MISSING", "googleapis.com", meta)]
@@ -561,7 +558,7 @@ class VertexSimulator(Simulator):
         if rejection is not None and rejection.status == 401:
             details = [_error_info("ACCESS_TOKEN_EXPIRED", "googleapis.com", meta)]
             raise VertexError(401, rejection.message or INVALID_CREDENTIAL_MESSAGE, details=details)
-        if self.strict_tokens and token.strip() not in issued:
+        if self.strict_tokens and not issued:
             details = [_error_info("ACCESS_TOKEN_TYPE_UNSUPPORTED", "googleapis.com", meta)]
             raise VertexError(401, INVALID_CREDENTIAL_MESSAGE, details=details)
         wrong_project = self.project is not None and project not in (
@@ -803,7 +800,7 @@ class VertexSimulator(Simulator):
             yield _Line(uri, number, obj.get("request"), siblings, self._key_of(siblings))
 
     def _key_of(self, siblings: JSON) -> str | None:
-        value = siblings.get(self.key_field)
+        value = siblings.get(KEY_FIELD)
         if value is None:
             return None
         text = value if isinstance(value, str) else json.dumps(value)
@@ -838,7 +835,7 @@ class VertexSimulator(Simulator):
             prediction: JSON = dict(siblings)
             if kind == "error":
                 error = entry["error"]
-                prediction["status"] = f"{_phrase(error['code'])}: " + json.dumps({"error": error})
+                prediction["status"] = f"{phrase(error['code'])}: " + json.dumps({"error": error})
                 response: JSON = {}
             else:
                 prediction["status"] = ""
@@ -1323,13 +1320,6 @@ def _processed_time(when: datetime) -> str:
     """``2025-07-09T19:57:43.558+00:00``: milliseconds and an offset, as predictions carry."""
     when = when.astimezone(timezone.utc)
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}+00:00"
-
-
-def _phrase(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return "Error"
 
 
 # -- listing filters ---------------------------------------------------------------------------

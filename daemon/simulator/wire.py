@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 JSON = dict[str, Any]
 
@@ -176,7 +176,7 @@ def error_reply(code: int, message: str | None = None, details: list[JSON] | Non
     """Google's error body: ``{"error": {"code", "message", "status", "details"?}}``."""
     err: JSON = {
         "code": code,
-        "message": message or CANONICAL_MESSAGES.get(code) or _phrase(code),
+        "message": message or CANONICAL_MESSAGES.get(code) or phrase(code),
         "status": status_name(code),
     }
     if details:
@@ -184,7 +184,29 @@ def error_reply(code: int, message: str | None = None, details: list[JSON] | Non
     return json_reply({"error": err}, code)
 
 
-def _phrase(code: int) -> str:
+class _Matching(Protocol):
+    times: int
+
+    def matches(self, method: str, path: str) -> bool: ...
+
+
+_F = TypeVar("_F", bound=_Matching)
+
+
+def take_fault(faults: list[_F], method: str, path: str) -> _F | None:
+    """The first fault with uses left that matches the request, one use taken (a fault whose
+    last use it was is removed). Call with the owner's lock held."""
+    for fault in faults:
+        if fault.times > 0 and fault.matches(method, path):
+            fault.times -= 1
+            if fault.times <= 0:
+                faults.remove(fault)
+            return fault
+    return None
+
+
+def phrase(code: int) -> str:
+    """The reason phrase of an HTTP status ("Error" for one HTTP does not name)."""
     try:
         return HTTPStatus(code).phrase
     except ValueError:
@@ -198,10 +220,10 @@ def html_page(status: int) -> bytes:
             b"<!DOCTYPE html>\n<html><head><title>Network login</title></head>\n"
             b"<body><h1>Sign in to continue</h1><p>Your session has expired.</p></body></html>\n"
         )
-    phrase = _phrase(status)
+    reason = phrase(status)
     return (
         f"<!DOCTYPE html>\n<html lang=en>\n  <meta charset=utf-8>\n"
-        f"  <title>Error {status} ({phrase})!!1</title>\n"
+        f"  <title>Error {status} ({reason})!!1</title>\n"
         f"  <p><b>{status}.</b> <ins>That\u2019s an error.</ins>\n"
         f"  <p>The server encountered a temporary error and could not complete your request."
         f"<p>Please try again in 30 seconds.  <ins>That\u2019s all we know.</ins>\n</html>\n"
