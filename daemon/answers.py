@@ -23,13 +23,13 @@ from . import atomic, logs, records
 from .errors import BadReply, OutOfOrder, UnreadableResults
 from .jsonl import (
     STREAM_BUFFER,
+    decode_as,
     dumps,
     dumps_line,
     int_or_none,
     mapping,
     parse_json,
     str_or_none,
-    valid_utf8,
 )
 from .keymap import KeyMap
 from .plan import IndexEntry, read_index
@@ -245,10 +245,7 @@ _OUTCOME = msgspec.json.Decoder(_Outcome)
 def is_final(raw: bytes) -> bool:
     """Whether an answers line is one another try would not change: an answer (the usual
     case, told by one quick pass over the line), or an error not worth a follow-up job."""
-    try:
-        outcome = _OUTCOME.decode(raw) if valid_utf8(raw) else None
-    except (ValueError, RecursionError):
-        outcome = None
+    outcome = decode_as(_OUTCOME, raw)
     if (
         outcome is not None
         and outcome.error is None
@@ -311,9 +308,11 @@ class Answers:
 class AnswerStream:
     """Answers read in step with the requests, for the usual case that they come back in
     request order (some perhaps missing): no index, no seeking. `finish` raises `OutOfOrder`
-    if an answer was left behind, which proves the order assumption wrong."""
+    if an answer was left behind, which proves the order assumption wrong. `decode`: each
+    line is also decoded for `records.plain_record` (not where no record is made from it)."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], *, decode: bool = True) -> None:
+        self._decode = decode
         self._handles = [path.open("rb", buffering=STREAM_BUFFER) for path in files]
         self._lines = itertools.chain.from_iterable(self._handles)
         self._next: tuple[bytes, records.AnswerLine | None] = (b"", None)
@@ -322,7 +321,7 @@ class AnswerStream:
 
     def _advance(self) -> None:
         for raw in self._lines:
-            answer = records.decode_answer(raw)
+            answer = records.decode_answer(raw) if self._decode else None
             key = answer.key if answer is not None else None
             if type(key) is not str:
                 key = str(key) if type(key) is int else line_key(raw)
@@ -372,8 +371,13 @@ def iter_records(merge: Merge, tally: Tally, *, in_order: bool) -> Iterator[dict
     `in_order`: read the first round's answers in step with the requests (`AnswerStream`);
     raises `OutOfOrder` at the end if they were not in request order.
     """
+    plain = not merge.later and not merge.include_response  # records made by `plain_record`
     first: AnswerStream | Answers
-    first = AnswerStream(merge.answers) if in_order else Answers(merge.answers, merge.spill)
+    first = (
+        AnswerStream(merge.answers, decode=plain)
+        if in_order
+        else Answers(merge.answers, merge.spill)
+    )
     later = Answers(merge.later) if merge.later else None
     try:
         for item in read_index(merge.index):
@@ -401,7 +405,7 @@ def _record(
             entry = None
         else:
             raw, answer = found
-            if answer is not None and not merge.include_response:
+            if answer is not None:  # (decoded only where `plain_record` may serve)
                 fast = records.plain_record(
                     answer,
                     item.key,

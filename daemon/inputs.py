@@ -22,7 +22,7 @@ from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
 from .config import Config
-from .jsonl import STREAM_BUFFER
+from .jsonl import ANY_JSON, STREAM_BUFFER
 from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
@@ -355,7 +355,7 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
         pass
     found: tuple[dict[str, Any], int] | None = None
     try:
-        overrides = _ANY_JSON.decode(config)
+        overrides = ANY_JSON.decode(config)
     except (ValueError, RecursionError):
         overrides = None
     if type(overrides) is dict:
@@ -376,7 +376,6 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
 
 
 _SETTINGS: dict[tuple[float, int, bytes], tuple[dict[str, Any], int] | None] = {}
-_ANY_JSON = msgspec.json.Decoder()
 
 
 def _parse_any(

@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -26,7 +26,11 @@ lines, and system calls are much of the CPU of a large file on a virtual machine
 # ---- JSON ----------------------------------------------------------------------------------------
 
 _HTML_TITLE = re.compile(r"<title[^>]*>([^<]{1,80})", re.IGNORECASE)
-_DECODER = msgspec.json.Decoder()
+ANY_JSON = msgspec.json.Decoder()
+"""msgspec's reading of any JSON value: strict (no NaN, no Infinity), integers of any size
+exact."""
+
+_T = TypeVar("_T")
 
 
 def loads(body: str | bytes) -> Any:
@@ -34,21 +38,24 @@ def loads(body: str | bytes) -> Any:
     (orjson would turn those beyond 64 bits into floats); what it refuses (NaN, Infinity,
     lone surrogates, malformed JSON) goes to the stdlib parser, which decides."""
     try:
-        return _DECODER.decode(body)
+        return ANY_JSON.decode(body)
     except (ValueError, RecursionError):
         return json.loads(body)
 
 
-def valid_utf8(raw: bytes) -> bool:
-    """Whether `raw` is UTF-8, as a parser that reads every byte requires (a typed decoder
-    checks only the strings it keeps)."""
-    if raw.isascii():
-        return True
+def decode_as(decoder: msgspec.json.Decoder[_T], raw: bytes) -> _T | None:
+    """`raw` read by a typed decoder; None where it is not of those types, nested too deep,
+    or not UTF-8 throughout (the decoder checks only the strings it keeps, and a parser that
+    reads every byte would refuse the line)."""
+    if not raw.isascii():
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return None
     try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
+        return decoder.decode(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 def parse_json(body: str | bytes | None) -> Any:

@@ -7,6 +7,7 @@ a follow-up job (`is_retryable`). Pure functions of their arguments: no I/O.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import json_repair
 import msgspec
 
-from .jsonl import count, loads, valid_utf8
+from .jsonl import ANY_JSON, count, decode_as
 
 if TYPE_CHECKING:
     from .answers import Entry
@@ -270,12 +271,7 @@ _ANSWER_LINE = msgspec.json.Decoder(AnswerLine)
 
 def decode_answer(raw: bytes) -> AnswerLine | None:
     """The line as an `AnswerLine`; None for a line not of those types (read whole instead)."""
-    if not valid_utf8(raw):  # (the fields skipped over are not checked)
-        return None
-    try:
-        return _ANSWER_LINE.decode(raw)
-    except (ValueError, RecursionError):  # not of those types, or nested too deep
-        return None
+    return decode_as(_ANSWER_LINE, raw)
 
 
 def plain_record(
@@ -356,9 +352,6 @@ def is_retryable(entry: Entry) -> bool:
 # ---- filter_json -------------------------------------------------------------------------------
 
 
-_STRICT_JSON = msgspec.json.Decoder()
-
-
 def parse_json_text(text: str) -> Any:
     """The JSON value in a model's answer, repairing code fences, prose around it, trailing commas.
 
@@ -366,7 +359,7 @@ def parse_json_text(text: str) -> Any:
     Infinity count as unusable, since the outbox must stay strict JSON.
     """
     try:
-        return _STRICT_JSON.decode(text.strip())  # the usual answer: strict JSON, all finite
+        return ANY_JSON.decode(text.strip())  # the usual answer: strict JSON, all finite
     except (ValueError, RecursionError):
         pass
     try:
@@ -381,7 +374,7 @@ def parse_json_text(text: str) -> Any:
 def _parse_json_text(text: str) -> Any:
     stripped = text.strip()
     try:
-        return loads(stripped)
+        return json.loads(stripped)  # (what msgspec refused: NaN, lone surrogates, not JSON)
     except ValueError:
         pass
     if "{" not in stripped and "[" not in stripped:

@@ -28,13 +28,13 @@ from ..faults import crash_point
 from ..jsonl import (
     STREAM_BUFFER,
     count,
+    decode_as,
     dumps,
     int_or_none,
     json_type,
     mapping,
     parse_json,
     str_or_none,
-    valid_utf8,
 )
 from . import http, sdk, staging
 from .engine import EngineLimits, Progress, RemoteJob, RemoteState
@@ -140,10 +140,7 @@ _PREDICTION = msgspec.json.Decoder(_Prediction)
 def answer_line(raw: bytes) -> bytes | None:
     """A prediction line as an answers line (`{"key", "response" | "error"}`); None for a line
     without a key of ours (or no JSON object at all)."""
-    try:
-        usual = _PREDICTION.decode(raw) if valid_utf8(raw) else None
-    except (ValueError, RecursionError):
-        usual = None
+    usual = decode_as(_PREDICTION, raw)
     if usual is not None and usual.key is not None and not usual.status and usual.response:
         kept = bytes(usual.response)
         if kept[:1] == b"{" and kept[1:].lstrip()[:1] != b"}":  # an object, not empty
