@@ -187,4 +187,9 @@ class Engine(Protocol):
         """One cheap authenticated call: does the service accept our credential?"""
         ...
 
+    def check_access(self) -> None:
+        """The start-up check: everything the daemon needs of the service is permitted
+        (`probe`, and whatever else the engine needs besides, e.g. its staging bucket)."""
+        ...
+
     def close(self) -> None: ...

@@ -354,6 +354,10 @@ class RestCalls:
         """One cheap authenticated call (a job list of one): is our credential accepted here?"""
         self._json("get", f"{self.jobs_path}?{urlencode({'pageSize': 1})}", {})
 
+    def check_access(self) -> None:
+        """The start-up check: for an engine that needs no more than its job list, `probe`."""
+        self.probe()
+
     def _json(self, method: str, path: str, body: dict[str, Any], *, once: bool = False) -> Any:
         return self._deadline(lambda: sdk.rest(self.client, method, path, body, once=once))
 

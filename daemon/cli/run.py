@@ -165,8 +165,7 @@ def check_credential(config: Config, credential: Credential) -> None:
     gemini = config.backend == "gemini"
     what = "API key" if gemini else "credential"
     try:
-        check = getattr(engine, "check_access", engine.probe)
-        check()
+        engine.check_access()
     except Exception as exc:
         failure = classify(exc, "key check" if gemini else "credential check")
         if failure.kind is Kind.AUTH:

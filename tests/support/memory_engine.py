@@ -98,6 +98,9 @@ class MemoryEngine:
     def probe(self) -> None:
         self.calls.append("probe")
 
+    def check_access(self) -> None:
+        self.probe()
+
     def close(self) -> None:
         pass
 
