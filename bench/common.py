@@ -162,10 +162,11 @@ BUCKET = "bench-staging"
 
 def _vertex_settings(base_url: str) -> dict[str, Any]:
     """The `vertex` settings of a daemon using the Vertex simulator at `base_url`."""
-    from tests.support.vertex import PROJECT, service_account_info
+    from tests.support.vertex import PROJECT, write_service_account_key
 
-    key = Path(tempfile.mkdtemp(prefix="bench-key-")) / "service-account.json"
-    key.write_text(json.dumps(service_account_info(base_url + "/token")))
+    key = write_service_account_key(
+        Path(tempfile.mkdtemp(prefix="bench-key-")), base_url + "/token"
+    )
     return {"project": PROJECT, "staging_uri": f"gs://{BUCKET}/bench", "credentials_file": str(key)}
 
 

@@ -43,7 +43,7 @@ class VertexSpool(Spool):
 
     def __init__(self, root: Path, sim: VertexSimulator, **overrides: Any) -> None:
         self.storage = sim.storage
-        key = write_service_account_key(root.parent, sim)
+        key = write_service_account_key(root.parent, sim.token_uri)
         vertex = {
             "project": PROJECT,
             "staging_uri": f"gs://{BUCKET}/batch",

@@ -51,12 +51,11 @@ def service_account_info(token_uri: str, project: str = PROJECT) -> dict[str, st
     }
 
 
-def write_service_account_key(
-    directory: Path, sim: VertexSimulator, project: str = PROJECT
-) -> Path:
-    """Write a fake service-account key file into `directory` (e.g. pytest's `tmp_path`)."""
+def write_service_account_key(directory: Path, token_uri: str, project: str = PROJECT) -> Path:
+    """Write a fake service-account key file into `directory` (e.g. pytest's `tmp_path`) whose
+    token endpoint is `token_uri` (a simulator's)."""
     path = directory / "service-account.json"
-    path.write_text(json.dumps(service_account_info(sim.token_uri, project), indent=2))
+    path.write_text(json.dumps(service_account_info(token_uri, project), indent=2))
     return path
 
 

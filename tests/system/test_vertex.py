@@ -51,7 +51,7 @@ def vsim(storage: StorageEmulator, clock: WallClock) -> Iterator[VertexSimulator
 def make_vertex(
     tmp_path: Path, vsim: VertexSimulator, storage: StorageEmulator, clock: WallClock
 ) -> Iterator[MakeDaemon]:
-    key = write_service_account_key(tmp_path, vsim)
+    key = write_service_account_key(tmp_path, vsim.token_uri)
     made: list[Daemon] = []
 
     def engine(config: Config) -> VertexEngine:

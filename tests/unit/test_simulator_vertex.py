@@ -79,7 +79,7 @@ def sim(gcs_emulator: StorageEmulator, clock: FakeClock) -> Iterator[VertexSimul
 
 @pytest.fixture
 def credentials(tmp_path: Path, sim: VertexSimulator) -> service_account.Credentials:
-    return credentials_from_key(write_service_account_key(tmp_path, sim))
+    return credentials_from_key(write_service_account_key(tmp_path, sim.token_uri))
 
 
 @pytest.fixture
@@ -621,11 +621,11 @@ def test_rejection_windows_and_billing(sim: VertexSimulator, client: Any, clock:
 
 def test_token_endpoint(sim: VertexSimulator, tmp_path: Path, clock: FakeClock) -> None:
     sim.reject_tokens(seconds=60)
-    creds = credentials_from_key(write_service_account_key(tmp_path, sim))
+    creds = credentials_from_key(write_service_account_key(tmp_path, sim.token_uri))
     with pytest.raises(auth_errors.RefreshError, match="invalid_grant"):
         list(vertex_client(sim, creds).batches.list())
     clock.advance(60)
-    creds = credentials_from_key(write_service_account_key(tmp_path, sim))
+    creds = credentials_from_key(write_service_account_key(tmp_path, sim.token_uri))
     assert list(vertex_client(sim, creds).batches.list()) == []
     assert sim.token_requests == 2 and sim.issued_tokens == ["ya29.sim-1"]
 

@@ -271,8 +271,7 @@ def test_labels_and_staged_names_come_from_the_display_name() -> None:
 # ---- credentials ------------------------------------------------------------------------------
 
 
-class _Sim:
-    token_uri = "http://127.0.0.1:9/token"
+TOKEN_URI = "http://127.0.0.1:9/token"
 
 
 def settings(**values: Any) -> VertexSettings:
@@ -282,7 +281,7 @@ def settings(**values: Any) -> VertexSettings:
 def test_credentials_come_from_the_configured_key_file_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = write_service_account_key(tmp_path, _Sim())  # type: ignore[arg-type]
+    key = write_service_account_key(tmp_path, TOKEN_URI)
     other = tmp_path / "other"
     other.mkdir()
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "nowhere.json"))
@@ -291,12 +290,12 @@ def test_credentials_come_from_the_configured_key_file_first(
     )
     assert source == f"vertex.credentials_file {key}"
     assert credentials.service_account_email.startswith("batchd@")
-    assert credentials._token_uri == _Sim.token_uri  # its own token endpoint is honoured
+    assert credentials._token_uri == TOKEN_URI  # its own token endpoint is honoured
 
 
 def test_then_the_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    key = write_service_account_key(tmp_path, _Sim())  # type: ignore[arg-type]
+    key = write_service_account_key(tmp_path, TOKEN_URI)
     key.rename(tmp_path / "vertex_credentials")
     _, source = vertex.find_credentials(settings(), {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert (
