@@ -92,6 +92,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         finally:
             spool.stop_all()
 
+    tmp_path_factory.getbasetemp()  # made once here: threads making it at once collide
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(play, POINTS))
     yield runs
