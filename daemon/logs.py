@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from .spool import printable
+
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 REDACTED = "[redacted]"
 MIN_SECRET_CHARS = 16
@@ -83,15 +85,12 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
-
-
 def _printable_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """For a terminal: control characters in values (a file name with ESC in it) escaped, as
     JSON lines escape them. Newlines and tabs stay (tracebacks)."""
     for key, value in event.items():
-        if isinstance(value, str) and _CONTROL.search(value):
-            event[key] = _CONTROL.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", value)
+        if isinstance(value, str):
+            event[key] = printable(value, keep_lines=True)
     return event
 
 

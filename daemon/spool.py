@@ -44,6 +44,7 @@ SPOOL_FOLDERS = frozenset({"processing", "done", "failed"})
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
 
 
 def not_utf8(name: str) -> bool:
@@ -56,10 +57,12 @@ def not_utf8(name: str) -> bool:
     return False
 
 
-def printable(name: str) -> str:
+def printable(name: str, *, keep_lines: bool = False) -> str:
     """`name` safe to print on a terminal: control characters (ESC, newlines...) and bytes that
-    were not UTF-8 (kept as surrogates by the file system encoding) as `\\xNN`."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", name)
+    were not UTF-8 (kept as surrogates by the file system encoding) as `\\xNN`. `keep_lines`:
+    newlines and tabs stay (a traceback)."""
+    control = _CONTROL_BUT_LINES if keep_lines else _CONTROL
+    return control.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", name)
 
 
 def is_candidate(name: str) -> bool:
