@@ -411,26 +411,27 @@ def _describe(exc: ValidationError) -> str:
 
 
 @dataclass(frozen=True)
-class ApiKey:
-    """An API key and where it came from (for messages: the key itself is never printed)."""
+class Credential:
+    """What an engine authenticates with -- an API key (`gemini`) or Google credentials
+    (`vertex`) -- and where it came from (for messages: the credential is never printed)."""
 
-    value: str = field(repr=False)
-    source: str  # "$GOOGLE_API_KEY", "$GEMINI_API_KEY", "api.key_file PATH", or the credential
+    value: Any = field(repr=False)
+    source: str  # e.g. "$GEMINI_API_KEY", "api.key_file PATH", "vertex.credentials_file PATH"
 
 
-def find_api_key(config: Config, environ: Mapping[str, str] | None = None) -> ApiKey | None:
+def find_api_key(config: Config, environ: Mapping[str, str] | None = None) -> Credential | None:
     """`api.key_file`, else $GOOGLE_API_KEY / $GEMINI_API_KEY, else the systemd credential."""
     env = os.environ if environ is None else environ
     if config.api.key_file is not None:
-        return ApiKey(_read_key(config.api.key_file), f"api.key_file {config.api.key_file}")
+        return Credential(_read_key(config.api.key_file), f"api.key_file {config.api.key_file}")
     for name in ("GOOGLE_API_KEY", "GEMINI_API_KEY"):  # the SDK's own precedence
         if env.get(name):
-            return ApiKey(env[name].strip(), f"${name}")
+            return Credential(env[name].strip(), f"${name}")
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).exists():
         path = Path(creds) / CREDENTIAL_NAME
         key = _read_key(path, "$CREDENTIALS_DIRECTORY")
-        return ApiKey(key, f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} ({path})")
+        return Credential(key, f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} ({path})")
     return None
 
 

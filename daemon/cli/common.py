@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
-from ..config import Config, default_config_path, find_api_key, load_config
+from ..config import Config, Credential, default_config_path, find_api_key, load_config
 from ..errors import BatchdError
 
 EXIT_USAGE = 2
 """Bad configuration, missing API key, unknown target: the command could not start its work."""
 
 CONFIG_HELP = "configuration file (default: $GEMINI_BATCHD_CONFIG, else ./config.yaml)"
-
-
-@dataclass(frozen=True)
-class Credential:
-    """What the engine authenticates with -- an API key (`gemini`) or Google credentials
-    (`vertex`) -- and where it came from (for messages: the credential is never printed)."""
-
-    value: Any = field(repr=False)
-    source: str
 
 
 def find_credential(config: Config) -> Credential | None:
@@ -33,8 +23,7 @@ def find_credential(config: Config) -> Credential | None:
         from ..api.vertex import find_credentials
 
         return Credential(*find_credentials(config.vertex))
-    key = find_api_key(config)
-    return Credential(key.value, key.source) if key else None
+    return find_api_key(config)
 
 
 class CommandError(BatchdError):

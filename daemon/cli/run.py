@@ -12,13 +12,14 @@ from .. import logs
 from ..api import Engine, connect
 from ..config import (
     Config,
+    Credential,
     check_paths,
     load_config,
     raise_problems,
 )
 from ..errors import ConfigError
 from . import status
-from .common import CommandError, Credential, Subcommands, add_config_option, find_credential, load
+from .common import CommandError, Subcommands, add_config_option, find_credential, load
 
 SIMULATED_API_KEY = "simulated-key"
 """What `run --simulate` sends; the simulator accepts any key."""
