@@ -30,6 +30,7 @@ from ..jsonl import (
     count,
     decode_as,
     dumps,
+    dumps_line,
     int_or_none,
     json_type,
     mapping,
@@ -122,7 +123,7 @@ def vertex_line(raw: bytes) -> bytes:
     request = line["request"]
     if b"{}" in raw:  # request files are compact JSON: an empty object is always `{}`
         request = _pruned(request)
-    return dumps({"request": request, KEY_FIELD: KEY_PREFIX + str(line["key"])}) + b"\n"
+    return dumps_line({"request": request, KEY_FIELD: KEY_PREFIX + str(line["key"])})
 
 
 class _Prediction(msgspec.Struct):
