@@ -42,7 +42,11 @@ class Case:
     mode: str  # the mode every job must have: the run measured what it says
     settings: dict[str, Any]
     json_answers: bool = False
-    vertex: bool = False  # backend: vertex, against the Vertex simulator and storage emulator
+
+    @property
+    def vertex(self) -> bool:
+        """backend: vertex, against the Vertex simulator and its storage emulator."""
+        return bool(self.settings.get("backend") == "vertex")
 
 
 PATHS = [
@@ -53,7 +57,7 @@ PATHS = [
         {"limits": {"inline_max_bytes": 10**12, "inline_max_requests": 10**12}},
     ),
     Case("File API, filter_json, JSON answers", "file", {"filter_json": True}, json_answers=True),
-    Case("Vertex AI (backend: vertex), Cloud Storage", "file", {"backend": "vertex"}, vertex=True),
+    Case("Vertex AI (backend: vertex), Cloud Storage", "file", {"backend": "vertex"}),
 ]
 
 
