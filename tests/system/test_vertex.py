@@ -309,3 +309,20 @@ def test_status_and_metrics_show_vertex_jobs_like_gemini_ones(
     text = metrics.render(daemon.service._metrics_view())
     assert 'gemini_batchd_api_calls_total{call="create",outcome="ok"} 1' in text
     assert "gemini_batchd_requests_ok_total 4" in text
+
+
+@pytest.mark.parametrize("status", [0, 503], ids=["dropped", "unavailable"])
+def test_a_prediction_download_that_fails_is_made_again_never_the_job(
+    make_vertex: MakeDaemon, vsim: VertexSimulator, storage: StorageEmulator, status: int
+) -> None:
+    """Reading predictions fails as the network does (a dropped connection, 503s): the
+    download is made again until it goes through; the job is never created again. (The
+    storage client's own retries wait in real time: two faults keep that to seconds.)"""
+    storage.add_fault("GET", r"/predictions_[0-9-of]+\.jsonl$", status, times=2)
+    daemon = make_vertex()
+    daemon.drop("d.jsonl", LINES)
+    daemon.run_all()
+    assert [r["status"] for r in daemon.results("d.jsonl")] == ["ok"] * 4
+    assert len(vsim.jobs) == 1
+    failed = [p for m, p, s in storage.requests_log if m == "GET" and s == status]
+    assert len(failed) == 2 and all("predictions_" in p for p in failed)  # the faults were met
