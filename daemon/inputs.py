@@ -554,8 +554,13 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         if not _plain_text_contents(contents):
             _check(_CONTENTS.validate_python, contents, "'request.contents'")
         if len(body) > 1:  # more than contents: settings to check
-            _check_bounds(body.get("generationConfig"), "'request.generationConfig'")
-            config = dict(body.get("generationConfig") or {})
+            generation = body.get("generationConfig")
+            if generation is not None and type(generation) is not dict:
+                raise _BadLine(
+                    f"'request.generationConfig' must be an object, got {_kind(generation)}"
+                )
+            _check_bounds(generation, "'request.generationConfig'")
+            config = dict(generation or {})
             config.update({LIFTED_FIELDS[k]: v for k, v in body.items() if k in LIFTED_FIELDS})
             if config:
                 _check(types.GenerateContentConfig.model_validate, config, "'request'")

@@ -351,6 +351,15 @@ def test_bad_native_generation_config_rejected_per_line(tmp_path: Path) -> None:
     assert "temperature" in one_error(tmp_path, {"key": "k", "request": native})
 
 
+@pytest.mark.parametrize("config", ["hot", [["temperature", 1]], 5, True])
+def test_native_generation_config_that_is_no_object_is_a_line_error(
+    tmp_path: Path, config: Any
+) -> None:
+    native = {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": config}
+    message = one_error(tmp_path, {"key": "k", "request": native})
+    assert message.startswith("'request.generationConfig' must be an object, got "), message
+
+
 def test_system_prompt_per_line(tmp_path: Path) -> None:
     request = one_request(tmp_path, {"prompt": "x", "system_prompt": "Answer in French."})
     assert request.body["systemInstruction"] == {"parts": [{"text": "Answer in French."}]}
