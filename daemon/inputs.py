@@ -288,10 +288,37 @@ class _PromptLine(msgspec.Struct, forbid_unknown_fields=True):
 _PROMPT_LINE = msgspec.json.Decoder(_PromptLine)
 
 
+class _TextPart(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+
+
+class _TextContent(msgspec.Struct, forbid_unknown_fields=True):
+    parts: list[_TextPart]
+    role: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class _TextRequest(msgspec.Struct, forbid_unknown_fields=True):
+    contents: list[_TextContent]
+    generationConfig: msgspec.Raw = msgspec.Raw(b"")  # settled once per distinct config
+
+
+class _RequestLine(msgspec.Struct, forbid_unknown_fields=True):
+    """A native request line as the usual one is: text contents, perhaps generation settings."""
+
+    request: _TextRequest
+    key: str | int | msgspec.UnsetType = msgspec.UNSET
+    filter_json: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+_REQUEST_LINE = msgspec.json.Decoder(_RequestLine)
+
+
 def _parse_raw(
     raw: bytes, number: int, defaults: Defaults, keys: KeySet
 ) -> Request | LineError | None:
-    usual = _usual_prompt_line(raw, number, defaults, keys)
+    usual = (_usual_request_line if b'"request"' in raw else _usual_prompt_line)(
+        raw, number, defaults, keys
+    )
     if usual is not None:
         return usual
     return _parse_any(raw, number, defaults, keys)
@@ -344,16 +371,69 @@ def _usual_prompt_line(
     return request
 
 
-def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] | None:
-    """The generationConfig of a line's `config` (its bytes as they came) and how many fields
-    the config has; None where it is not an object of valid settings. Remembered per distinct
-    config (a file repeats a few): the lines that share one share its dict, only ever read."""
+def _usual_request_line(
+    raw: bytes, number: int, defaults: Defaults, keys: KeySet
+) -> Request | LineError | None:
+    """A native request line of text contents (and perhaps generationConfig), read without
+    building its object first; None for any other line, which `_parse_any` then reads. Both
+    read a line alike (a test holds them equal)."""
+    try:
+        line = _REQUEST_LINE.decode(raw)
+    except (ValueError, RecursionError):
+        return None
+    request, key, filter_json = line.request, line.key, line.filter_json
+    if not request.contents:
+        return None
+    fields = 2 + (key is not msgspec.UNSET) + (filter_json is not msgspec.UNSET)
+    contents: list[dict[str, Any]] = []
+    chars = 0
+    for content in request.contents:
+        parts = [{"text": part.text} for part in content.parts]
+        chars += sum(len(part.text) for part in content.parts)
+        fields += 1 + len(parts)
+        if content.role is msgspec.UNSET:
+            contents.append({"parts": parts})
+        else:
+            contents.append({"parts": parts, "role": content.role})
+            fields += 1
+    body: dict[str, Any] = {"contents": contents}
+    config = bytes(request.generationConfig)
+    if config:
+        settings = _request_settings(config)
+        if settings is None:
+            return None
+        body["generationConfig"], config_fields = settings
+        fields += 1 + config_fields
+    if not _names_no_field_twice(raw, fields):
+        return None
+    if key is msgspec.UNSET:
+        key, auto = str(number), True
+    else:
+        key, auto = key if type(key) is str else str(key), False
+    if not key:
+        return None
+    first = keys.add(key, number, auto=auto)
+    if first is not None:
+        return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
+    filter_json = defaults.filter_json if filter_json is msgspec.UNSET else filter_json
+    return Request(key, number, body, filter_json, chars)
+
+
+_Settled = tuple[Any, int]
+"""A generationConfig as a request sends it, and how many fields the line gave it."""
+
+
+def _settings(config: bytes, defaults: Defaults) -> _Settled | None:
+    """The generationConfig of a prompt line's `config` (its bytes as they came) and how many
+    fields the config has; None where it is not an object of valid settings. Remembered per
+    distinct config (a file repeats a few): the lines that share one share its dict, only
+    ever read."""
     memo = (defaults.temperature, defaults.thinking_budget, config)
     try:
         return _SETTINGS[memo]  # one step: a file on another thread may clear the memo
     except KeyError:
         pass
-    found: tuple[dict[str, Any], int] | None = None
+    found: _Settled | None = None
     try:
         overrides = ANY_JSON.decode(config)
     except (ValueError, RecursionError):
@@ -368,14 +448,40 @@ def _settings(config: bytes, defaults: Defaults) -> tuple[dict[str, Any], int] |
             found = (generation, _count_fields(overrides))
         except _BadLine:
             pass
+    return _remember(memo, found)
+
+
+def _request_settings(config: bytes) -> _Settled | None:
+    """The generationConfig of a native request (its bytes as they came, null included) and
+    its number of fields; None where it is not valid settings. Remembered like `_settings`."""
+    memo = (config,)
+    try:
+        return _SETTINGS[memo]
+    except KeyError:
+        pass
+    found: _Settled | None = None
+    try:
+        generation = ANY_JSON.decode(config)
+    except (ValueError, RecursionError):
+        generation = _NOT_PARSED
+    if generation is None or type(generation) is dict:
+        try:
+            _check_request_settings({"generationConfig": generation})
+            found = (generation, _count_fields(generation))
+        except _BadLine:
+            pass
+    return _remember(memo, found)
+
+
+def _remember(memo: tuple[Any, ...], found: _Settled | None) -> _Settled | None:
     if len(_SETTINGS) >= _VERDICTS_KEPT:
         _SETTINGS.clear()
-    if len(config) <= _VERDICT_MAX_CHARS:
+    if len(memo[-1]) <= _VERDICT_MAX_CHARS:
         _SETTINGS[memo] = found
     return found
 
 
-_SETTINGS: dict[tuple[float, int, bytes], tuple[dict[str, Any], int] | None] = {}
+_SETTINGS: dict[tuple[Any, ...], _Settled | None] = {}
 
 
 def _parse_any(
@@ -554,16 +660,7 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         if not _plain_text_contents(contents):
             _check(_CONTENTS.validate_python, contents, "'request.contents'")
         if len(body) > 1:  # more than contents: settings to check
-            generation = body.get("generationConfig")
-            if generation is not None and type(generation) is not dict:
-                raise _BadLine(
-                    f"'request.generationConfig' must be an object, got {_kind(generation)}"
-                )
-            _check_bounds(generation, "'request.generationConfig'")
-            config = dict(generation or {})
-            config.update({LIFTED_FIELDS[k]: v for k, v in body.items() if k in LIFTED_FIELDS})
-            if config:
-                _check(types.GenerateContentConfig.model_validate, config, "'request'")
+            _check_request_settings(body)
         return Request(key, number, body, filter_json, prompt_chars(body))
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
@@ -584,6 +681,19 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
         filter_json,
         defaults,
     )
+
+
+def _check_request_settings(body: Mapping[str, Any]) -> None:
+    """Reject a native request's settings (generationConfig and the fields the SDK lifts)
+    that the API would refuse at create time."""
+    generation = body.get("generationConfig")
+    if generation is not None and type(generation) is not dict:
+        raise _BadLine(f"'request.generationConfig' must be an object, got {_kind(generation)}")
+    _check_bounds(generation, "'request.generationConfig'")
+    config = dict(generation or {})
+    config.update({LIFTED_FIELDS[k]: v for k, v in body.items() if k in LIFTED_FIELDS})
+    if config:
+        _check(types.GenerateContentConfig.model_validate, config, "'request'")
 
 
 def prompt_request(key: str, line: int, prompts: str | list[str], defaults: Defaults) -> Request:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -842,19 +843,105 @@ def _corpus() -> bytes:
     return b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
 
 
+def _request_corpus() -> bytes:
+    """Native request lines in the usual shape and in every way one may step out of it."""
+    text = [{"parts": [{"text": "x"}]}]
+    user = [{"role": "user", "parts": [{"text": "a: b"}, {"text": "c"}]}]
+    objects: list[Any] = [
+        {"key": "a", "request": {"contents": user}},
+        {"request": {"contents": text}},
+        {"key": 7, "request": {"contents": text}},
+        {"key": 2**70, "request": {"contents": text}},
+        {"key": True, "request": {"contents": text}},
+        {"key": None, "request": {"contents": text}},
+        {"key": "", "request": {"contents": text}},
+        {"key": "2", "request": {"contents": text}},
+        {"key": "a", "request": {"contents": text}},
+        {"key": "f1", "request": {"contents": text}, "filter_json": True},
+        {"key": "f2", "request": {"contents": text}, "filter_json": None},
+        {"key": "u", "request": {"contents": text}, "colour": 1},
+        {"key": "p", "request": {"contents": text}, "prompt": "both"},
+        {"key": "e1", "request": {"contents": []}},
+        {"key": "e2", "request": {"contents": [{"parts": []}]}},
+        {"key": "e3", "request": {"contents": [{"role": "user"}]}},
+        {"key": "e4", "request": {"contents": [{"parts": [{"text": ""}]}]}},
+        {"key": "r1", "request": {"contents": [{"role": None, "parts": [{"text": "x"}]}]}},
+        {"key": "r2", "request": {"contents": [{"role": 5, "parts": [{"text": "x"}]}]}},
+        {"key": "t1", "request": {"contents": [{"parts": [{"text": 5}]}]}},
+        {"key": "t2", "request": {"contents": [{"parts": [{"text": "x", "thought": True}]}]}},
+        {"key": "t3", "request": {"contents": [{"parts": [{"inlineData": {"data": "AA=="}}]}]}},
+        {"key": "t4", "request": {"contents": [{"parts": [{"inline_data": {"data": "AA=="}}]}]}},
+        {"key": "s1", "request": {"contents": "x"}},
+        {"key": "s2", "request": {"contents": text, "system_instruction": {"parts": []}}},
+        {"key": "s3", "request": {"contents": text, "systemInstruction": {"parts": []}}},
+        {"key": "g1", "request": {"contents": text, "generationConfig": {"temperature": 1}}},
+        {"key": "g2", "request": {"contents": text, "generationConfig": {"temperature": 9}}},
+        {"key": "g3", "request": {"contents": text, "generationConfig": {"colour": 1}}},
+        {"key": "g4", "request": {"contents": text, "generationConfig": None}},
+        {"key": "g5", "request": {"contents": text, "generationConfig": {}}},
+        {"key": "g6", "request": {"contents": text, "generationConfig": "hot"}},
+        {"key": "g7", "request": {"contents": text, "generationConfig": [["temperature", 1]]}},
+        {"key": "g8", "request": {"contents": text, "generationConfig": {"seed": 2**70}}},
+        {"key": "g9", "request": {"contents": text, "generation_config": {"temperature": 1}}},
+        {
+            "key": "g10",
+            "request": {
+                "contents": text,
+                "generationConfig": {"thinking_config": {"thinking_budget": 0}, "topK": 3},
+            },
+        },
+        {"key": "o", "request": {"generationConfig": {"topK": 3}, "contents": text}},
+        {"key": "x", "request": None},
+        {"key": "unicode", "request": {"contents": [{"parts": [{"text": "é 😀 \u2028"}]}]}},
+        {"key": "request", "prompt": "a prompt line whose key is the word"},
+    ]
+    lines = [json.dumps(o).encode() for o in objects]
+    lines += [
+        b'{"key": "d1", "key": "d2", "request": {"contents": [{"parts": [{"text": "x"}]}]}}',
+        b'{"key": "d3", "request": {"contents": [{"parts": [{"text": "x", "text": "y"}]}]}}',
+        b'{"key": "d4", "request": {"contents": [{"role": "a", "role": "b", "parts": []}]}}',
+        b'{"key": "d5", "request": {"contents": [{"parts": [{"text": "x"}]}],'
+        b' "generationConfig": {"topK": 1, "topK": 2}}}',
+        b'{"key": "d6", "request": {"contents": [{"parts": [{"text": "x"}]}]},'
+        b' "request": {"contents": [{"parts": [{"text": "y"}]}]}}',
+        b'{"key": "sp" , "request" : { "contents" : [ { "parts" : [ { "text" : "x" } ] } ] } }',
+        b'{"key": "nan", "request": {"contents": [{"parts": [{"text": "x"}]}],'
+        b' "generationConfig": {"temperature": NaN}}}',
+        b'{"key": "bad-utf8", "request": {"contents": [{"parts": [{"text": "\xff"}]}]}}',
+        b'{"key": "bad-utf8-config", "request": {"contents": [{"parts": [{"text": "x"}]}],'
+        b' "generationConfig": {"x": "\xff"}}}',
+        b'{"key": "bad-utf8-role", "request": {"contents": [{"role": "\xff", "parts": []}]}}',
+        b'{"key": "surrogate", "request": {"contents": [{"parts": [{"text": "\\ud800"}]}]}}',
+        b'{"key": "cut", "request": {"contents": [{"parts": [{"text": "x"}]}]}',
+        b'{"key": "deep", "request": {"contents": [], "generationConfig": '
+        + b'{"a": ' * 5000
+        + b"1"
+        + b"}" * 5002,
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
 @pytest.mark.parametrize("filter_json", [False, True])
-def test_the_usual_prompt_line_reads_as_any_line_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filter_json: bool
+@pytest.mark.parametrize(
+    ("corpus", "reading", "usual"),
+    [(_corpus, "_usual_prompt_line", 15), (_request_corpus, "_usual_request_line", 10)],
+)
+def test_the_usual_line_reads_as_any_line_does(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    filter_json: bool,
+    corpus: Callable[[], bytes],
+    reading: str,
+    usual: int,
 ) -> None:
     defaults = Defaults(system_prompt="sys", filter_json=filter_json)
-    path = write(tmp_path, _corpus())
+    path = write(tmp_path, corpus())
     fast_scan = Scan(path)
     fast = list(read_requests(path, defaults, fast_scan))
-    taken = [
-        n for n in range(1, 60) if inputs._usual_prompt_line(_line(path, n), n, defaults, KeySet())
-    ]
-    assert len(taken) > 15  # the fast way reads the usual lines
-    monkeypatch.setattr(inputs, "_usual_prompt_line", lambda *args: None)
+    fast_way = getattr(inputs, reading)
+    taken = [n for n in range(1, 70) if fast_way(_line(path, n), n, defaults, KeySet())]
+    assert len(taken) > usual  # the fast way reads the usual lines
+    monkeypatch.setattr(inputs, reading, lambda *args: None)
     slow_scan = Scan(path)
     slow = list(read_requests(path, defaults, slow_scan))
     assert fast == slow
