@@ -275,19 +275,6 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 """orjson reads integers beyond 64 bits as floats: lines with such numbers take the slow path."""
 
 
-class _PromptLine(msgspec.Struct, forbid_unknown_fields=True):
-    """A prompt line as the usual line is: decoded and type-checked in one pass."""
-
-    prompt: str | list[str]
-    key: str | int | msgspec.UnsetType = msgspec.UNSET
-    system_prompt: str | None = None
-    config: msgspec.Raw = msgspec.Raw(b"")  # as it came: settled once per distinct config
-    filter_json: bool | msgspec.UnsetType = msgspec.UNSET
-
-
-_PROMPT_LINE = msgspec.json.Decoder(_PromptLine)
-
-
 class _TextPart(msgspec.Struct, forbid_unknown_fields=True):
     text: str
 
@@ -302,40 +289,69 @@ class _TextRequest(msgspec.Struct, forbid_unknown_fields=True):
     generationConfig: msgspec.Raw = msgspec.Raw(b"")  # settled once per distinct config
 
 
-class _RequestLine(msgspec.Struct, forbid_unknown_fields=True):
-    """A native request line as the usual one is: text contents, perhaps generation settings."""
+class _UsualLine(msgspec.Struct, forbid_unknown_fields=True):
+    """A line in one of the two usual shapes, decoded and type-checked in one pass: a prompt
+    line, or a native request of text contents (perhaps with generation settings)."""
 
-    request: _TextRequest
+    prompt: str | list[str] | msgspec.UnsetType = msgspec.UNSET
+    request: _TextRequest | msgspec.UnsetType = msgspec.UNSET
     key: str | int | msgspec.UnsetType = msgspec.UNSET
+    system_prompt: str | msgspec.UnsetType | None = msgspec.UNSET
+    config: msgspec.Raw = msgspec.Raw(b"")  # as it came: settled once per distinct config
     filter_json: bool | msgspec.UnsetType = msgspec.UNSET
 
 
-_REQUEST_LINE = msgspec.json.Decoder(_RequestLine)
+_USUAL_LINE = msgspec.json.Decoder(_UsualLine)
 
 
 def _parse_raw(
     raw: bytes, number: int, defaults: Defaults, keys: KeySet
 ) -> Request | LineError | None:
-    usual = (_usual_request_line if b'"request"' in raw else _usual_prompt_line)(
-        raw, number, defaults, keys
-    )
+    usual = _usual_line(raw, number, defaults, keys)
     if usual is not None:
         return usual
     return _parse_any(raw, number, defaults, keys)
 
 
-def _usual_prompt_line(
+def _usual_line(
     raw: bytes, number: int, defaults: Defaults, keys: KeySet
 ) -> Request | LineError | None:
-    """A well-formed prompt line (an object with `prompt`), read without building its object;
-    None for anything else, which `_parse_any` then reads and explains. Both read a line
-    alike (a test holds them equal)."""
+    """A well-formed line of a usual shape, read without building its object first; None for
+    anything else, which `_parse_any` then reads and explains. Both read a line alike (a
+    test holds them equal)."""
     try:
-        line = _PROMPT_LINE.decode(raw)  # integers stay exact; bad UTF-8, BOMs are refused
+        line = _USUAL_LINE.decode(raw)  # integers stay exact; bad UTF-8, BOMs are refused
     except (ValueError, RecursionError):
         return None
-    key, config, fields = line.key, bytes(line.config), 1
-    fields += (key is not msgspec.UNSET) + (line.system_prompt is not None)
+    if line.request is msgspec.UNSET:
+        request = _usual_prompt(line, raw, number, defaults)
+    elif line.prompt is msgspec.UNSET and line.system_prompt is msgspec.UNSET and not line.config:
+        request = _usual_request(line, line.request, raw, number, defaults)
+    else:
+        return None
+    if request is None:
+        return None
+    first = keys.add(request.key, number, auto=line.key is msgspec.UNSET)
+    if first is not None:
+        key = request.key
+        return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
+    return request
+
+
+def _usual_key(line: _UsualLine, number: int) -> str:
+    """`_key`'s rule for the decoded types ("" for a key it refuses)."""
+    key = line.key
+    if key is msgspec.UNSET:
+        return str(number)
+    return key if type(key) is str else str(key)
+
+
+def _usual_prompt(line: _UsualLine, raw: bytes, number: int, defaults: Defaults) -> Request | None:
+    """The request of a usual prompt line; None where `_parse_any` must read it."""
+    if line.prompt is msgspec.UNSET:
+        return None
+    config, fields = bytes(line.config), 1
+    fields += (line.key is not msgspec.UNSET) + (line.system_prompt is not msgspec.UNSET)
     fields += bool(config) + (line.filter_json is not msgspec.UNSET)
     generation = _default_generation(defaults.temperature, defaults.thinking_budget)
     if config and config != b"null":
@@ -346,45 +362,23 @@ def _usual_prompt_line(
         fields += config_fields
     if not _names_no_field_twice(raw, fields):
         return None
-    # The rules of `_key` and `_prompt_text` for the decoded types, inlined: calling them
-    # costs about a tenth of reading a line.
-    if key is msgspec.UNSET:
-        key, auto = str(number), True
-    else:
-        key, auto = key if type(key) is str else str(key), False
+    key = _usual_key(line, number)
+    # `_prompt_text`'s rule for the decoded types, inlined: a call costs a tenth of a line.
     prompt = "\n".join(line.prompt) if isinstance(line.prompt, list) else line.prompt
     if not key or not prompt or prompt.isspace():
         return None
-    filter_json = line.filter_json
-    request = _prompt_body(
-        key,
-        number,
-        prompt,
-        line.system_prompt,
-        generation,
-        defaults.filter_json if filter_json is msgspec.UNSET else filter_json,
-        defaults,
-    )
-    first = keys.add(key, number, auto=auto)
-    if first is not None:
-        return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
-    return request
+    filter_json = defaults.filter_json if line.filter_json is msgspec.UNSET else line.filter_json
+    system = None if line.system_prompt is msgspec.UNSET else line.system_prompt
+    return _prompt_body(key, number, prompt, system, generation, filter_json, defaults)
 
 
-def _usual_request_line(
-    raw: bytes, number: int, defaults: Defaults, keys: KeySet
-) -> Request | LineError | None:
-    """A native request line of text contents (and perhaps generationConfig), read without
-    building its object first; None for any other line, which `_parse_any` then reads. Both
-    read a line alike (a test holds them equal)."""
-    try:
-        line = _REQUEST_LINE.decode(raw)
-    except (ValueError, RecursionError):
-        return None
-    request, key, filter_json = line.request, line.key, line.filter_json
+def _usual_request(
+    line: _UsualLine, request: _TextRequest, raw: bytes, number: int, defaults: Defaults
+) -> Request | None:
+    """The request of a usual native request line; None where `_parse_any` must read it."""
     if not request.contents:
         return None
-    fields = 2 + (key is not msgspec.UNSET) + (filter_json is not msgspec.UNSET)
+    fields = 2 + (line.key is not msgspec.UNSET) + (line.filter_json is not msgspec.UNSET)
     contents: list[dict[str, Any]] = []
     chars = 0
     for content in request.contents:
@@ -406,16 +400,10 @@ def _usual_request_line(
         fields += 1 + config_fields
     if not _names_no_field_twice(raw, fields):
         return None
-    if key is msgspec.UNSET:
-        key, auto = str(number), True
-    else:
-        key, auto = key if type(key) is str else str(key), False
+    key = _usual_key(line, number)
     if not key:
         return None
-    first = keys.add(key, number, auto=auto)
-    if first is not None:
-        return LineError(number, f"duplicate key {key!r} (first used on line {first})", key)
-    filter_json = defaults.filter_json if filter_json is msgspec.UNSET else filter_json
+    filter_json = defaults.filter_json if line.filter_json is msgspec.UNSET else line.filter_json
     return Request(key, number, body, filter_json, chars)
 
 

@@ -796,6 +796,7 @@ def _corpus() -> bytes:
         {"key": "n", "prompt": None},
         {"key": "s1", "prompt": "p", "system_prompt": "be brief"},
         {"key": "s2", "prompt": "p", "system_prompt": None},
+        {"key": "s5", "prompt": "p", "system_prompt": None, "filter_json": False},
         {"key": "s3", "prompt": "p", "system_prompt": 5},
         {"key": "s4", "prompt": "p", "system_prompt": ""},
         {"key": "c1", "prompt": "p", "config": {"temperature": 0.5}},
@@ -861,6 +862,10 @@ def _request_corpus() -> bytes:
         {"key": "f2", "request": {"contents": text}, "filter_json": None},
         {"key": "u", "request": {"contents": text}, "colour": 1},
         {"key": "p", "request": {"contents": text}, "prompt": "both"},
+        {"key": "sp1", "request": {"contents": text}, "system_prompt": None},
+        {"key": "sp2", "request": {"contents": text}, "system_prompt": "s"},
+        {"key": "cf1", "request": {"contents": text}, "config": None},
+        {"key": "cf2", "request": {"contents": text}, "config": {"temperature": 1}},
         {"key": "e1", "request": {"contents": []}},
         {"key": "e2", "request": {"contents": [{"parts": []}]}},
         {"key": "e3", "request": {"contents": [{"role": "user"}]}},
@@ -922,26 +927,21 @@ def _request_corpus() -> bytes:
 
 
 @pytest.mark.parametrize("filter_json", [False, True])
-@pytest.mark.parametrize(
-    ("corpus", "reading", "usual"),
-    [(_corpus, "_usual_prompt_line", 15), (_request_corpus, "_usual_request_line", 10)],
-)
+@pytest.mark.parametrize(("corpus", "usual"), [(_corpus, 15), (_request_corpus, 10)])
 def test_the_usual_line_reads_as_any_line_does(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     filter_json: bool,
     corpus: Callable[[], bytes],
-    reading: str,
     usual: int,
 ) -> None:
     defaults = Defaults(system_prompt="sys", filter_json=filter_json)
     path = write(tmp_path, corpus())
     fast_scan = Scan(path)
     fast = list(read_requests(path, defaults, fast_scan))
-    fast_way = getattr(inputs, reading)
-    taken = [n for n in range(1, 70) if fast_way(_line(path, n), n, defaults, KeySet())]
+    taken = [n for n in range(1, 70) if inputs._usual_line(_line(path, n), n, defaults, KeySet())]
     assert len(taken) > usual  # the fast way reads the usual lines
-    monkeypatch.setattr(inputs, reading, lambda *args: None)
+    monkeypatch.setattr(inputs, "_usual_line", lambda *args: None)
     slow_scan = Scan(path)
     slow = list(read_requests(path, defaults, slow_scan))
     assert fast == slow
