@@ -21,7 +21,7 @@ import msgspec
 
 from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
-from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
+from .inputs import CHARS_PER_TOKEN, Defaults, LineError, Request, Scan, read_requests
 from .jsonl import STREAM_BUFFER, dumps_line
 
 
@@ -117,6 +117,7 @@ def write_plan(
     plan = Plan(scan)
     current: PlannedJob | None = None
     handle: IO[bytes] | None = None
+    max_tokens = limits.max_job_tokens
     try:
         with index_path.open("wb", buffering=STREAM_BUFFER) as index:
             for item in read_requests(source, defaults, scan, check=limits.check):
@@ -125,12 +126,13 @@ def write_plan(
                     if keep_invalid:
                         index.write(dumps_line([item.line, item.key, None, 0, item.message]))
                     continue
-                line = request_line(item)
-                tokens = estimate_tokens(item.chars)
-                if limits.max_job_tokens is not None and tokens > limits.max_job_tokens:
+                key, number, body, filter_json, chars = item
+                line = dumps_line({"key": key, "request": body})  # as `request_line` writes
+                tokens = -(-chars // CHARS_PER_TOKEN)  # `estimate_tokens`, inlined
+                if max_tokens is not None and tokens > max_tokens:
                     plan.too_big = plan.too_big or (
-                        f"line {item.line} alone is about {tokens} input tokens, over "
-                        f"limits.max_enqueued_tokens ({limits.max_job_tokens})"
+                        f"line {number} alone is about {tokens} input tokens, over "
+                        f"limits.max_enqueued_tokens ({max_tokens})"
                     )
                 if current is None:
                     fits = False
@@ -150,7 +152,7 @@ def write_plan(
                 current.requests += 1
                 current.bytes += len(line)
                 current.tokens += tokens
-                index.write(dumps_line([item.line, item.key, int(item.filter_json), current.part]))
+                index.write(dumps_line([number, key, int(filter_json), current.part]))
     finally:
         if handle is not None:
             handle.close()
