@@ -286,7 +286,12 @@ def plain_record(
     candidate = response.candidates[0]
     content = candidate.content
     parts = content.parts if content is not None else None
-    text = "".join(p.text for p in parts if p.text is not None and not p.thought) if parts else ""
+    if not parts:
+        text = ""
+    elif len(parts) == 1:  # (the usual answer: one part, no join)
+        text = parts[0].text if parts[0].text is not None and not parts[0].thought else ""
+    else:
+        text = "".join(p.text for p in parts if p.text is not None and not p.thought)
     reason = candidate.finishReason or None
     if reason in BLOCKING_FINISH_REASONS and not text.strip():
         return None
@@ -435,9 +440,13 @@ class Tally:
             self.errors[stage] = self.errors.get(stage, 0) + 1
         counts = record.get("usage")
         if type(counts) is dict and len(counts) == len(USAGE_KEYS):  # made by `usage`
-            tokens = self.tokens
-            for name, value in counts.items():
-                tokens[name] += value
+            tokens = self.tokens  # (unrolled: this runs once per request)
+            tokens["prompt_tokens"] += counts["prompt_tokens"]
+            tokens["output_tokens"] += counts["output_tokens"]
+            tokens["thinking_tokens"] += counts["thinking_tokens"]
+            tokens["total_tokens"] += counts["total_tokens"]
+            tokens["cached_tokens"] += counts["cached_tokens"]
+            tokens["tool_prompt_tokens"] += counts["tool_prompt_tokens"]
         elif isinstance(counts, dict):
             for name in USAGE_KEYS:
                 self.tokens[name] += count(counts.get(name))
