@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
-import json_repair
 import msgspec
 
 from .jsonl import ANY_JSON, count, decode_as
@@ -384,6 +383,8 @@ def _parse_json_text(text: str) -> Any:
         pass
     if "{" not in stripped and "[" not in stripped:
         raise ValueError("the text holds no JSON object or array")
+    import json_repair  # (only here: most answers never need it, and every start would load it)
+
     try:
         value, repairs = json_repair.repair_json(stripped, return_objects=True, logging=True)
     except RecursionError:
