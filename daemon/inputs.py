@@ -22,7 +22,7 @@ from google.genai import types
 from pydantic import TypeAdapter, ValidationError
 
 from .config import Config
-from .jsonl import ANY_JSON, STREAM_BUFFER
+from .jsonl import ANY_JSON, STREAM_BUFFER, dumps, dumps_line, loads
 from .keymap import KeySet
 
 MAX_REPORTED_ERRORS = 100
@@ -131,17 +131,29 @@ class Defaults:
 
 
 class Request(NamedTuple):
-    """One prompt line, ready to send: its key, physical line number and REST request body.
+    """One prompt line, ready to send: its key, physical line number and its line of a File
+    API batch input, `{"key", "request"}` (written once, as the request files take it).
 
     (A named tuple: millions are made, and a frozen dataclass costs several times as much.)"""
 
     key: str
     line: int
-    body: dict[str, Any]
+    wire: bytes
     filter_json: bool
     chars: int = (
         0  # characters of text it sends (prompt and system instruction): the token estimate
     )
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The REST request body (read back from `wire`)."""
+        body: dict[str, Any] = loads(self.wire)["request"]
+        return body
+
+
+def wire_line(key: str, body: Mapping[str, Any]) -> bytes:
+    """A request's line of a File API batch input: `{"key", "request"}`."""
+    return dumps_line({"key": key, "request": body})
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +416,7 @@ def _usual_request(
     if not key:
         return None
     filter_json = defaults.filter_json if line.filter_json is msgspec.UNSET else line.filter_json
-    return Request(key, number, body, filter_json, chars)
+    return Request(key, number, wire_line(key, body), filter_json, chars)
 
 
 _Settled = tuple[Any, int]
@@ -649,7 +661,7 @@ def _to_request(value: Any, number: int, defaults: Defaults) -> Request:
             _check(_CONTENTS.validate_python, contents, "'request.contents'")
         if len(body) > 1:  # more than contents: settings to check
             _check_request_settings(body)
-        return Request(key, number, body, filter_json, prompt_chars(body))
+        return Request(key, number, wire_line(key, body), filter_json, prompt_chars(body))
     if "prompt" not in value:
         raise _BadLine("an object line needs 'prompt' (or 'key' and 'request')")
     _no_unknown(value, _PROMPT_FIELDS, "a prompt line")
@@ -718,14 +730,42 @@ def _prompt_body(
     filter_json: bool,
     defaults: Defaults,
 ) -> Request:
-    body: dict[str, Any] = {
-        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
-        "generationConfig": generation,
-    }
-    system = system if system is not None else defaults.system_prompt
+    """The request of a prompt, its line written from parts: as `wire_line` writes
+    `{"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": ...,
+    "systemInstruction": ...}` (a test holds them equal), without building that object."""
+    if system is None:
+        system = defaults.system_prompt
+        tail = _prompt_tail(generation, system, remember=True)
+    else:
+        tail = _prompt_tail(generation, system, remember=False)
+    wire = b"".join((_PROMPT_HEAD, dumps(key), _PROMPT_TEXT, dumps(prompt), tail))
+    return Request(key, number, wire, filter_json, len(prompt) + len(system or ""))
+
+
+_PROMPT_HEAD = b'{"key":'
+_PROMPT_TEXT = b',"request":{"contents":[{"role":"user","parts":[{"text":'
+
+
+def _prompt_tail(generation: dict[str, Any], system: str | None, *, remember: bool) -> bytes:
+    """What follows the prompt in its line: the settings, the system instruction, the end.
+    `remember`: for settings and a system prompt shared by many lines (the file's defaults,
+    a remembered config), kept by identity; the memo holds them, so no id is reused."""
+    memo = (id(generation), id(system))
+    found = _TAILS.get(memo)
+    if found is not None and found[0] is generation and found[1] is system:
+        return found[2]
+    tail = b'}]}],"generationConfig":' + dumps(generation)
     if system:
-        body["systemInstruction"] = _system_instruction(system)
-    return Request(key, number, body, filter_json, len(prompt) + len(system or ""))
+        tail += b',"systemInstruction":' + dumps(_system_instruction(system))
+    tail += b"}}\n"
+    if remember:
+        if len(_TAILS) >= _VERDICTS_KEPT:
+            _TAILS.clear()
+        _TAILS[memo] = (generation, system, tail)
+    return tail
+
+
+_TAILS: dict[tuple[int, int], tuple[dict[str, Any], str | None, bytes]] = {}
 
 
 def _generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:

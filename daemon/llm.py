@@ -28,7 +28,6 @@ from .api import RemoteState
 from .api.gemini import GeminiEngine
 from .errors import LLMProviderError
 from .inputs import Defaults, prompt_request
-from .plan import request_line
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class GeminiLLM:
         ]
         with tempfile.TemporaryDirectory() as folder:
             source = Path(folder) / "requests.jsonl"
-            source.write_bytes(b"".join(request_line(r) for r in requests))
+            source.write_bytes(b"".join(r.wire for r in requests))
             job = self._engine.create_job(
                 self.model, f"gemini-batchd-lib/{uuid.uuid4().hex[:16]}", source, inline=True
             )

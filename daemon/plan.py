@@ -88,11 +88,6 @@ class Plan:
         return sum(j.tokens for j in self.jobs)
 
 
-def request_line(request: Request) -> bytes:
-    """One line of a File API batch input: `{"key", "request"}`."""
-    return dumps_line({"key": request.key, "request": request.body})
-
-
 def write_plan(
     source: Path,
     defaults: Defaults,
@@ -126,8 +121,7 @@ def write_plan(
                     if keep_invalid:
                         index.write(dumps_line([item.line, item.key, None, 0, item.message]))
                     continue
-                key, number, body, filter_json, chars = item
-                line = dumps_line({"key": key, "request": body})  # as `request_line` writes
+                key, number, line, filter_json, chars = item
                 tokens = -(-chars // CHARS_PER_TOKEN)  # `estimate_tokens`, inlined
                 if max_tokens is not None and tokens > max_tokens:
                     plan.too_big = plan.too_big or (

@@ -14,7 +14,6 @@ import pytest
 
 from daemon.api.gemini import GeminiEngine
 from daemon.inputs import Defaults, prompt_request
-from daemon.plan import request_line
 
 KEY = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
 
@@ -28,9 +27,7 @@ def test_create_find_and_cancel_a_real_job(tmp_path: Path) -> None:
     backend = GeminiEngine(KEY, retries=3)
     display_name = f"gemini-batchd-live-test/{uuid.uuid4().hex[:12]}"
     requests = tmp_path / "j1.req"
-    requests.write_bytes(
-        request_line(prompt_request("1", 1, "Say OK.", Defaults(thinking_budget=0)))
-    )
+    requests.write_bytes(prompt_request("1", 1, "Say OK.", Defaults(thinking_budget=0)).wire)
     job = backend.create_job("gemini-2.5-flash", display_name, requests, inline=True)
     try:
         assert job.name.startswith("batches/")

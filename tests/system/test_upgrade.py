@@ -8,7 +8,6 @@ from typing import Any
 
 from daemon.api.gemini import GeminiEngine
 from daemon.inputs import Defaults, prompt_request
-from daemon.plan import request_line
 from daemon.simulator import Simulator
 from tests.support.harness import TEST_API_KEY
 
@@ -54,10 +53,7 @@ def test_a_running_job_of_the_old_format_is_collected(
     (processing / "old.jsonl").write_text('"one"\n"two"\n')
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(
-        b"".join(
-            request_line(prompt_request(str(i), i, p, Defaults()))
-            for i, p in [(1, "one"), (2, "two")]
-        )
+        b"".join(prompt_request(str(i), i, p, Defaults()).wire for i, p in [(1, "one"), (2, "two")])
     )
     backend = GeminiEngine(TEST_API_KEY, base_url=sim.base_url)
     job = backend.create_job("gemini-2.5-flash", "old job", requests, inline=True)

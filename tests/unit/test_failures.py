@@ -35,7 +35,6 @@ from daemon.failures import (
     job_outcome,
 )
 from daemon.inputs import Defaults, prompt_request
-from daemon.plan import request_line
 from daemon.schedule import Backoff
 from daemon.simulator import Fault, Simulator
 
@@ -52,7 +51,7 @@ def backend(sim: Simulator) -> Iterator[GeminiEngine]:
 @pytest.fixture
 def request_file(tmp_path: Path) -> Path:
     path = tmp_path / "j1.req"
-    path.write_bytes(request_line(prompt_request("1", 1, "hello there", Defaults())))
+    path.write_bytes(prompt_request("1", 1, "hello there", Defaults()).wire)
     return path
 
 

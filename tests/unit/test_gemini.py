@@ -18,8 +18,7 @@ from daemon.api import RemoteJob, http
 from daemon.api.gemini import BATCH_MIME_TYPE, GeminiEngine, key_fingerprint
 from daemon.api.http import LIST_PAGE_SIZE
 from daemon.errors import BadReply
-from daemon.inputs import Defaults, Request, prompt_request
-from daemon.plan import request_line
+from daemon.inputs import Defaults, Request, prompt_request, wire_line
 from daemon.schedule import Backoff
 from daemon.simulator import Fault, Simulator
 from tests.support.harness import FakeClock
@@ -56,7 +55,7 @@ def requests(*prompts: str) -> list[Request]:
 
 def request_file(folder: Path, items: list[Request], name: str = "job.req") -> Path:
     path = folder / name
-    path.write_bytes(b"".join(request_line(r) for r in items))
+    path.write_bytes(b"".join(r.wire for r in items))
     return path
 
 
@@ -144,7 +143,7 @@ def test_native_request_is_sent_as_written(
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
         "futureField": {"kept": True},
     }
-    source = request_file(tmp_path, [Request("n1", 1, body, False)])
+    source = request_file(tmp_path, [Request("n1", 1, wire_line("n1", body), False)])
     job = new_backend().create_job(MODEL, "n", source, inline=True)
     assert sim.jobs[job.name]["requests"][0]["request"] == body
 

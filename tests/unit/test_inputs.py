@@ -944,8 +944,30 @@ def test_the_usual_line_reads_as_any_line_does(
     monkeypatch.setattr(inputs, "_usual_line", lambda *args: None)
     slow_scan = Scan(path)
     slow = list(read_requests(path, defaults, slow_scan))
-    assert fast == slow
+    assert [_meaning(item) for item in fast] == [_meaning(item) for item in slow]
     assert fast_scan == slow_scan
+
+
+def _meaning(item: Request | LineError) -> Any:
+    """A reading as JSON means it: a request's line decoded (its fields may come in any order)."""
+    return item._replace(wire=json.loads(item.wire)) if isinstance(item, Request) else item
+
+
+def test_a_prompt_line_is_written_as_its_request_object_would_be() -> None:
+    for defaults in (Defaults(), Defaults(system_prompt="sys é", temperature=0.3)):
+        for system in (None, "", "own ☃"):
+            request = inputs._prompt_request(
+                "k\u2028", 4, 'say "hi"\n', system, {"topK": 3}, False, defaults
+            )
+            given = defaults.system_prompt if system is None else system
+            body: dict[str, Any] = {
+                "contents": [{"role": "user", "parts": [{"text": 'say "hi"\n'}]}],
+                "generationConfig": request.body["generationConfig"],
+            }
+            if given:
+                body["systemInstruction"] = {"parts": [{"text": given}]}
+            assert request.wire == inputs.wire_line("k\u2028", body)
+            assert request.body["generationConfig"]["topK"] == 3
 
 
 def _line(path: Path, number: int) -> bytes:

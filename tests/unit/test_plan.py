@@ -14,7 +14,7 @@ from daemon.api import EngineLimits
 from daemon.config import Limits
 from daemon.inputs import Defaults, prompt_request
 from daemon.jsonl import dumps
-from daemon.plan import IndexEntry, JobLimits, Plan, read_index, request_line, write_plan
+from daemon.plan import IndexEntry, JobLimits, Plan, read_index, write_plan
 from tests.support.harness import write_jsonl
 
 DEFAULTS = Defaults()
@@ -80,7 +80,7 @@ def test_parts_by_request_count(tmp_path: Path) -> None:
 
 def test_parts_by_bytes_never_split_a_line(tmp_path: Path) -> None:
     lines = [f"prompt {i} " + "x" * 100 for i in range(10)]
-    size = len(request_line(prompt_request("1", 1, lines[0], DEFAULTS)))
+    size = len(prompt_request("1", 1, lines[0], DEFAULTS).wire)
     plan = plan_of(tmp_path, lines, JobLimits(3 * size, None, None))
     assert [j.requests for j in plan.jobs] == [3, 3, 3, 1]
     assert all(j.bytes <= 3 * size for j in plan.jobs)

@@ -24,7 +24,6 @@ from daemon.jobrecord import FileState, JobEntry, JobRecord, JobState
 from daemon.jsonl import dumps
 from daemon.logs import Throttle
 from daemon.metrics import Counters
-from daemon.plan import request_line
 from daemon.schedule import Backoff
 from daemon.spool import Spool
 from tests.support.harness import FakeClock
@@ -69,7 +68,7 @@ def tracked(ctx: Context, jobs: dict[int, tuple[list[str], list[bytes] | None]])
         job.job_state = "JOB_STATE_SUCCEEDED" if answers is not None else "JOB_STATE_FAILED"
         job.error = None if answers is not None else "the batch job ended FAILED"
         requests = [prompt_request(k, i, f"prompt {k}", Defaults()) for i, k in enumerate(keys, 1)]
-        t.job_file(job, "req").write_bytes(b"".join(request_line(r) for r in requests))
+        t.job_file(job, "req").write_bytes(b"".join(r.wire for r in requests))
         if answers is not None:
             t.job_file(job, "out").write_bytes(b"".join(line + b"\n" for line in answers))
         record.jobs.append(job)
