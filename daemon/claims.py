@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import atomic, jobrecord, logs, spool
 from .errors import SidecarError
-from .faults import crash_point
 from .jobrecord import FileState, JobRecord, JobState
 from .spool import Spool
 
@@ -62,11 +61,11 @@ def release(fd: int) -> None:
         os.close(fd)
 
 
-def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -> Claimed | None:
+def claim(folder: Spool, path: Path, arrival_ns: int) -> Claimed | None:
     """Move inbox/NAME into processing/ and own it; None if the name is busy (it waits).
 
-    `durable=False`: the caller makes processing/ durable (once for a batch of claims) and
-    meets the crash point `after_claim` itself."""
+    The caller makes processing/ durable (once for a batch of claims) and then meets the
+    crash point `after_claim`."""
     name = path.name
     fd = lock_name(folder, name)
     if fd is None:
@@ -86,13 +85,9 @@ def claim(folder: Spool, path: Path, arrival_ns: int, *, durable: bool = True) -
             os.link(target, folder.work(record.claim_id, "input"), follow_symlinks=False)
         st = target.lstat()
         record.inode = [st.st_dev, st.st_ino]
-        if durable:
-            atomic.fsync_dir(folder.processing)
     except BaseException:
         release(fd)
         raise
-    if durable:
-        crash_point("after_claim")
     # No cancel request can be meant for a file claimed just now: a marker left is stale.
     folder.cancel_marker(name).unlink(missing_ok=True)
     return Claimed(record, fd, folder, fresh=True)

@@ -430,7 +430,7 @@ class Service:
         """Claim one file and track it (busy: its first steps run next, in this thread)."""
         taken = None
         try:
-            taken = claims.claim(self.spool, path, arrival, durable=False)
+            taken = claims.claim(self.spool, path, arrival)
         except FileNotFoundError:
             if not self.spool.processing.is_dir():
                 self._heal()
