@@ -435,12 +435,6 @@ def find_api_key(config: Config, environ: Mapping[str, str] | None = None) -> Cr
     return None
 
 
-def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
-    """The key alone (see `find_api_key` for where it came from)."""
-    found = find_api_key(config, environ)
-    return found.value if found else None
-
-
 def _read_key(path: Path, what: str = "'api.key_file'") -> str:
     try:
         key = path.read_text(encoding="utf-8").strip()

@@ -4,6 +4,7 @@ once (paths included), where the settings came from, prices, API key lookup."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from daemon.config import (
     ModelPrice,
     check_paths,
     default_config_path,
+    find_api_key,
     load_config,
     raise_problems,
-    resolve_api_key,
 )
 from tests.support.harness import ROOT
 
@@ -73,6 +74,12 @@ CONTRACT_LIMITS = {
     "max_enqueued_tokens": None,
     "max_quota_wait_seconds": 86400,
 }
+
+
+def key_of(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key `find_api_key` finds, without where it came from."""
+    found = find_api_key(config, environ)
+    return found.value if found else None
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -392,7 +399,7 @@ def test_key_file_wins_over_everything(tmp_path: Path) -> None:
         "GEMINI_API_KEY": "gemini",
         "CREDENTIALS_DIRECTORY": creds_dir(tmp_path),
     }
-    assert resolve_api_key(key_config(tmp_path, "key"), env) == "from-file"
+    assert key_of(key_config(tmp_path, "key"), env) == "from-file"
 
 
 def test_google_key_wins_over_gemini_key(tmp_path: Path) -> None:
@@ -401,48 +408,48 @@ def test_google_key_wins_over_gemini_key(tmp_path: Path) -> None:
         "GEMINI_API_KEY": "gemini",
         "CREDENTIALS_DIRECTORY": creds_dir(tmp_path),
     }
-    assert resolve_api_key(key_config(tmp_path), env) == "google"
+    assert key_of(key_config(tmp_path), env) == "google"
 
 
 def test_gemini_key_wins_over_credentials(tmp_path: Path) -> None:
     env = {"GEMINI_API_KEY": "gemini", "CREDENTIALS_DIRECTORY": creds_dir(tmp_path)}
-    assert resolve_api_key(key_config(tmp_path), env) == "gemini"
+    assert key_of(key_config(tmp_path), env) == "gemini"
 
 
 def test_empty_env_variable_is_skipped(tmp_path: Path) -> None:
     env = {"GOOGLE_API_KEY": "", "GEMINI_API_KEY": "gemini"}
-    assert resolve_api_key(key_config(tmp_path), env) == "gemini"
+    assert key_of(key_config(tmp_path), env) == "gemini"
 
 
 def test_credentials_directory_key_trailing_newline_stripped(tmp_path: Path) -> None:
     env = {"CREDENTIALS_DIRECTORY": creds_dir(tmp_path, "secret-key\n")}
-    assert resolve_api_key(key_config(tmp_path), env) == "secret-key"
+    assert key_of(key_config(tmp_path), env) == "secret-key"
 
 
 def test_no_key_anywhere_is_none(tmp_path: Path) -> None:
-    assert resolve_api_key(key_config(tmp_path), {}) is None
+    assert key_of(key_config(tmp_path), {}) is None
     env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "no-such-folder")}
-    assert resolve_api_key(key_config(tmp_path), env) is None
+    assert key_of(key_config(tmp_path), env) is None
 
 
 def test_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
     monkeypatch.setenv("GEMINI_API_KEY", "from-environ")
-    assert resolve_api_key(key_config(tmp_path)) == "from-environ"
+    assert key_of(key_config(tmp_path)) == "from-environ"
 
 
 def test_missing_or_empty_key_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"api\.key_file"):
-        resolve_api_key(key_config(tmp_path, "absent"), {})
+        key_of(key_config(tmp_path, "absent"), {})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="empty"):
-        resolve_api_key(key_config(tmp_path, "empty"), {})
+        key_of(key_config(tmp_path, "empty"), {})
 
 
 def test_empty_credential_file_is_an_error_naming_it(tmp_path: Path) -> None:
     env = {"CREDENTIALS_DIRECTORY": creds_dir(tmp_path, "\n")}
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
-        resolve_api_key(key_config(tmp_path), env)
+        key_of(key_config(tmp_path), env)
 
 
 # ---- new keys: values ------------------------------------------------------------------------
