@@ -353,12 +353,14 @@ class StorageEmulator:
             return
         original(router, method)
 
-    def _target(self, handler: Any, method: str) -> _Target:
+    def _target(self, handler: Any, method: str, *, read_body: bool = True) -> _Target:
+        """What a request is for. `read_body=False` once the emulator has read the body (an
+        upload's object name is then not known)."""
         url = urlsplit(handler.path)
         target = _Target(method, unquote(url.path), parse_qs(url.query))
         if (found := _UPLOAD.match(url.path)) and method == "POST":
             target.bucket, target.upload = found["bucket"], True
-            if target.param("upload_id") is None:
+            if read_body and target.param("upload_id") is None:
                 kind = target.param("uploadType")
                 target.name = target.param("name") or self._uploaded_name(handler, kind)
         elif found := _OBJECT.match(url.path):
@@ -446,23 +448,10 @@ class StorageEmulator:
         handler = response._handler
         status = int(response.status)
         if status >= 400 and not response._content and status != 501:
-            target = self._target_of_reply(handler)
+            target = self._target(handler, handler.command, read_body=False)
             body = _error_body(status, self._default_message(status, target))
             response.json(body)
         self._record(handler, status)
-
-    def _target_of_reply(self, handler: Any) -> _Target:
-        url = urlsplit(handler.path)
-        target = _Target(handler.command, unquote(url.path), parse_qs(url.query))
-        if found := _OBJECT.match(url.path):
-            target.bucket, target.name = found["bucket"], unquote(found["name"])
-        elif (
-            (found := _UPLOAD.match(url.path))
-            or (found := _LIST.match(url.path))
-            or (found := _BUCKET.match(url.path))
-        ):
-            target.bucket = found["bucket"]
-        return target
 
     def _record(self, handler: Any, status: int) -> None:
         with self._lock:
