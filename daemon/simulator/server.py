@@ -488,7 +488,7 @@ class Simulator:
                 self._check_key(call)
             return route(call)
         except ApiError as exc:
-            return error_reply(exc.code, exc.message, exc.details)
+            return exc.reply()
         except Exception as exc:  # a simulator bug must still answer like a server
             log.exception("simulator handler failed")
             return error_reply(500, f"Internal error in the simulator: {exc}")

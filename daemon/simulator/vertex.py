@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 
 from .answers import pick, request_error
 from .server import KeyRejection, Simulator, _Call, _iso, _page_body, _paginate, _Request
-from .wire import ApiError, Reply, json_reply, phrase, status_name, with_unknown_fields
+from .wire import ApiError, Reply, json_reply, phrase, with_unknown_fields
 
 if TYPE_CHECKING:  # the storage clients load in ~0.2 s: only when a simulator needs them
     from typing import Self
@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # the storage clients load in ~0.2 s: only when a simulator n
 __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
-    "VertexError",
     "VertexSimulator",
 ]
 
@@ -168,20 +167,6 @@ _DELETE_METADATA_TYPE = "type.googleapis.com/google.cloud.aiplatform.{}.DeleteOp
 _IO_TIMEOUT = 30.0
 
 
-class VertexError(ApiError):
-    """A Vertex error reply; `status` names a status other than the code's usual one."""
-
-    def __init__(
-        self,
-        code: int,
-        message: str,
-        status: str | None = None,
-        details: list[JSON] | None = None,
-    ) -> None:
-        super().__init__(code, message, details=details)
-        self.status = status or status_name(code)
-
-
 def _error_info(reason: str, domain: str, metadata: dict[str, str]) -> JSON:
     return {
         "@type": "type.googleapis.com/google.rpc.ErrorInfo",
@@ -191,13 +176,13 @@ def _error_info(reason: str, domain: str, metadata: dict[str, str]) -> JSON:
     }
 
 
-def _failed_precondition(message: str) -> VertexError:
-    return VertexError(400, message, "FAILED_PRECONDITION")
+def _failed_precondition(message: str) -> ApiError:
+    return ApiError(400, message, status="FAILED_PRECONDITION")
 
 
-def _field_error(path: str, message: str) -> VertexError:
+def _field_error(path: str, message: str) -> ApiError:
     """Vertex's wording for an invalid create request, field by field."""
-    return VertexError(400, f"List of found errors:\t1.Field: {path}; Message: {message}\t")
+    return ApiError(400, f"List of found errors:\t1.Field: {path}; Message: {message}\t")
 
 
 @dataclass
@@ -528,15 +513,15 @@ class VertexSimulator(Simulator):
     def _run(self, route: Callable[[_Call], Reply] | None, call: _Call) -> Reply:
         try:
             if route is None:
-                raise VertexError(404, f"The requested URL {call.path} was not found.")
+                raise ApiError(404, f"The requested URL {call.path} was not found.")
             if route != self._token:
                 self._check_auth(call, _VERBS[getattr(route, "__name__", "")])
             return route(call)
         except ApiError as exc:
-            return _error_reply(exc)
+            return exc.reply()
         except Exception as exc:  # a simulator bug must still answer like a server
             log.exception("vertex simulator handler failed")
-            return _error_reply(VertexError(500, f"Internal error in the simulator: {exc}"))
+            return ApiError(500, f"Internal error in the simulator: {exc}").reply()
 
     def _check_auth(self, call: _Call, verb: str) -> None:
         """Bearer token, rejection windows, the project and location, billing, in that order."""
@@ -554,13 +539,13 @@ class VertexSimulator(Simulator):
         meta = {"service": AIPLATFORM, "method": method}
         if scheme.lower() != "bearer" or not token.strip():
             details = [_error_info("CREDENTIALS_MISSING", "googleapis.com", meta)]
-            raise VertexError(401, MISSING_CREDENTIAL_MESSAGE, details=details)
+            raise ApiError(401, MISSING_CREDENTIAL_MESSAGE, details=details)
         if rejection is not None and rejection.status == 401:
             details = [_error_info("ACCESS_TOKEN_EXPIRED", "googleapis.com", meta)]
-            raise VertexError(401, rejection.message or INVALID_CREDENTIAL_MESSAGE, details=details)
+            raise ApiError(401, rejection.message or INVALID_CREDENTIAL_MESSAGE, details=details)
         if self.strict_tokens and not issued:
             details = [_error_info("ACCESS_TOKEN_TYPE_UNSUPPORTED", "googleapis.com", meta)]
-            raise VertexError(401, INVALID_CREDENTIAL_MESSAGE, details=details)
+            raise ApiError(401, INVALID_CREDENTIAL_MESSAGE, details=details)
         wrong_project = self.project is not None and project not in (
             self.project,
             self.project_number,
@@ -577,7 +562,7 @@ class VertexSimulator(Simulator):
             if rejection is not None and rejection.message:
                 message = rejection.message
             details = [_error_info("IAM_PERMISSION_DENIED", AIPLATFORM, {"permission": permission})]
-            raise VertexError(403, message, details=details)
+            raise ApiError(403, message, details=details)
         if self.billing_disabled:
             number = self.project_number
             url = _BILLING_URL.format(number)
@@ -598,7 +583,7 @@ class VertexSimulator(Simulator):
                     "links": [{"description": "Google developers console billing", "url": url}],
                 },
             ]
-            raise VertexError(403, message, details=details)
+            raise ApiError(403, message, details=details)
 
     # -- the token endpoint ----------------------------------------------------------------
 
@@ -641,7 +626,7 @@ class VertexSimulator(Simulator):
     def _vjob(self, call: _Call) -> _Job:
         job = self._vjobs.get(call.args[2])
         if job is None:
-            raise VertexError(404, "The BatchPredictionJob does not exist.")
+            raise ApiError(404, "The BatchPredictionJob does not exist.")
         return job
 
     def _create(self, call: _Call) -> Reply:
@@ -649,7 +634,7 @@ class VertexSimulator(Simulator):
         body = call.json()
         for key in body:
             if _camel(key) not in _JOB_FIELDS:
-                raise VertexError(
+                raise ApiError(
                     400, f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.'
                 )
         display_name = pick(body, "displayName")
@@ -713,7 +698,7 @@ class VertexSimulator(Simulator):
         try:
             self._check_output_bucket(output_prefix)
             lines = self._read_lines(uris)
-        except VertexError as exc:
+        except ApiError as exc:
             job.import_error = (exc.code, exc.message)
             return
         if len(lines) > self.max_requests_per_job:
@@ -735,13 +720,11 @@ class VertexSimulator(Simulator):
         try:
             exists = self._client().lookup_bucket(bucket, timeout=_IO_TIMEOUT, retry=None)
         except gcs_errors.Forbidden as exc:
-            raise VertexError(
-                7, f"Permission denied on the output {prefix}: {exc.message}"
-            ) from exc
+            raise ApiError(7, f"Permission denied on the output {prefix}: {exc.message}") from exc
         except (gcs_errors.GoogleAPICallError, OSError) as exc:
-            raise VertexError(13, f"Failed to check the output {prefix}: {exc}") from exc
+            raise ApiError(13, f"Failed to check the output {prefix}: {exc}") from exc
         if exists is None:
-            raise VertexError(5, f"The output bucket gs://{bucket} does not exist.")
+            raise ApiError(5, f"The output bucket gs://{bucket} does not exist.")
 
     def _read_lines(self, uris: list[str]) -> list[_Line]:
         """Every line of every input object, imported by BigQuery's rules (code 3 if not)."""
@@ -756,7 +739,7 @@ class VertexSimulator(Simulator):
             try:
                 blob = client.bucket(bucket).get_blob(name, timeout=_IO_TIMEOUT, retry=None)
                 if blob is not None and (blob.size or 0) > self.max_input_bytes:
-                    raise VertexError(
+                    raise ApiError(
                         3, f"The input file {uri} is {blob.size} bytes; the limit is 1 GB a file."
                     )
                 data = (
@@ -767,20 +750,20 @@ class VertexSimulator(Simulator):
             except gcs_errors.NotFound:
                 data = None
             except gcs_errors.Forbidden as exc:
-                raise VertexError(
+                raise ApiError(
                     7,
                     f"Failed to import data: the Vertex AI service agent cannot read {uri}: "
                     f"{exc.message}",
                 ) from exc
             except (gcs_errors.GoogleAPICallError, OSError) as exc:
-                raise VertexError(13, f"Failed to import data from {uri}: {exc}") from exc
+                raise ApiError(13, f"Failed to import data from {uri}: {exc}") from exc
             if data is None:
-                raise VertexError(
+                raise ApiError(
                     5, f"Failed to import data: the input file {uri} not found (or not readable)."
                 )
             lines.extend(self._parse(uri, data))
         if not lines:
-            raise VertexError(3, f"Failed to import data: {', '.join(uris)} holds no requests.")
+            raise ApiError(3, f"Failed to import data: {', '.join(uris)} holds no requests.")
         return lines
 
     def _parse(self, uri: str, data: bytes) -> Iterator[_Line]:
@@ -1104,7 +1087,7 @@ def _check_model(model: Any, project: str, location: str) -> tuple[str, str]:
         raise _field_error("batch_prediction_job.model", f"Invalid model name: {model}.")
     model_id = found["id"]
     if "does-not-exist" in model_id:
-        raise VertexError(
+        raise ApiError(
             404,
             f"Publisher Model `projects/{project}/locations/{location}/publishers/google/models/"
             f"{model_id}` not found.",
@@ -1157,18 +1140,18 @@ def _check_labels(labels: Any) -> dict[str, str]:
     if not isinstance(labels, dict):
         raise _field_error("batch_prediction_job.labels", "Labels must be a map.")
     if len(labels) > _MAX_LABELS:
-        raise VertexError(
+        raise ApiError(
             400, f"Too many labels: {len(labels)}; a resource can have at most {_MAX_LABELS}."
         )
     for key, value in labels.items():
         if not _LABEL_KEY.fullmatch(key):
-            raise VertexError(
+            raise ApiError(
                 400,
                 f"Invalid label key {key!r}: a key starts with a lowercase letter and holds at "
                 "most 63 lowercase letters, digits, underscores and dashes.",
             )
         if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
-            raise VertexError(
+            raise ApiError(
                 400,
                 f"Invalid label value {value!r} of {key!r}: a value holds at most 63 lowercase "
                 "letters, digits, underscores and dashes.",
@@ -1179,8 +1162,8 @@ def _check_labels(labels: Any) -> dict[str, str]:
 # -- the import (BigQuery's rules) -------------------------------------------------------------
 
 
-def _import_error(uri: str, number: int, problem: str) -> VertexError:
-    return VertexError(3, f"Failed to import data from {uri}: line {number}: {problem}.")
+def _import_error(uri: str, number: int, problem: str) -> ApiError:
+    return ApiError(3, f"Failed to import data from {uri}: line {number}: {problem}.")
 
 
 def _import_problem(value: Any, path: str, depth: int) -> str | None:
@@ -1345,7 +1328,7 @@ def _parse_filter(text: str) -> list[Match]:
 def _term(term: str, text: str) -> Match:
     found = _TERM.match(term)
     if found is None:
-        raise VertexError(400, f"Unsupported filter: {text!r} (at {term!r}).")
+        raise ApiError(400, f"Unsupported filter: {text!r} (at {term!r}).")
     name, op, raw = found["field"], found["op"], found["value"]
     value = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
     negate = op == "!="
@@ -1354,32 +1337,23 @@ def _term(term: str, text: str) -> Match:
             prefix = value[:-1]
             return lambda job, _state: job.display_name.startswith(prefix)
         if "*" in value:
-            raise VertexError(400, f"Unsupported filter: {text!r} (a wildcard ends a ':' term).")
+            raise ApiError(400, f"Unsupported filter: {text!r} (a wildcard ends a ':' term).")
         return lambda job, _state: (job.display_name == value) != negate
     if name == "state" and op != ":":
         if value not in ALL_STATES:
-            raise VertexError(400, f"Invalid filter: {text!r}: unknown state {value!r}.")
+            raise ApiError(400, f"Invalid filter: {text!r}: unknown state {value!r}.")
         return lambda _job, state: (state == value) != negate
     if name.startswith("labels."):
         key = name.removeprefix("labels.")
         if op == ":":
             if value != "*":
-                raise VertexError(400, f"Unsupported filter: {text!r} (labels.KEY:* only).")
+                raise ApiError(400, f"Unsupported filter: {text!r} (labels.KEY:* only).")
             return lambda job, _state: key in job.labels
         return lambda job, _state: (job.labels.get(key) == value) != negate
-    raise VertexError(400, f"Unsupported filter: {text!r} (at {term!r}).")
+    raise ApiError(400, f"Unsupported filter: {text!r} (at {term!r}).")
 
 
 # -- replies -----------------------------------------------------------------------------------
-
-
-def _error_reply(exc: ApiError) -> Reply:
-    """Google's error body, with the exception's own status name if it has one."""
-    status = exc.status if isinstance(exc, VertexError) else status_name(exc.code)
-    error: JSON = {"code": exc.code, "message": exc.message, "status": status}
-    if exc.details:
-        error["details"] = exc.details
-    return json_reply({"error": error}, exc.code)
 
 
 def _oauth_error(error: str, description: str) -> Reply:

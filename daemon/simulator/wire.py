@@ -109,13 +109,19 @@ class ApiError(Exception):
         message: str,
         reason: str | None = None,
         details: list[JSON] | None = None,
+        *,
+        status: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status  # a status name other than the code's usual one
         self.details = list(details or [])
         if reason:
             self.details.insert(0, error_info(reason))
+
+    def reply(self) -> Reply:
+        return error_reply(self.code, self.message, self.details, status=self.status)
 
 
 def key_error(status: int, message: str | None = None) -> ApiError:
@@ -172,12 +178,18 @@ def json_reply(obj: JSON, status: int = 200, headers: dict[str, str] | None = No
     return Reply(status, payload=obj, headers=headers or {})
 
 
-def error_reply(code: int, message: str | None = None, details: list[JSON] | None = None) -> Reply:
+def error_reply(
+    code: int,
+    message: str | None = None,
+    details: list[JSON] | None = None,
+    *,
+    status: str | None = None,
+) -> Reply:
     """Google's error body: ``{"error": {"code", "message", "status", "details"?}}``."""
     err: JSON = {
         "code": code,
         "message": message or CANONICAL_MESSAGES.get(code) or phrase(code),
-        "status": status_name(code),
+        "status": status or status_name(code),
     }
     if details:
         err["details"] = details
