@@ -5,7 +5,7 @@ as a child on an input of N1 and of N2 requests, with the simulator in its own p
 CPU (user + system, all threads) comes from wait4(). Per request:
 
 - marginal: (CPU at N2 - CPU at N1) / (N2 - N1), which cancels the fixed cost of a run (about
-  a second of imports, the key check, the first poll);
+  half a second: imports, the key check, the first poll);
 - whole process: CPU at N2 / N2, start-up included.
 
 The yardstick, measured in this process in the same run: `orjson.loads` and `orjson.dumps` of
