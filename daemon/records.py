@@ -363,7 +363,7 @@ def parse_json_text(text: str) -> Any:
     Infinity count as unusable, since the outbox must stay strict JSON.
     """
     try:
-        return ANY_JSON.decode(text.strip())  # the usual answer: strict JSON, all finite
+        return ANY_JSON.decode(text)  # the usual answer: strict JSON (JSON's white space around)
     except (ValueError, RecursionError):
         pass
     try:

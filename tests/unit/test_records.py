@@ -500,6 +500,8 @@ def test_parse_error_keeps_text_usage_and_finish_reason() -> None:
     [
         ('{"a": 1}', {"a": 1}),
         ("  [1, 2]\n", [1, 2]),
+        ('\u00a0\u2003{"a": 1}\u3000\n', {"a": 1}),  # white space JSON does not know
+        ("\ufeff[1]", [1]),
         ("42", 42),
         ('"s"', "s"),
         ("null", None),
