@@ -758,14 +758,17 @@ def _prompt_tail(generation: dict[str, Any], system: str | None, *, remember: bo
     if system:
         tail += b',"systemInstruction":' + dumps(_system_instruction(system))
     tail += b"}}\n"
-    if remember:
-        if len(_TAILS) >= _VERDICTS_KEPT:
+    if remember and len(tail) <= _TAIL_MAX_BYTES:  # (a config of one line may be huge)
+        if len(_TAILS) >= _TAILS_KEPT:
             _TAILS.clear()
         _TAILS[memo] = (generation, system, tail)
     return tail
 
 
 _TAILS: dict[tuple[int, int], tuple[dict[str, Any], str | None, bytes]] = {}
+_TAILS_KEPT = 64
+_TAIL_MAX_BYTES = 64 << 10
+"""At most 4 MiB of remembered tails, whatever the input."""
 
 
 def _generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
@@ -880,6 +883,8 @@ def _check(validate: Callable[[Any], Any], value: Any, what: str) -> None:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             message = f"{what}{f' field {where!r}' if where else ''}: {err['msg']}"
+        except Exception as exc:  # the SDK's own readers fail on some types (an enum given 5)
+            message = f"{what}: the SDK cannot read these settings ({type(exc).__name__}: {exc})"
         if len(memo) <= _VERDICT_MAX_CHARS:
             if len(_VERDICTS) >= _VERDICTS_KEPT:
                 _VERDICTS.clear()

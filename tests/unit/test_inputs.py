@@ -352,6 +352,26 @@ def test_bad_native_generation_config_rejected_per_line(tmp_path: Path) -> None:
     assert "temperature" in one_error(tmp_path, {"key": "k", "request": native})
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"prompt": "x", "config": {"media_resolution": 5}},
+        {"prompt": "x", "config": {"thinking_config": {"thinking_level": 5}}},
+        {
+            "request": {
+                "contents": [{"parts": [{"text": "x"}]}],
+                "generationConfig": {"mediaResolution": 5},
+            }
+        },
+        b'{"key": "a", "key": "b", "request": {"contents": [{"parts": [{"text": "x"}]}],'
+        b' "generationConfig": {"mediaResolution": 5}}}',
+    ],
+)
+def test_settings_the_sdk_cannot_read_are_a_line_error(tmp_path: Path, line: Any) -> None:
+    message = one_error(tmp_path, line)
+    assert "AttributeError" in message or "twice" in message, message
+
+
 @pytest.mark.parametrize("config", ["hot", [["temperature", 1]], 5, True])
 def test_native_generation_config_that_is_no_object_is_a_line_error(
     tmp_path: Path, config: Any
