@@ -425,58 +425,62 @@ _Settled = tuple[Any, int]
 
 def _settings(config: bytes, defaults: Defaults) -> _Settled | None:
     """The generationConfig of a prompt line's `config` (its bytes as they came) and how many
-    fields the config has; None where it is not an object of valid settings. Remembered per
-    distinct config (a file repeats a few): the lines that share one share its dict, only
-    ever read."""
+    fields the config has; None where it is not an object of valid settings."""
     memo = (defaults.temperature, defaults.thinking_budget, config)
+    return _remembered(memo, config, _prompt_settings, defaults)
+
+
+def _prompt_settings(overrides: Any, defaults: Defaults) -> _Settled | None:
+    if type(overrides) is not dict:
+        return None
     try:
-        return _SETTINGS[memo]  # one step: a file on another thread may clear the memo
-    except KeyError:
-        pass
-    found: _Settled | None = None
-    try:
-        overrides = ANY_JSON.decode(config)
-    except (ValueError, RecursionError):
-        overrides = None
-    if type(overrides) is dict:
-        try:
-            generation = (
-                _generation(overrides, defaults)
-                if overrides
-                else _default_generation(defaults.temperature, defaults.thinking_budget)
-            )
-            found = (generation, _count_fields(overrides))
-        except _BadLine:
-            pass
-    return _remember(memo, found)
+        generation = (
+            _generation(overrides, defaults)
+            if overrides
+            else _default_generation(defaults.temperature, defaults.thinking_budget)
+        )
+    except _BadLine:
+        return None
+    return generation, _count_fields(overrides)
 
 
 def _request_settings(config: bytes) -> _Settled | None:
     """The generationConfig of a native request (its bytes as they came, null included) and
-    its number of fields; None where it is not valid settings. Remembered like `_settings`."""
-    memo = (config,)
+    its number of fields; None where it is not valid settings."""
+    return _remembered((config,), config, _native_settings, None)
+
+
+def _native_settings(generation: Any, _: Any) -> _Settled | None:
+    if generation is not None and type(generation) is not dict:
+        return None
     try:
-        return _SETTINGS[memo]
+        _check_request_settings({"generationConfig": generation})
+    except _BadLine:
+        return None
+    return generation, _count_fields(generation)
+
+
+def _remembered(
+    memo: tuple[Any, ...],
+    config: bytes,
+    settle: Callable[[Any, Any], _Settled | None],
+    defaults: Any,
+) -> _Settled | None:
+    """`settle(the config's JSON value, defaults)` (a value of `_NOT_PARSED` if it is not
+    JSON), remembered per `memo` (a file repeats a few configs): the lines that share one
+    share its dict, only ever read."""
+    try:
+        return _SETTINGS[memo]  # one step: a file on another thread may clear the memo
     except KeyError:
         pass
-    found: _Settled | None = None
     try:
-        generation = ANY_JSON.decode(config)
+        value = ANY_JSON.decode(config)
     except (ValueError, RecursionError):
-        generation = _NOT_PARSED
-    if generation is None or type(generation) is dict:
-        try:
-            _check_request_settings({"generationConfig": generation})
-            found = (generation, _count_fields(generation))
-        except _BadLine:
-            pass
-    return _remember(memo, found)
-
-
-def _remember(memo: tuple[Any, ...], found: _Settled | None) -> _Settled | None:
+        value = _NOT_PARSED
+    found = settle(value, defaults)
     if len(_SETTINGS) >= _VERDICTS_KEPT:
         _SETTINGS.clear()
-    if len(memo[-1]) <= _VERDICT_MAX_CHARS:
+    if len(config) <= _VERDICT_MAX_CHARS:
         _SETTINGS[memo] = found
     return found
 
