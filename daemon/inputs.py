@@ -789,7 +789,9 @@ def _generation(overrides: dict[str, Any], defaults: Defaults) -> dict[str, Any]
             own = {camel(k): v for k, v in setting.items()}
             # A thinking level replaces the default budget: the API refuses both at once.
             levelled = own.get("thinkingLevel") is not None
-            setting = own if levelled else {**generation["thinkingConfig"], **own}
+            # (The default budget may be gone: an earlier name of the field set it to null.)
+            base = generation["thinkingConfig"]
+            setting = own if levelled or type(base) is not dict else {**base, **own}
         generation[field_name] = setting
     _check_bounds(generation, "'config'")
     _check(types.GenerateContentConfig.model_validate, generation, "'config'")

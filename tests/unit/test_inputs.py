@@ -372,6 +372,17 @@ def test_settings_the_sdk_cannot_read_are_a_line_error(tmp_path: Path, line: Any
     assert "AttributeError" in message or "twice" in message, message
 
 
+def test_a_thinking_config_after_a_null_one_of_the_other_name_stands_alone(
+    tmp_path: Path,
+) -> None:
+    line = {
+        "prompt": "x",
+        "config": {"thinking_config": None, "thinkingConfig": {"thinkingBudget": 5}},
+    }
+    request = one_request(tmp_path, line)
+    assert request.body["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 5}
+
+
 @pytest.mark.parametrize("config", ["hot", [["temperature", 1]], 5, True])
 def test_native_generation_config_that_is_no_object_is_a_line_error(
     tmp_path: Path, config: Any
