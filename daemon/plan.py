@@ -21,7 +21,7 @@ import msgspec
 
 from .api.engine import EngineLimits, RequestCheck
 from .config import Limits
-from .inputs import CHARS_PER_TOKEN, Defaults, LineError, Request, Scan, read_requests
+from .inputs import Defaults, LineError, Request, Scan, estimate_tokens, read_requests
 from .jsonl import STREAM_BUFFER, dumps_line
 
 
@@ -122,7 +122,7 @@ def write_plan(
                         index.write(dumps_line([item.line, item.key, None, 0, item.message]))
                     continue
                 key, number, line, filter_json, chars = item
-                tokens = -(-chars // CHARS_PER_TOKEN)  # `estimate_tokens`, inlined
+                tokens = estimate_tokens(chars)
                 if max_tokens is not None and tokens > max_tokens:
                     plan.too_big = plan.too_big or (
                         f"line {number} alone is about {tokens} input tokens, over "
